@@ -1,0 +1,123 @@
+"""Checks a training config before anything is compiled, and prepares what it may build.
+
+Each problem is reported as one line naming the config field and what to do about it.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+
+import jax
+import ml_collections
+
+from flipjax.models import embedding_dims
+from flipjax.models.text import POOLS as TEXT_POOLS
+from flipjax.models.two_towers import DTYPES, tower_size
+from flipjax.models.vit import POOLS as IMAGE_POOLS
+from flipjax.models.vit import POSEMBS
+from flipjax.train.losses import LOSSES
+from flipjax.train.sharding import STRATEGIES, mesh_shape
+
+
+class ConfigError(ValueError):
+    """A config field that cannot work, with the field's name and what to do."""
+
+
+def dataset_dir_exists(data_cfg: ml_collections.ConfigDict) -> bool:
+    pattern = os.path.join(data_cfg.data_dir, data_cfg.name,
+                           data_cfg.builder_config or "*", "*", "dataset_info.json")
+    matches = glob.glob(pattern)
+    if data_cfg.builder_config:
+        return bool(matches)
+    # A default-config dataset lives at DATA_DIR/NAME/VERSION or DATA_DIR/NAME/CONFIG/VERSION.
+    return bool(matches or glob.glob(os.path.join(data_cfg.data_dir, data_cfg.name, "*",
+                                                  "dataset_info.json")))
+
+
+def check(condition: bool, field: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(f"config.{field}: {message}")
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Raises ConfigError on the first field that cannot work on this machine."""
+    from flipjax.evaluate import EVALUATORS
+
+    num_devices, num_processes = jax.device_count(), jax.process_count()
+    data, model = config.data, config.model
+    bs = data.global_batch_size
+    check(bs > 0 and bs % num_devices == 0, "data.global_batch_size",
+          f"{bs} is not divisible by the {num_devices} devices; use a multiple of {num_devices}")
+    check(bs % num_processes == 0, "data.global_batch_size",
+          f"{bs} is not divisible by the {num_processes} processes")
+    try:
+        mesh_shape(config.mesh, num_devices)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    for pattern, strategy in config.sharding_rules:
+        check(strategy in STRATEGIES, "sharding_rules",
+              f"unknown strategy {strategy!r} for {pattern!r}; use one of {STRATEGIES}")
+    check(config.loss in LOSSES, "loss", f"unknown loss {config.loss!r}; use one of "
+          f"{sorted(LOSSES)}")
+    check(model.dtype in DTYPES, "model.dtype", f"{model.dtype!r} is not one of {sorted(DTYPES)}")
+    for tower, with_patch in (("image", True), ("text", False)):
+        try:
+            size, patch = tower_size(model[tower], with_patch=with_patch)
+        except ValueError as e:
+            raise ConfigError(f"config.model.{tower}.variant: {e}") from None
+        check(size.width % size.num_heads == 0, f"model.{tower}.num_heads",
+              f"width {size.width} is not divisible by {size.num_heads} heads")
+    _, patch = tower_size(model.image, with_patch=True)
+    check(model.image.image_size % patch == 0, "model.image.image_size",
+          f"{model.image.image_size} is not divisible by the patch size {patch}")
+    check(model.image.image_size == data.image_size, "data.image_size",
+          f"{data.image_size} differs from config.model.image.image_size "
+          f"{model.image.image_size}; set both to the same resolution")
+    check(model.image.pool in IMAGE_POOLS, "model.image.pool",
+          f"{model.image.pool!r} is not one of {IMAGE_POOLS}")
+    check(model.image.posemb in POSEMBS, "model.image.posemb",
+          f"{model.image.posemb!r} is not one of {POSEMBS}")
+    check(model.text.pool in TEXT_POOLS, "model.text.pool",
+          f"{model.text.pool!r} is not one of {TEXT_POOLS}")
+    check(model.text.max_len == config.tokenizer.max_len, "tokenizer.max_len",
+          f"{config.tokenizer.max_len} differs from config.model.text.max_len "
+          f"{model.text.max_len}")
+    img_dim, txt_dim = embedding_dims(model)
+    check(img_dim == txt_dim, "model.text.proj_dim",
+          f"the towers' embeddings differ in size (image {img_dim}, text {txt_dim}); set "
+          "model.image.proj_dim and/or model.text.proj_dim to the same value")
+    check(config.total_steps > 0, "total_steps", "must be positive")
+    for name, eval_cfg in config.evals.items():
+        check(eval_cfg.type in EVALUATORS, f"evals.{name}.type",
+              f"unknown evaluator {eval_cfg.type!r}; use one of {sorted(EVALUATORS)}")
+        ebs = eval_cfg.get("batch_size", 256)
+        check(ebs % num_devices == 0, f"evals.{name}.batch_size",
+              f"{ebs} is not divisible by the {num_devices} devices")
+    if not data.build_if_missing:
+        check(dataset_dir_exists(data), "data.name",
+              f"dataset {data.name!r} is not built under {data.data_dir!r}; build it with "
+              f"`python -m tfds_builders build {data.name} --data_dir={data.data_dir} "
+              "--manual_dir=...` or set config.data.data_dir")
+    if not config.tokenizer.train_if_missing:
+        check(os.path.exists(config.tokenizer.path), "tokenizer.path",
+              f"{config.tokenizer.path!r} does not exist; train it with `python -m "
+              f"flipjax.data.tokenizer --dataset={data.name} --data_dir={data.data_dir} "
+              f"--output={config.tokenizer.path}`")
+
+
+def prepare(config: ml_collections.ConfigDict) -> None:
+    """Builds the dataset and trains the tokenizer if the config asks for it and they're
+    missing (the demo config does; pod configs point at prepared data)."""
+    from flipjax.data.tokenizer import dataset_texts, train_sentencepiece
+
+    data = config.data
+    if data.build_if_missing and not dataset_dir_exists(data):
+        import tfds_builders
+
+        tfds_builders.build(data.name, data.data_dir, manual_dir=data.manual_dir,
+                            config=data.builder_config)
+    if config.tokenizer.train_if_missing and not os.path.exists(config.tokenizer.path):
+        texts = dataset_texts(data.name, data.data_dir, data.train_split, data.text_key,
+                              data.builder_config)
+        train_sentencepiece(texts, config.tokenizer.path, config.tokenizer.vocab_size)

@@ -1,0 +1,118 @@
+"""SentencePiece tokenizer: training on a dataset's captions, and fixed-length tokenisation.
+
+Ids follow the T5/SigLIP layout (pad 0, eos 1, unk 2, no bos) so an exported model's tokenizer
+is a plain `SiglipTokenizer`. Captions are tokenised to exactly `max_len` ids: the pieces, then
+EOS, then EOS again as padding ("sticky EOS", big_vision). The last position therefore always
+holds an EOS that has seen the whole caption, which is what last-token pooling reads.
+
+Train one with:
+    python -m flipjax.data.tokenizer --dataset=synthetic_faces --data_dir=DIR \
+        --output=DIR/spm/synthetic_faces.model --vocab_size=1000
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+import sentencepiece as spm
+
+PAD_ID, EOS_ID, UNK_ID = 0, 1, 2
+
+
+def train_sentencepiece(texts: Iterable[str], output_path: str, vocab_size: int) -> str:
+    """Trains a unigram SentencePiece model on `texts` and writes it to `output_path`.
+
+    Case is folded by the model's own normaliser (`nmt_nfkc_cf`), so the exported tokenizer
+    lowercases exactly as training did.
+    """
+    if not output_path.endswith(".model"):
+        raise ValueError(f"tokenizer output must end in .model, got {output_path!r}")
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(texts), model_writer=model, vocab_size=vocab_size,
+        model_type="unigram", normalization_rule_name="nmt_nfkc_cf", character_coverage=1.0,
+        pad_id=PAD_ID, eos_id=EOS_ID, unk_id=UNK_ID, bos_id=-1, hard_vocab_limit=False,
+        input_sentence_size=2_000_000, shuffle_input_sentence=True, minloglevel=2)
+    os.makedirs(os.path.dirname(os.path.abspath(output_path)), exist_ok=True)
+    tmp = output_path + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(model.getvalue())
+    os.replace(tmp, output_path)
+    return output_path
+
+
+class Tokenizer:
+    """Turns captions into fixed-length int32 ids (pieces, EOS, EOS padding)."""
+
+    def __init__(self, model_path: str, max_len: int):
+        if not os.path.exists(model_path):
+            raise FileNotFoundError(
+                f"tokenizer model {model_path!r} does not exist; train one with "
+                "`python -m flipjax.data.tokenizer --dataset=... --output=...`")
+        self.model_path, self.max_len = model_path, max_len
+        self.sp = spm.SentencePieceProcessor(model_file=model_path)
+        if self.sp.eos_id() != EOS_ID or self.sp.pad_id() != PAD_ID:
+            raise ValueError(f"tokenizer {model_path!r} must have pad={PAD_ID}, eos={EOS_ID}")
+
+    @property
+    def vocab_size(self) -> int:
+        return self.sp.get_piece_size()
+
+    def __getstate__(self) -> dict:
+        # SentencePieceProcessor is not picklable; Grain workers rebuild it from the path.
+        return {"model_path": self.model_path, "max_len": self.max_len}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["model_path"], state["max_len"])
+
+    def encode(self, text: str) -> np.ndarray:
+        pieces = self.sp.encode(text)[: self.max_len - 1]
+        ids = np.full((self.max_len,), EOS_ID, np.int32)
+        ids[: len(pieces)] = pieces
+        return ids
+
+    def encode_batch(self, texts: Sequence[str]) -> np.ndarray:
+        return np.stack([self.encode(t) for t in texts]) if texts else np.zeros(
+            (0, self.max_len), np.int32)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.sp.decode([int(i) for i in ids if i not in (EOS_ID, PAD_ID)])
+
+
+def dataset_texts(name: str, data_dir: str, split: str, text_key: str,
+                  builder_config: str | None = None) -> Iterable[str]:
+    """Yields the captions of a built TFDS dataset (ArrayRecord, read without TensorFlow)."""
+    import tensorflow_datasets as tfds
+
+    from flipjax.data.pipeline import dataset_name
+
+    source = tfds.data_source(dataset_name(name, builder_config), split=split,
+                              data_dir=data_dir)
+    for i in range(len(source)):
+        text = source[i][text_key]
+        yield text.decode("utf-8") if isinstance(text, bytes) else str(text)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dataset", required=True, help="TFDS name, e.g. synthetic_faces")
+    parser.add_argument("--data_dir", required=True)
+    parser.add_argument("--builder_config", default=None, help="TFDS builder config, if any")
+    parser.add_argument("--split", default="train")
+    parser.add_argument("--text_key", default="caption")
+    parser.add_argument("--vocab_size", type=int, default=32_000)
+    parser.add_argument("--output", required=True, help="path of the .model file to write")
+    args = parser.parse_args(argv)
+    path = train_sentencepiece(dataset_texts(args.dataset, args.data_dir, args.split,
+                                             args.text_key, args.builder_config),
+                               args.output, args.vocab_size)
+    print(f"wrote {path} ({spm.SentencePieceProcessor(model_file=path).get_piece_size()} pieces)")
+
+
+if __name__ == "__main__":
+    main()

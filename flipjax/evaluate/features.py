@@ -1,0 +1,100 @@
+"""Embedding whole dataset splits with the frozen towers, batched and sharded over all devices.
+
+Evaluation sets are small next to training data, so every process reads the whole split and
+feeds identical global batches (`make_array_from_callback` takes each device's slice); outputs
+are replicated, so every process ends with all embeddings. Batches have one fixed size, the
+tail padded by repeating the last row, so one compiled function serves them all.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import grain
+import jax
+import ml_collections
+import numpy as np
+from flax import nnx
+from tqdm import tqdm
+
+from flipjax.data.pipeline import EvalPreprocess, data_source, normalize_images, text_of
+from flipjax.data.tokenizer import Tokenizer
+from flipjax.models import TwoTowers
+from flipjax.train.sharding import batch_sharding, replicated
+
+
+def padded(rows: np.ndarray, batch_size: int) -> np.ndarray:
+    return np.concatenate([rows, np.repeat(rows[-1:], batch_size - len(rows), axis=0)])
+
+
+class Embedder:
+    """Jitted, sharded image and text embedding for a model's params."""
+
+    def __init__(self, graphdef: nnx.GraphDef, mesh: jax.sharding.Mesh,
+                 data_cfg: ml_collections.ConfigDict, batch_size: int):
+        if batch_size % mesh.size:
+            raise ValueError(f"eval batch size {batch_size} is not divisible by the "
+                             f"{mesh.size} devices")
+        self.batch_size, self.sharding = batch_size, batch_sharding(mesh)
+        mean, std = tuple(data_cfg.mean), tuple(data_cfg.std)
+
+        def images(params, u8):
+            model: TwoTowers = nnx.merge(graphdef, params)
+            return model.embed_images(normalize_images(u8, mean, std))
+
+        def texts(params, ids):
+            model: TwoTowers = nnx.merge(graphdef, params)
+            return model.embed_texts(ids)
+
+        kw = dict(in_shardings=(None, self.sharding), out_shardings=replicated(mesh))
+        self._images, self._texts = jax.jit(images, **kw), jax.jit(texts, **kw)
+
+    def _run(self, fn: Callable, params: dict, rows: np.ndarray) -> np.ndarray:
+        batch = padded(rows, self.batch_size)
+        array = jax.make_array_from_callback(batch.shape, self.sharding, lambda idx: batch[idx])
+        return np.asarray(fn(params, array))[: len(rows)]
+
+    def images(self, params: dict, images_u8: np.ndarray) -> np.ndarray:
+        return self._run(self._images, params, images_u8)
+
+    def texts(self, params: dict, ids: np.ndarray) -> np.ndarray:
+        out = [self._run(self._texts, params, ids[i: i + self.batch_size])
+               for i in range(0, len(ids), self.batch_size)]
+        return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+
+
+def iterate_records(data_cfg: ml_collections.ConfigDict, split: str, batch_size: int,
+                    desc: str) -> Iterator[list[dict]]:
+    """Lists of up to `batch_size` eval-preprocessed records, in split order."""
+    records = grain.MapDataset.source(data_source(data_cfg, split)).map(
+        EvalPreprocess(data_cfg.image_size, data_cfg.image_key))
+    n = len(records)
+    for start in tqdm(range(0, n, batch_size), desc=desc, leave=False,
+                      disable=jax.process_index() != 0):
+        yield [records[i] for i in range(start, min(n, start + batch_size))]
+
+
+def embed_split(embedder: Embedder, params: dict, data_cfg: ml_collections.ConfigDict,
+                split: str, tokenizer: Tokenizer, *, text_key: str | None = None
+                ) -> dict[str, np.ndarray]:
+    """Image embeddings of every record of `split` and, with `text_key`, caption embeddings.
+
+    A record may hold one caption (a string) or several (a sequence); `caption_owner[j]` is the
+    index of the image that caption j describes.
+    """
+    images, captions, owners = [], [], []
+    num_images = 0
+    for recs in iterate_records(data_cfg, split, embedder.batch_size, f"embed {split}"):
+        images.append(embedder.images(params, np.stack([r["image"] for r in recs])))
+        if text_key is not None:
+            for i, r in enumerate(recs):
+                value = r[text_key]
+                texts = [value] if isinstance(value, (bytes, str)) else list(value)
+                captions += [text_of(t) for t in texts]
+                owners += [num_images + i] * len(texts)
+        num_images += len(recs)
+    out = {"image": np.concatenate(images)}
+    if text_key is not None:
+        out["text"] = embedder.texts(params, tokenizer.encode_batch(captions))
+        out["caption_owner"] = np.asarray(owners, np.int64)
+    return out

@@ -1,0 +1,53 @@
+"""Text transformer tower: token ids (B, L) -> pooled features (B, proj_dim or width).
+
+The default (`pool="last"`, no causal mask) is SigLIP's: captions are padded with EOS ("sticky
+EOS", see `flipjax.data.tokenizer`) so the last position always holds an EOS that has attended to
+the whole caption. `pool="eos"` with `causal=True` is CLIP's: pool at the first EOS.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from flipjax.models.layers import Encoder, normal_param
+from flipjax.models.variants import Size
+
+POOLS = ("last", "first", "mean", "eos")
+
+
+class TextTransformer(nnx.Module):
+    def __init__(self, size: Size, *, vocab_size: int, max_len: int, pool: str = "last",
+                 causal: bool = False, eos_id: int = 1, proj_dim: int | None = None,
+                 proj_bias: bool = True, gelu: str = "tanh", ln_eps: float = 1e-6,
+                 remat: bool = False, dtype=jnp.float32, rngs: nnx.Rngs):
+        if pool not in POOLS:
+            raise ValueError(f"text pool must be one of {POOLS}, got {pool!r}")
+        d = size.width
+        self.pool, self.causal, self.eos_id, self.dtype = pool, causal, eos_id, dtype
+        self.token_embedding = nnx.Embed(vocab_size, d, dtype=dtype,
+                                         embedding_init=nnx.initializers.normal(0.02), rngs=rngs)
+        self.pos_embedding = normal_param((1, max_len, d), 0.01, rngs)
+        self.encoder = Encoder(d, size.depth, size.mlp_dim, size.num_heads, gelu=gelu,
+                               ln_eps=ln_eps, remat=remat, dtype=dtype, rngs=rngs)
+        self.head = (nnx.Linear(d, proj_dim, use_bias=proj_bias, dtype=dtype, rngs=rngs)
+                     if proj_dim else None)
+
+    def tokens(self, ids: jax.Array) -> jax.Array:
+        x = self.token_embedding(ids)
+        x = x + self.pos_embedding[:, : ids.shape[1]].astype(x.dtype)
+        return self.encoder(x, is_causal=self.causal)
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        x = self.tokens(ids)
+        if self.pool == "last":
+            x = x[:, -1]
+        elif self.pool == "first":
+            x = x[:, 0]
+        elif self.pool == "mean":
+            x = jnp.mean(x, axis=1)
+        else:
+            first_eos = jnp.argmax(ids == self.eos_id, axis=1)
+            x = jnp.take_along_axis(x, first_eos[:, None, None], axis=1)[:, 0]
+        return self.head(x) if self.head is not None else x

@@ -1,0 +1,111 @@
+"""Vision Transformer image tower (Dosovitskiy et al.), shaped as in big_vision, CLIP and SigLIP.
+
+Position embeddings are learned or fixed 2-D sin-cos; pooling is a learned-probe attention head
+(`map`, SigLIP), global average (`gap`) or a class token (`tok`, CLIP). A class token and a
+LayerNorm before the encoder (`pre_norm`, CLIP's `pre_layrnorm`) are options so that CLIP weights
+can be imported as they are.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from flipjax.models.layers import Attention, Encoder, Mlp, normal_param
+from flipjax.models.variants import Size
+
+POOLS = ("map", "gap", "tok")
+POSEMBS = ("learn", "sincos2d")
+
+
+def sincos2d_posemb(h: int, w: int, width: int, temperature: float = 10_000.0) -> np.ndarray:
+    """Fixed 2-D sin-cos position embedding (MoCo v3 / big_vision), shape (1, h*w, width)."""
+    if width % 4:
+        raise ValueError(f"sincos2d needs a width divisible by 4, got {width}")
+    y, x = np.mgrid[:h, :w]
+    omega = 1.0 / temperature ** (np.arange(width // 4) / (width // 4 - 1 or 1))
+    y = y.reshape(-1, 1) * omega[None]
+    x = x.reshape(-1, 1) * omega[None]
+    pe = np.concatenate([np.sin(x), np.cos(x), np.sin(y), np.cos(y)], axis=1)
+    return pe[None].astype(np.float32)
+
+
+class MAPHead(nnx.Module):
+    """Multihead attention pooling: one learned query attends over all tokens (SigLIP)."""
+
+    def __init__(self, size: Size, *, gelu: str, ln_eps: float, dtype, rngs: nnx.Rngs):
+        self.probe = nnx.Param(
+            nnx.initializers.xavier_uniform()(rngs.params(), (1, 1, size.width), jnp.float32))
+        self.attn = Attention(size.width, size.num_heads, dtype=dtype, rngs=rngs)
+        self.norm = nnx.LayerNorm(size.width, epsilon=ln_eps, dtype=dtype, rngs=rngs)
+        self.mlp = Mlp(size.width, size.mlp_dim, gelu=gelu, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        probe = jnp.broadcast_to(self.probe.astype(x.dtype), (x.shape[0], 1, x.shape[-1]))
+        y = self.attn(probe, context=x)
+        y = y + self.mlp(self.norm(y))
+        return y[:, 0]
+
+
+class ViT(nnx.Module):
+    """Image tower: pixels (B, H, W, 3) -> pooled features (B, proj_dim or width)."""
+
+    def __init__(self, size: Size, patch: int, *, image_size: int, pool: str = "map",
+                 posemb: str = "learn", pre_norm: bool = False, proj_dim: int | None = None,
+                 proj_bias: bool = True, gelu: str = "tanh", ln_eps: float = 1e-6,
+                 remat: bool = False, dtype=jnp.float32, rngs: nnx.Rngs):
+        if pool not in POOLS:
+            raise ValueError(f"image pool must be one of {POOLS}, got {pool!r}")
+        if posemb not in POSEMBS:
+            raise ValueError(f"image posemb must be one of {POSEMBS}, got {posemb!r}")
+        if image_size % patch:
+            raise ValueError(f"image_size {image_size} is not divisible by patch size {patch}")
+        self.pool, self.posemb, self.dtype = pool, posemb, dtype
+        self.grid = image_size // patch
+        d = size.width
+        self.patch_embed = nnx.Conv(3, d, kernel_size=(patch, patch), strides=(patch, patch),
+                                    padding="VALID", dtype=dtype, rngs=rngs)
+        if pool == "tok":
+            self.cls_token = nnx.Param(jnp.zeros((1, 1, d), jnp.float32))
+        if posemb == "learn":
+            num_tokens = self.grid**2 + (pool == "tok")
+            self.pos_embedding = normal_param((1, num_tokens, d), d**-0.5, rngs)
+        self.pre_norm = (nnx.LayerNorm(d, epsilon=ln_eps, dtype=dtype, rngs=rngs)
+                         if pre_norm else None)
+        self.encoder = Encoder(d, size.depth, size.mlp_dim, size.num_heads, gelu=gelu,
+                               ln_eps=ln_eps, remat=remat, dtype=dtype, rngs=rngs)
+        self.map_head = (MAPHead(size, gelu=gelu, ln_eps=ln_eps, dtype=dtype, rngs=rngs)
+                         if pool == "map" else None)
+        self.head = (nnx.Linear(d, proj_dim, use_bias=proj_bias, dtype=dtype, rngs=rngs)
+                     if proj_dim else None)
+
+    def tokens(self, images: jax.Array) -> jax.Array:
+        """Encoded tokens (B, N, width): the input of pooling, and of FLIP-style probes."""
+        x = self.patch_embed(images.astype(self.dtype))
+        b, h, w, d = x.shape
+        x = x.reshape(b, h * w, d)
+        if self.pool == "tok":
+            x = jnp.concatenate([jnp.broadcast_to(self.cls_token.astype(x.dtype), (b, 1, d)), x],
+                                axis=1)
+        if self.posemb == "learn":
+            x = x + self.pos_embedding.astype(x.dtype)
+        else:
+            pe = sincos2d_posemb(h, w, d)
+            if self.pool == "tok":
+                pe = np.concatenate([np.zeros((1, 1, d), np.float32), pe], axis=1)
+            x = x + jnp.asarray(pe, x.dtype)
+        if self.pre_norm is not None:
+            x = self.pre_norm(x)
+        return self.encoder(x)
+
+    def __call__(self, images: jax.Array) -> jax.Array:
+        x = self.tokens(images)
+        if self.pool == "map":
+            x = self.map_head(x)
+        elif self.pool == "gap":
+            x = jnp.mean(x, axis=1)
+        else:
+            x = x[:, 0]
+        return self.head(x) if self.head is not None else x

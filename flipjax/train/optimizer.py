@@ -1,0 +1,60 @@
+"""AdamW with warmup + cosine decay, gradient clipping, a weight-decay mask, and regex rules
+(big_vision style) that freeze parameter groups or scale their learning rate."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import jax
+import ml_collections
+import optax
+
+from flipjax.train.tree_names import leaf_names
+
+FROZEN = "frozen"
+
+
+def make_schedule(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
+    warmup = min(cfg.warmup_steps, total_steps)
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=cfg.lr, warmup_steps=warmup,
+        decay_steps=max(total_steps, warmup + 1), end_value=cfg.lr * cfg.end_lr_fraction)
+
+
+def param_groups(params: Any, cfg: ml_collections.ConfigDict) -> Any:
+    """Labels each parameter: 'frozen', 'lr_mult_<i>' (first matching rule) or 'default'."""
+    frozen = re.compile(cfg.frozen_regex) if cfg.frozen_regex else None
+    mults = [(re.compile(pattern), i) for i, (pattern, _) in enumerate(cfg.lr_mults)]
+
+    def label(name: str) -> str:
+        if frozen is not None and frozen.fullmatch(name):
+            return FROZEN
+        return next((f"lr_mult_{i}" for rx, i in mults if rx.fullmatch(name)), "default")
+
+    return jax.tree.map(label, leaf_names(params))
+
+
+def make_optimizer(cfg: ml_collections.ConfigDict, params: Any,
+                   total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """The optimizer for `params` (a pure dict) and the base learning-rate schedule."""
+    schedule = make_schedule(cfg, total_steps)
+    labels = param_groups(params, cfg)
+    decay_rx = re.compile(cfg.decay_regex)
+    decay_mask = jax.tree.map(lambda name: bool(decay_rx.fullmatch(name)), leaf_names(params))
+
+    def adamw(mult: float) -> optax.GradientTransformation:
+        lr = schedule if mult == 1.0 else (lambda step: mult * schedule(step))
+        return optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
+                           mask=decay_mask)
+
+    groups = {FROZEN: optax.set_to_zero(), "default": adamw(1.0)}
+    groups.update({f"lr_mult_{i}": adamw(float(m)) for i, (_, m) in enumerate(cfg.lr_mults)})
+    # Frozen gradients are zeroed before clipping so that they don't shrink the others.
+    zero_frozen = optax.multi_transform(
+        {g: optax.set_to_zero() if g == FROZEN else optax.identity() for g in groups}, labels)
+    chain = [zero_frozen]
+    if cfg.grad_clip_norm:
+        chain.append(optax.clip_by_global_norm(cfg.grad_clip_norm))
+    chain.append(optax.multi_transform(groups, labels))
+    return optax.chain(*chain), schedule

@@ -1,0 +1,106 @@
+"""The training loop: one flat function from config to trained, checkpointed, evaluated model.
+
+Resumes from the latest checkpoint in the workdir (model, optimizer, step and the Grain
+iterator), so a run killed at any point and restarted with the same command continues with
+exactly the batches and losses an uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+
+import jax
+import ml_collections
+from absl import logging
+from tqdm import tqdm
+
+from flipjax.config import prepare, validate
+from flipjax.data.pipeline import make_train_dataset, to_global
+from flipjax.data.tokenizer import Tokenizer
+from flipjax.evaluate import make_evaluators
+from flipjax.train import checkpoint
+from flipjax.train.metrics import MetricWriter
+from flipjax.train.sharding import make_mesh
+from flipjax.train.step import TrainSetup
+
+
+def evaluate_all(evaluators: dict, params: dict, step: int, due: set[str] | None = None
+                 ) -> dict[str, float]:
+    results = {}
+    for name, evaluator in evaluators.items():
+        if due is None or name in due:
+            results.update({f"{name}/{k}": v for k, v in evaluator.run(params).items()})
+    if results:
+        logging.info("step %d eval: %s", step, json.dumps(results))
+    return results
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+    """Trains per `config`, writing checkpoints and metrics to `workdir`; returns the final
+    training and evaluation metrics."""
+    validate(config)
+    prepare(config)
+    os.makedirs(workdir, exist_ok=True)
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json(indent=2))
+
+    # Mesh, model, optimizer, shardings.
+    mesh = make_mesh(config.mesh)
+    tokenizer = Tokenizer(config.tokenizer.path, config.tokenizer.max_len)
+    setup = TrainSetup(config, tokenizer.vocab_size, mesh)
+
+    # Input pipeline, and resume.
+    data_iter = iter(make_train_dataset(config.data, tokenizer, seed=config.seed))
+    manager = checkpoint.make_manager(workdir, config.checkpoint)
+    start = manager.latest_step() or 0
+    if start:
+        abstract = checkpoint.abstract_with_shardings(setup.abstract_state,
+                                                      setup.state_shardings)
+        state = checkpoint.restore(manager, start, abstract, data_iter)
+        logging.info("resumed from step %d", start)
+    else:
+        state = setup.init()
+    writer = MetricWriter(workdir, start)
+    evaluators = make_evaluators(config, tokenizer, setup.graphdef, mesh)
+
+    # The loop.
+    total = config.total_steps
+    metrics: dict[str, float] = {}
+    progress = tqdm(total=total, initial=start, desc="train", dynamic_ncols=True,
+                    disable=None if jax.process_index() == 0 else True)
+    last_time, last_step = time.perf_counter(), start
+    for step in range(start + 1, total + 1):
+        with jax.profiler.StepTraceAnnotation("train", step_num=step):
+            batch = to_global(next(data_iter), setup.batch_sharding)
+            state, step_metrics = setup.train_step(state, batch)
+        progress.update(1)
+        due_save = step % config.checkpoint.every_steps == 0 or step == total
+        if step % config.log_every_steps == 0 or step == total or due_save:
+            values = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+            if not math.isfinite(values["loss"]):
+                raise FloatingPointError(f"non-finite loss {values['loss']} at step {step}; "
+                                         "the last checkpoint holds finite parameters")
+            now = time.perf_counter()
+            seconds = (now - last_time) / (step - last_step)
+            last_time, last_step = now, step
+            values.update(step_time_s=seconds,
+                          images_per_s=config.data.global_batch_size / seconds)
+            metrics = {f"train/{k}": v for k, v in values.items()}
+            due_evals = {n for n, e in config.evals.items() if step % e.every_steps == 0}
+            if step == total:
+                due_evals = set(config.evals)
+            metrics.update(evaluate_all(evaluators, state["params"], step, due_evals))
+            writer.write(step, metrics)
+            progress.set_postfix(loss=f"{values['loss']:.3f}", lr=f"{values['lr']:.2e}")
+            if not progress.disable or step % (config.log_every_steps * 10) == 0:
+                logging.info("step %d loss %.4f", step, values["loss"])
+        checkpoint.save(manager, step, state, data_iter, force=step == total)
+    progress.close()
+    manager.wait_until_finished()
+    manager.close()
+    writer.close()
+    return metrics

@@ -1,0 +1,54 @@
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO, load_config
+
+from flipjax.config import ConfigError, validate
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("data.global_batch_size", 12, r"config\.data\.global_batch_size: 12 is not divisible"),
+    ("model.image.variant", "Q/16", r"config\.model\.image\.variant: unknown model size 'Q'"),
+    ("model.text.variant", "B/16", r"config\.model\.text\.variant: .*takes no patch size"),
+    ("data.image_size", 36, r"config\.model\.image\.image_size: 36 is not divisible"),
+    ("loss", "hinge", r"config\.loss: unknown loss 'hinge'"),
+    ("model.image.pool", "cls", r"config\.model\.image\.pool"),
+    ("model.text.proj_dim", 48, r"config\.model\.text\.proj_dim: the towers' embeddings differ"),
+    ("mesh", [("data", 3), ("fsdp", -1)], r"config\.mesh"),
+])
+def test_validation_names_the_field(field, value, message):
+    config = load_config()
+    node = config
+    *path, last = field.split(".")
+    for p in path:
+        node = node[p]
+    node[last] = value
+    with pytest.raises(ConfigError, match=message):
+        validate(config)
+
+
+def test_missing_dataset_and_tokenizer_are_reported(tmp_path):
+    config = load_config()
+    config.data.data_dir = str(tmp_path)
+    config.data.build_if_missing = False
+    with pytest.raises(ConfigError, match=r"config\.data\.name: .*not built.*tfds_builders build"):
+        validate(config)
+    config.data.build_if_missing = True
+    config.tokenizer.train_if_missing = False
+    config.tokenizer.path = str(tmp_path / "none.model")
+    with pytest.raises(ConfigError, match=r"config\.tokenizer\.path: .*does not exist"):
+        validate(config)
+
+
+def test_main_prints_one_line_and_exits_2(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "flipjax.main", "--config=configs/demo.py:tiny",
+         f"--workdir={tmp_path}", "--config.data.global_batch_size=13"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+        env={"PATH": "/usr/bin:/bin", "JAX_PLATFORMS": "cpu",
+             "XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
+    assert result.returncode == 2, result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert errors == ["error: config.data.global_batch_size: 13 is not divisible by the 8 "
+                      "devices; use a multiple of 8"]

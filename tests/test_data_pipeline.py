@@ -1,0 +1,76 @@
+import io
+from collections import Counter
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from flipjax.data.pipeline import (
+    EvalPreprocess,
+    center_crop,
+    data_source,
+    make_train_dataset,
+    random_resized_crop,
+)
+from flipjax.data.tokenizer import EOS_ID, Tokenizer
+
+
+def tokenizer_of(config):
+    return Tokenizer(config.tokenizer.path, config.tokenizer.max_len)
+
+
+def test_tokenizer_sticky_eos_and_truncation(tiny_config):
+    tok = tokenizer_of(tiny_config)
+    ids = tok.encode("A young woman with blond hair.")
+    assert ids.shape == (16,) and ids.dtype == np.int32
+    n = int(np.argmax(ids == EOS_ID))
+    assert n > 0 and np.all(ids[n:] == EOS_ID)
+    assert tok.decode(ids) == "a young woman with blond hair."  # the model folds case
+    long = tok.encode(" ".join(["smiling"] * 100))
+    assert long[-1] == EOS_ID and np.all(long[:-1] != EOS_ID)
+
+
+def test_train_batches_shapes_and_determinism(tiny_config):
+    tok = tokenizer_of(tiny_config)
+    first = next(iter(make_train_dataset(tiny_config.data, tok, seed=0)))
+    again = next(iter(make_train_dataset(tiny_config.data, tok, seed=0)))
+    other = next(iter(make_train_dataset(tiny_config.data, tok, seed=1)))
+    assert first["image"].shape == (16, 32, 32, 3) and first["image"].dtype == np.uint8
+    assert first["text"].shape == (16, 16) and first["text"].dtype == np.int32
+    np.testing.assert_array_equal(first["image"], again["image"])
+    np.testing.assert_array_equal(first["text"], again["text"])
+    assert not np.array_equal(first["text"], other["text"])
+
+
+def test_epochs_cover_the_split_and_reshuffle(tiny_config):
+    """Each epoch sees every training record exactly once, in a new order."""
+    tok = tokenizer_of(tiny_config)
+    records = data_source(tiny_config.data, "train")
+    expected = Counter(tok.decode(tok.encode(r["caption"].decode())) for r in records)
+    it = iter(make_train_dataset(tiny_config.data, tok, seed=0))
+    per_epoch = len(records) // 16  # 512 records, batches of 16: no remainder
+    epochs = [[tok.decode(t) for _ in range(per_epoch) for t in next(it)["text"]]
+              for _ in range(2)]
+    assert Counter(epochs[0]) == expected == Counter(epochs[1])
+    assert epochs[0] != epochs[1]
+
+
+def test_crops():
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (60, 90, 3), dtype=np.uint8))
+    assert center_crop(image, 32).size == (32, 32)
+    for _ in range(20):
+        assert random_resized_crop(image, 24, (0.5, 1.0), (0.75, 1.33), rng).size == (24, 24)
+    # An impossible crop request falls back to the centre crop.
+    np.testing.assert_array_equal(
+        np.asarray(random_resized_crop(image, 24, (5.0, 6.0), (1.0, 1.0), rng)),
+        np.asarray(center_crop(image, 24)))
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA", "P", "CMYK"])
+def test_eval_preprocess_any_mode(mode):
+    buf = io.BytesIO()
+    image = Image.new("RGB", (50, 40), (200, 10, 10)).convert(mode)
+    image.save(buf, format="PNG" if mode != "CMYK" else "JPEG")
+    out = EvalPreprocess(32, "image").map({"image": buf.getvalue(), "id": b"x"})
+    assert out["image"].shape == (32, 32, 3) and out["id"] == b"x"

@@ -1,0 +1,107 @@
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from conftest import load_config
+from flax import nnx
+
+from flipjax.models import make_model
+from flipjax.models.variants import SIZES, decode_variant
+from flipjax.models.vit import sincos2d_posemb
+
+
+def model_config(**image_overrides) -> ml_collections.ConfigDict:
+    cfg = load_config().model
+    cfg.image.update(image_overrides)
+    return cfg
+
+
+@pytest.mark.parametrize("variant", ["mu/8", "Ti/16", "S/14", "M/16", "B/16", "L/14"])
+def test_variant_param_shapes(variant):
+    name, patch = variant.split("/")
+    cfg = model_config(variant=variant, image_size=int(patch) * 2)
+    model = nnx.eval_shape(lambda: make_model(cfg, vocab_size=100))
+    size = SIZES[name]
+    assert len(model.img.encoder.layers) == size.depth
+    assert model.img.patch_embed.kernel.shape == (int(patch), int(patch), 3, size.width)
+    assert model.img.encoder.layers[0].mlp.fc1.kernel.shape == (size.width, size.mlp_dim)
+    assert model.img.pos_embedding.shape == (1, 4, size.width)
+
+
+@pytest.mark.parametrize("pool,posemb", [("map", "learn"), ("gap", "sincos2d"),
+                                         ("tok", "learn"), ("tok", "sincos2d")])
+def test_forward_shapes_and_normalisation(pool, posemb):
+    cfg = model_config(pool=pool, posemb=posemb, image_size=32, variant="mu/8", pre_norm=True,
+                       proj_dim=32)
+    cfg.text.update(proj_dim=32)
+    model = make_model(cfg, vocab_size=50)
+    images = jnp.zeros((3, 32, 32, 3))
+    ids = jnp.ones((3, cfg.text.max_len), jnp.int32)
+    zimg, ztxt = model(images, ids)
+    assert zimg.shape == (3, 32) and ztxt.shape == (3, 32)
+    np.testing.assert_allclose(np.linalg.norm(zimg, axis=-1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(ztxt, axis=-1), 1.0, atol=1e-5)
+    expected_tokens = 16 + (pool == "tok")
+    assert model.img.tokens(images).shape == (3, expected_tokens, SIZES["mu"].width)
+
+
+@pytest.mark.parametrize("pool", ["last", "first", "mean", "eos"])
+def test_text_pooling(pool):
+    cfg = model_config(variant="mu/8", image_size=32)
+    cfg.text.update(pool=pool, causal=pool == "eos", proj_dim=None)
+    model = make_model(cfg, vocab_size=50)
+    ids = jnp.array([[5, 6, 1, 1, 1, 1, 1, 1] + [1] * (cfg.text.max_len - 8)])
+    tokens = model.txt.tokens(ids)
+    pooled = model.txt(ids)
+    expected = {"last": tokens[:, -1], "first": tokens[:, 0], "mean": tokens.mean(1),
+                "eos": tokens[:, 2]}[pool]
+    np.testing.assert_allclose(pooled, expected, atol=1e-6)
+
+
+def test_causal_text_ignores_later_tokens():
+    cfg = model_config(variant="mu/8", image_size=32)
+    cfg.text.update(pool="eos", causal=True)
+    model = make_model(cfg, vocab_size=50)
+    a = jnp.array([[5, 6, 1] + [7] * (cfg.text.max_len - 3)])
+    b = jnp.array([[5, 6, 1] + [9] * (cfg.text.max_len - 3)])
+    np.testing.assert_allclose(model.txt(a), model.txt(b), atol=1e-6)
+
+
+def test_bf16_compute_keeps_fp32_params():
+    cfg = model_config(variant="mu/8", image_size=32)
+    cfg.dtype = "bfloat16"
+    model = make_model(cfg, vocab_size=50)
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    zimg, _ = model(jnp.zeros((2, 32, 32, 3)), jnp.ones((2, cfg.text.max_len), jnp.int32))
+    assert zimg.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(zimg)))
+
+
+def test_remat_matches_plain_forward_and_grad():
+    cfg = model_config(variant="mu/8", image_size=32)
+    plain = make_model(cfg, vocab_size=50)
+    cfg.remat = True
+    remat = make_model(cfg, vocab_size=50)
+    images = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
+
+    def loss(m):
+        return jnp.sum(m.img(images) ** 2)
+
+    np.testing.assert_allclose(loss(plain), loss(remat), rtol=1e-6)
+    g1 = nnx.grad(loss)(plain)
+    g2 = nnx.grad(loss)(remat)
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_sincos2d_is_distinct_per_position():
+    pe = sincos2d_posemb(4, 4, 32)[0]
+    assert pe.shape == (16, 32)
+    distances = np.linalg.norm(pe[:, None] - pe[None], axis=-1) + np.eye(16)
+    assert distances.min() > 0.1
+
+
+@pytest.mark.parametrize("bad", ["X/16", "B", "B/x", "B/0"])
+def test_decode_variant_rejects_bad_names(bad):
+    with pytest.raises(ValueError, match="variant|size"):
+        decode_variant(bad, with_patch=True)
