@@ -1,0 +1,304 @@
+"""Where the FaceCaption-15M images are and how to find the one belonging to a parquet row.
+
+FaceCaption-15M ships only URLs and boxes, so users bring images in one of three layouts
+(all under `<manual_dir>/images/`):
+
+  * `files`: `img2dataset --output_format files`, numbered shard directories
+    `00000/000000123.jpg` with a `000000123.json` sidecar (and `.txt`), plus img2dataset's
+    per-shard `00000.parquet` / `00000_stats.json` beside them.
+  * `webdataset`: `img2dataset --output_format webdataset`, tar shards `00000.tar` whose
+    members `000000123.jpg` / `.json` / `.txt` share a key.
+  * `flat`: the originals distributed on request, one file `<_id>.<ext>` per image.
+
+img2dataset names files by its own sequential key, not by `_id`, so for the first two layouts
+the join goes through the sidecar JSON, which holds `_id` when img2dataset ran with
+`--save_additional_columns '["_id"]'`. The sidecar also records `original_width` /
+`original_height`: img2dataset resizes by default, and the parquet box refers to the original
+image, so `map_box` converts it with the resize mode img2dataset used.
+
+Nothing here imports TensorFlow Datasets; the functions run in pool workers and Beam workers.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import itertools
+import json
+import tarfile
+from collections.abc import Iterator
+
+from etils import epath
+
+from tfds_builders.face_crop import MISSING_IMAGE, TRUNCATED_IMAGE, Box, Skip
+
+FILES = "files"
+WEBDATASET = "webdataset"
+FLAT = "flat"
+LAYOUTS = (FILES, WEBDATASET, FLAT)
+AUTO = "auto"
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+_FLAT_EXTENSIONS = IMAGE_EXTENSIONS + tuple(ext.upper() for ext in IMAGE_EXTENSIONS)
+
+# img2dataset --resize_mode values. "border" is img2dataset's default.
+RESIZE_MODES = ("border", "keep_ratio", "keep_ratio_largest", "center_crop", "fixed", "no")
+
+# Reasons for images that could not be matched to a parquet row ("ignored_images" in the report).
+BAD_SIDECAR = "bad_sidecar"
+SIDECAR_WITHOUT_ID = "sidecar_without_id"
+SIDECAR_WITHOUT_IMAGE = "sidecar_without_image"
+IMAGE_WITHOUT_SIDECAR = "image_without_sidecar"
+UNREADABLE_TAR = "unreadable_tar"
+DUPLICATE_IMAGE = "duplicate_image"
+NOT_IN_PARQUET = "not_in_parquet"
+
+_LAYOUT_HELP = f"""\
+  files      - img2dataset --output_format files: numbered shard directories such as
+               00000/000000123.jpg with a 000000123.json sidecar holding "_id"
+  webdataset - img2dataset --output_format webdataset: tar shards such as 00000.tar with
+               members 000000123.jpg and 000000123.json holding "_id"
+  flat       - original images named <_id>.<ext>, ext one of {", ".join(IMAGE_EXTENSIONS)}"""
+
+_SAMPLE_ENTRIES = 2000
+
+
+class LayoutError(ValueError):
+    """The manual directory does not look like any supported layout."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageRef:
+    """Where one image's bytes are: a plain file, or a byte range inside a tar shard.
+
+    `original_size` is the (width, height) the parquet box refers to, as recorded by
+    img2dataset; None when unknown (the flat layout stores the originals themselves).
+    """
+
+    path: str
+    offset: int = -1
+    length: int = -1
+    original_size: tuple[int, int] | None = None
+
+    def read(self) -> bytes:
+        """Returns the encoded image; Skip(MISSING_IMAGE) / Skip(TRUNCATED_IMAGE) on failure."""
+        try:
+            with epath.Path(self.path).open("rb") as f:
+                if self.offset < 0:
+                    return f.read()
+                f.seek(self.offset)
+                data = f.read(self.length)
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as e:
+            raise Skip(MISSING_IMAGE, str(e)) from None
+        if len(data) != self.length:
+            raise Skip(TRUNCATED_IMAGE, f"tar member at {self.path}:{self.offset} is cut off")
+        return data
+
+
+@dataclasses.dataclass
+class ShardIndex:
+    """The images of one shard keyed by `_id`, and counts of images that cannot be used."""
+
+    entries: list[tuple[str, ImageRef]] = dataclasses.field(default_factory=list)
+    ignored: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+
+
+def _describe(directory: epath.Path) -> str:
+    """A short listing of `directory` for error messages."""
+    if not directory.exists():
+        return f"{directory} does not exist"
+    names = sorted(p.name + ("/" if p.is_dir() else "")
+                   for p in itertools.islice(directory.iterdir(), 50))
+    if not names:
+        return f"{directory} is empty"
+    return f"{directory} contains: {', '.join(names[:20])}" + (" ..." if len(names) > 20 else "")
+
+
+def detect_layout(images_dir: epath.Path, layout: str = AUTO) -> str:
+    """Returns the layout of `images_dir`, checking a forced `layout` against what is there.
+
+    Only the first entries of the directory are looked at, so this is instant even on a flat
+    directory of millions of files. Raises LayoutError, listing the expected layouts and what
+    was found, when the directory matches none or several of them.
+    """
+    if layout != AUTO and layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; expected {AUTO} or one of {LAYOUTS}")
+    if not images_dir.is_dir():
+        raise LayoutError(f"Image directory {images_dir} not found. Expected one of:\n"
+                          f"{_LAYOUT_HELP}\nFound: {_describe(images_dir.parent)}")
+    sample = list(itertools.islice(images_dir.iterdir(), _SAMPLE_ENTRIES))
+    found = {
+        WEBDATASET: [p for p in sample if p.suffix == ".tar"],
+        FILES: [p for p in sample if p.name.isdigit() and p.is_dir()],
+        FLAT: [p for p in sample if p.suffix.lower() in IMAGE_EXTENSIONS],
+    }
+    present = [name for name in LAYOUTS if found[name]]
+    if (layout == AUTO and len(present) != 1) or (layout != AUTO and not found[layout]):
+        wanted = "exactly one of" if layout == AUTO else f"the {layout!r} layout, i.e."
+        counts = (f"{len(found[WEBDATASET])} tar shards, {len(found[FILES])} numbered shard "
+                  f"directories, {len(found[FLAT])} image files")
+        raise LayoutError(f"Cannot use the images in {images_dir}. Expected {wanted}:\n"
+                          f"{_LAYOUT_HELP}\nFound {counts}; {_describe(images_dir)}")
+    chosen = present[0] if layout == AUTO else layout
+    if chosen != FLAT:
+        _check_sidecars_have_id(found[chosen][0], chosen)
+    return chosen
+
+
+def _check_sidecars_have_id(shard: epath.Path, layout: str) -> None:
+    """Fails early when img2dataset ran without keeping `_id`, since then nothing can join."""
+    sidecar = next(_iter_sidecars(shard, layout), None)
+    if sidecar is None:
+        return
+    name, payload = sidecar
+    try:
+        meta = json.loads(payload)
+    except ValueError:
+        return  # A single broken sidecar is counted per image later, not fatal.
+    if isinstance(meta, dict) and "_id" not in meta:
+        raise LayoutError(
+            f"The img2dataset sidecar {name} has no \"_id\", so images cannot be matched to "
+            f"parquet rows. Re-run img2dataset with --save_additional_columns '[\"_id\"]'. "
+            f"Sidecar keys found: {sorted(meta)}")
+
+
+def _iter_sidecars(shard: epath.Path, layout: str) -> Iterator[tuple[str, bytes]]:
+    if layout == FILES:
+        for path in sorted(shard.glob("*.json")):
+            yield str(path), path.read_bytes()
+        return
+    with shard.open("rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
+        for member in tar:
+            if member.isfile() and member.name.endswith(".json"):
+                yield f"{shard}:{member.name}", tar.extractfile(member).read()
+                return
+
+
+def list_shards(images_dir: epath.Path, layout: str) -> list[str]:
+    """The shards to index, sorted so that duplicate images resolve the same way everywhere."""
+    if layout == FILES:
+        return sorted(str(p) for p in images_dir.iterdir() if p.name.isdigit() and p.is_dir())
+    if layout == WEBDATASET:
+        return sorted(str(p) for p in images_dir.glob("*.tar"))
+    raise ValueError(f"layout {layout!r} has no shards")
+
+
+def _parse_sidecar(payload: bytes) -> dict | None:
+    try:
+        meta = json.loads(payload)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
+def _original_size(meta: dict) -> tuple[int, int] | None:
+    width, height = meta.get("original_width"), meta.get("original_height")
+    if isinstance(width, int) and isinstance(height, int) and width > 0 and height > 0:
+        return width, height
+    return None
+
+
+def _add_entry(index: ShardIndex, meta: dict | None, ref: ImageRef | None) -> None:
+    """Adds one img2dataset sample (sidecar + image) to `index` or counts why it can't be."""
+    if meta is None:
+        index.ignored[BAD_SIDECAR] += 1
+    elif meta.get("status", "success") != "success":
+        return  # A failed download: its row is reported as missing_image.
+    elif ref is None:
+        index.ignored[SIDECAR_WITHOUT_IMAGE] += 1
+    elif meta.get("_id") in (None, ""):
+        index.ignored[SIDECAR_WITHOUT_ID] += 1
+    else:
+        sample_id = str(meta["_id"])
+        index.entries.append((sample_id, dataclasses.replace(
+            ref, original_size=_original_size(meta))))
+
+
+def index_shard(shard: str, layout: str) -> ShardIndex:
+    """Reads the sidecars of one img2dataset shard; never raises on bad content."""
+    return _index_files_shard(shard) if layout == FILES else _index_tar_shard(shard)
+
+
+def _index_files_shard(shard: str) -> ShardIndex:
+    index = ShardIndex()
+    sidecars: dict[str, epath.Path] = {}
+    images: dict[str, epath.Path] = {}
+    for path in epath.Path(shard).iterdir():
+        if path.suffix == ".json":
+            sidecars[path.stem] = path
+        elif path.suffix.lower() in IMAGE_EXTENSIONS:
+            images[path.stem] = path
+    for key in sorted(sidecars):
+        image = images.get(key)
+        _add_entry(index, _parse_sidecar(sidecars[key].read_bytes()),
+                   ImageRef(str(image)) if image else None)
+    index.ignored[IMAGE_WITHOUT_SIDECAR] += len(images.keys() - sidecars.keys())
+    return index
+
+
+def _index_tar_shard(shard: str) -> ShardIndex:
+    index = ShardIndex()
+    sidecars: dict[str, bytes] = {}
+    images: dict[str, ImageRef] = {}
+    try:
+        with epath.Path(shard).open("rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                # WebDataset convention: the key is the path up to the first dot of the name.
+                folder, _, name = member.name.rpartition("/")
+                stem, _, ext = name.partition(".")
+                key = f"{folder}/{stem}" if folder else stem
+                if ext == "json":
+                    sidecars[key] = tar.extractfile(member).read()
+                elif f".{ext.lower()}" in IMAGE_EXTENSIONS:
+                    images[key] = ImageRef(shard, member.offset_data, member.size)
+    except (tarfile.TarError, OSError, EOFError):
+        # A partially downloaded or damaged shard: keep what was readable.
+        index.ignored[UNREADABLE_TAR] += 1
+    for key in sorted(sidecars):
+        _add_entry(index, _parse_sidecar(sidecars[key]), images.get(key))
+    index.ignored[IMAGE_WITHOUT_SIDECAR] += len(images.keys() - sidecars.keys())
+    return index
+
+
+def resolve_flat(images_dir: str, sample_id: str) -> ImageRef | None:
+    """The original image `<images_dir>/<sample_id>.<ext>`, trying the known extensions.
+
+    Probing by name needs no directory listing, which matters for millions of files. An `_id`
+    that is not a plain file name (contains a path separator) cannot name a file here.
+    """
+    if "/" in sample_id or "\\" in sample_id or sample_id in (".", ".."):
+        return None
+    base = epath.Path(images_dir)
+    for ext in _FLAT_EXTENSIONS:
+        path = base / f"{sample_id}{ext}"
+        if path.is_file():
+            return ImageRef(str(path))
+    return None
+
+
+def map_box(box: Box, original_size: tuple[int, int] | None, stored_size: tuple[int, int],
+            resize_mode: str) -> Box:
+    """Converts a box on the original image to the image img2dataset stored.
+
+    Mirrors img2dataset's resizer: "border" scales the longer side to the target and pads to a
+    centred square, "center_crop" scales the shorter side and crops the centre square, and the
+    other modes scale each axis to the stored size. An image stored at its original size (no
+    resize, or `--resize_only_if_bigger` on a small image) keeps the box unchanged.
+    """
+    if original_size is None or tuple(original_size) == tuple(stored_size):
+        return box
+    (ow, oh), (sw, sh) = original_size, stored_size
+    x1, y1, x2, y2 = box
+    if resize_mode in ("border", "center_crop") and sw == sh and ow != oh:
+        scale = sw / (max(ow, oh) if resize_mode == "border" else min(ow, oh))
+        cw, ch = round(ow * scale), round(oh * scale)
+        if resize_mode == "border":
+            dx, dy = (sw - cw) // 2, (sh - ch) // 2
+        else:
+            dx, dy = -((cw - sw) // 2), -((ch - sh) // 2)
+        fx, fy = cw / ow, ch / oh
+        return x1 * fx + dx, y1 * fy + dy, x2 * fx + dx, y2 * fy + dy
+    fx, fy = sw / ow, sh / oh
+    return x1 * fx, y1 * fy, x2 * fx, y2 * fy

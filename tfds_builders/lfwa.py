@@ -1,0 +1,173 @@
+"""TFDS builder for LFWA attribute recognition (see `LFWA`)."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Iterator
+from typing import Any
+
+import h5py
+import numpy as np
+import scipy.io
+import tensorflow_datasets as tfds
+from etils import epath
+
+from tfds_builders.builder_utils import (
+    CELEBA_ATTRIBUTE_NAMES,
+    FaceDatasetBuilder,
+    ImageSetConfig,
+    ManualDirError,
+    default_image_set_configs,
+    find_path,
+)
+from tfds_builders.face_crop import BAD_ANNOTATION, DUPLICATE_ID, TRAIN_TEST_OVERLAP
+
+_MAT73_MAGIC = b"MATLAB 7.3"
+
+
+def _hdf5_value(f: Any, value: Any) -> Any:
+    """A MATLAB v7.3 variable as numpy (numbers) or a list of str (cell array of char).
+
+    MATLAB stores arrays column-major, so h5py sees them transposed; chars are uint16 codes
+    and cells are arrays of object references.
+    """
+    data = value[()]
+    if data.dtype == h5py.ref_dtype:
+        return [_hdf5_value(f, f[ref]) for ref in data.T.reshape(-1)]
+    if value.attrs.get("MATLAB_class") in (b"char", "char"):
+        return "".join(map(chr, data.T.reshape(-1)))
+    return np.asarray(data).T
+
+
+def read_mat(path: epath.Path) -> dict[str, Any]:
+    """Variables of a .mat file, v7.3 (HDF5, as LFWA+ ships it) or older (scipy)."""
+    with path.open("rb") as f:
+        is_v73 = f.read(len(_MAT73_MAGIC)) == _MAT73_MAGIC
+    if is_v73:
+        with h5py.File(path, "r") as f:
+            return {key: _hdf5_value(f, f[key]) for key in f if not key.startswith("#")}
+    raw = scipy.io.loadmat(path, simplify_cells=True)
+    return {key: value for key, value in raw.items() if not key.startswith("__")}
+
+
+def _strings(value: Any) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    return [str(v).strip() for v in np.asarray(value, dtype=object).reshape(-1)]
+
+
+def _indices(value: Any) -> list[int]:
+    """1-based MATLAB indices as 0-based ints; non-integral entries become -1 (invalid)."""
+    flat = np.asarray(value, dtype=np.float64).reshape(-1)
+    return [int(v) - 1 if float(v).is_integer() else -1 for v in flat]
+
+
+def _labels(value: Any, count: int) -> np.ndarray:
+    labels = np.asarray(value, dtype=np.float64)
+    if labels.shape == (40, count) and count != 40:
+        labels = labels.T
+    if labels.shape != (count, 40):
+        raise ManualDirError(f"LFWA label matrix has shape {labels.shape}, expected ({count}, 40)")
+    return labels
+
+
+class LFWA(FaceDatasetBuilder):
+    """LFWA (Liu et al. 2015): LFW images with the 40 CelebA attributes.
+
+    Manual download: the LFW images and the LFWA annotations from the CelebA page
+    (mmlab.ie.cuhk.edu.hk/projects/CelebA.html, "LFWA+" folder), in manual_dir:
+      lfw/<Name>/<Name>_NNNN.jpg     LFW images (250x250)
+      lfw_att_40.mat                 MATLAB file (v7.3/HDF5 as distributed, or older):
+                                     `name` (cell, "<Name>\\<Name>_NNNN.jpg"), `label`
+                                     (N x 40, 0/1 or -1/1) and `AttrName` (the 40 names)
+      indices_train_test.mat         `indices_img_train`, `indices_img_test`: 1-based
+                                     indices into `name`, the official split
+
+    Records: `image` (RGB JPEG), `attributes` (int32[40], 1 = present, CelebA order, names in
+    metadata "attribute_names"), `id` ("<Name>/<Name>_NNNN") and `identity` (the person's
+    name). An image listed in both splits is kept in test only (counted as
+    train_test_overlap), so test images never appear in train.
+    """
+
+    name = "lfwa"
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "Initial release."}
+    BUILDER_CONFIGS = default_image_set_configs()
+    MANUAL_DOWNLOAD_INSTRUCTIONS = """\
+    Put the LFW images in manual_dir/lfw/ and lfw_att_40.mat and indices_train_test.mat from
+    the LFWA+ annotations (mmlab.ie.cuhk.edu.hk/projects/CelebA.html) in manual_dir.
+    """
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description=inspect.cleandoc(LFWA.__doc__),
+            features=tfds.features.FeaturesDict({
+                "image": tfds.features.Tensor(shape=(), dtype=np.object_),
+                "attributes": tfds.features.Tensor(shape=(40,), dtype=np.int32),
+                "id": tfds.features.Tensor(shape=(), dtype=np.object_),
+                "identity": tfds.features.Tensor(shape=(), dtype=np.object_),
+            }),
+            metadata=tfds.core.MetadataDict(attribute_names=list(CELEBA_ATTRIBUTE_NAMES)),
+            homepage="https://mmlab.ie.cuhk.edu.hk/projects/CelebA.html",
+            citation="@inproceedings{liu2015faceattributes, title={Deep Learning Face "
+                     "Attributes in the Wild}, author={Liu, Ziwei and Luo, Ping and Wang, "
+                     "Xiaogang and Tang, Xiaoou}, booktitle={ICCV}, year={2015}}",
+        )
+
+    def _split_generators(self, dl_manager: tfds.download.DownloadManager) -> dict[str, Any]:
+        manual = dl_manager.manual_dir
+        images = find_path(manual, ["lfw"], "the LFW image folder")
+        annotations = read_mat(find_path(manual, ["lfw_att_40.mat"], "the LFWA attributes"))
+        splits = read_mat(find_path(manual, ["indices_train_test.mat"], "the LFWA split"))
+        missing = (({"name", "label"} - annotations.keys())
+                   | ({"indices_img_train", "indices_img_test"} - splits.keys()))
+        if missing:
+            raise ManualDirError(f"LFWA .mat files lack the variables {sorted(missing)}")
+        names = _strings(annotations["name"])
+        labels = _labels(annotations["label"], len(names))
+        order = list(range(40))
+        if "AttrName" in annotations:
+            attr_names = _strings(annotations["AttrName"])
+            if sorted(attr_names) != sorted(CELEBA_ATTRIBUTE_NAMES):
+                raise ManualDirError(f"lfw_att_40.mat AttrName is not the 40 CelebA attributes: "
+                                     f"{attr_names}")
+            order = [attr_names.index(name) for name in CELEBA_ATTRIBUTE_NAMES]
+        test = _indices(splits["indices_img_test"])
+        test_set = set(test)
+        entries: dict[str, list] = {"train": [], "test": []}
+        for split, indices in (("train", _indices(splits["indices_img_train"])), ("test", test)):
+            seen: set[int] = set()
+            for index in indices:
+                self.report.records_read += 1
+                if split == "train" and index in test_set:
+                    self.report.skipped[TRAIN_TEST_OVERLAP] += 1
+                elif index in seen:
+                    self.report.skipped[DUPLICATE_ID] += 1
+                else:
+                    seen.add(index)
+                    self._add_entry(entries[split], index, names, labels, order, images)
+        return {split: self._generate_examples(split, items)
+                for split, items in entries.items()}
+
+    def _add_entry(self, entries: list, index: int, names: list[str], labels: np.ndarray,
+                   order: list[int], images: epath.Path) -> None:
+        """Appends the entry for `names[index]`, or counts why it cannot be used."""
+        if not 0 <= index < len(names):
+            self.report.skipped[BAD_ANNOTATION] += 1
+            return
+        relative = names[index].replace("\\", "/")
+        row = labels[index][order]
+        if not np.isin(row, (-1, 0, 1)).all() or "/" not in relative:
+            self.report.skipped[BAD_ANNOTATION] += 1
+            return
+        identity, _, _ = relative.partition("/")
+        features = {"attributes": (row > 0).astype(np.int32),
+                    "id": relative.rsplit(".", 1)[0], "identity": identity}
+        entries.append((relative, str(images / relative), features))
+
+    def _generate_examples(self, split: str,
+                           entries: list) -> Iterator[tuple[str, dict[str, Any]]]:
+        cfg: ImageSetConfig = self.builder_config
+        yield from self._nonempty(
+            split, self._image_examples(entries, cfg.max_short_side, cfg.max_pixels))
