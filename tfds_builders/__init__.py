@@ -1,0 +1,57 @@
+"""TFDS dataset builders for flipjax, written as ArrayRecord so that reading needs no TensorFlow.
+
+Build from the command line (see `python -m tfds_builders --help`) or from Python with `build()`.
+Once built, a dataset is read with plain TFDS and no builder code, e.g.
+`tfds.data_source("synthetic_faces/tiny", split="train", data_dir=DIR)`.
+
+Builders are listed in `BUILDERS` as "module:ClassName" strings and imported only when used, so
+importing this package stays cheap (no TFDS import). Every builder class listed here must accept
+a `num_workers: int` keyword argument in its constructor (it may ignore it).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import tensorflow_datasets as tfds
+
+BUILDERS: dict[str, str] = {
+    "synthetic_faces": "tfds_builders.synthetic_faces:SyntheticFaces",
+    "facecaption15m": "tfds_builders.facecaption15m.builder:FaceCaption15M",
+    "celeba": "tfds_builders.celeba:CelebA",
+    "lfwa": "tfds_builders.lfwa:LFWA",
+    "mm_celeba_hq": "tfds_builders.mm_celeba_hq:MMCelebAHQ",
+    "celeba_dialog": "tfds_builders.celeba_dialog:CelebADialog",
+}
+
+
+def builder_class(name: str) -> type[tfds.core.DatasetBuilder]:
+    """Imports and returns the builder class registered under `name` in `BUILDERS`."""
+    if name not in BUILDERS:
+        raise ValueError(f"unknown builder {name!r}; known builders: {', '.join(sorted(BUILDERS))}")
+    module_name, class_name = BUILDERS[name].split(":")
+    return getattr(importlib.import_module(module_name), class_name)
+
+
+def build(name: str, data_dir: str, manual_dir: str | None = None, num_workers: int = 1,
+          config: str | None = None) -> tfds.core.DatasetBuilder:
+    """Builds dataset `name` (config `config`, default config if None) into `data_dir`.
+
+    The dataset is written as ArrayRecord, which supports random access through
+    `tfds.data_source` / Grain without TensorFlow. An already built dataset is reused, so this is
+    cheap to call at the start of every training run. `manual_dir` is where builders look for
+    files that must be downloaded by hand (e.g. licensed face datasets). `num_workers` > 1 starts
+    "spawn" worker processes, so a calling script needs the usual `if __name__ == "__main__":`
+    guard.
+    """
+    import tensorflow_datasets as tfds
+
+    builder = builder_class(name)(
+        data_dir=data_dir, config=config, file_format="array_record", num_workers=num_workers
+    )
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(manual_dir=manual_dir, try_download_gcs=False)
+    )
+    return builder

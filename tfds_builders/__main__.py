@@ -1,0 +1,47 @@
+"""Command line: `python -m tfds_builders build NAME --data_dir=DIR [options]`.
+
+Other tools (data preparation scripts, CI) call this exact interface, so keep it stable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import tfds_builders
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m tfds_builders", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    build = commands.add_parser("build", help="build a dataset as ArrayRecord")
+    names = ", ".join(sorted(tfds_builders.BUILDERS))
+    build.add_argument("name", help=f"builder name, one of: {names}")
+    build.add_argument("--data_dir", required=True, help="TFDS data directory to write into")
+    build.add_argument("--manual_dir", default=None, help="directory of manually downloaded files")
+    build.add_argument("--num_workers", type=int, default=1, help="parallel worker processes")
+    build.add_argument("--config", default=None, help="builder config name (default: the first)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Parses `argv`, builds the dataset and prints the number of records per split."""
+    args = _parser().parse_args(argv)
+    try:
+        tfds_builders.builder_class(args.name)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+    config = f" (config {args.config})" if args.config else ""
+    print(f"Building {args.name}{config} into {args.data_dir} with {args.num_workers} worker(s)...")
+    start = time.monotonic()
+    builder = tfds_builders.build(args.name, args.data_dir, manual_dir=args.manual_dir,
+                                  num_workers=args.num_workers, config=args.config)
+    elapsed = time.monotonic() - start
+    print(f"Built {builder.info.full_name} in {elapsed:.1f}s at {builder.data_dir}")
+    for split_name, split in builder.info.splits.items():
+        print(f"  {split_name}: {split.num_examples} records")
+
+
+if __name__ == "__main__":
+    main()
