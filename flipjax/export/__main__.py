@@ -1,0 +1,38 @@
+"""Exports a flipjax training workdir as a Hugging Face model directory.
+
+    python -m flipjax.export --workdir=DIR [--step=N] --output=OUT [--tokenizer=SPM.model]
+
+`OUT` then loads with `transformers.AutoModel.from_pretrained(OUT)` (a `SiglipModel`, or a
+`CLIPModel` for class-token/causal-text configs) and `AutoProcessor.from_pretrained(OUT)`.
+A config with no HF equivalent is refused with one line naming the config field.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workdir", required=True, help="training workdir (config.json, "
+                        "checkpoints/)")
+    parser.add_argument("--step", type=int, default=None, help="checkpoint step; default latest")
+    parser.add_argument("--output", required=True, help="directory to write")
+    parser.add_argument("--tokenizer", default=None, help="SentencePiece .model, if the "
+                        "config's tokenizer.path does not resolve from here")
+    args = parser.parse_args(argv)
+    from flipjax.export.hf_export import ExportError, export_workdir
+
+    try:
+        model_cls = export_workdir(args.workdir, args.output, args.step, args.tokenizer)
+    except ExportError as e:
+        print(f"cannot export: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {model_cls} to {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,308 @@
+"""flipjax params -> a Hugging Face `SiglipModel` (or `CLIPModel`) directory with its processor.
+
+The model is written by building the torch model from an HF config and loading our tensors with
+`strict=True`, so a key the rename table misses fails the export instead of being left at
+random init. The processor reproduces flipjax's eval preprocessing: a SentencePiece tokenizer
+with sticky-EOS padding to `max_len` (a `tokenizers` conversion of our own .model, because
+`SiglipTokenizer` strips punctuation, which flipjax does not) and `CLIPImageProcessor`'s resize
+of the short side + centre crop, bicubic, with our mean/std (`SiglipImageProcessor` squashes
+instead of cropping).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import jax
+import ml_collections
+import numpy as np
+import torch
+from PIL import Image
+from tokenizers import processors
+from transformers import (
+    CLIPConfig,
+    CLIPImageProcessor,
+    CLIPModel,
+    CLIPProcessor,
+    PreTrainedTokenizerFast,
+    SiglipConfig,
+    SiglipModel,
+    SiglipProcessor,
+)
+from transformers.convert_slow_tokenizer import SpmConverter
+from transformers.utils import sentencepiece_model_pb2_new as sp_pb2  # matches our protobuf
+
+from flipjax.data.tokenizer import EOS_ID, Tokenizer
+from flipjax.export.mapping import CLIP, HF_ACT, SIGLIP, flatten, rename_table
+from flipjax.models.two_towers import embedding_dims, tower_size
+from flipjax.models.vit import sincos2d_posemb
+from flipjax.train import checkpoint
+from flipjax.train.sharding import make_mesh
+from flipjax.train.step import TrainSetup
+
+
+class ExportError(ValueError):
+    """A model config with no HF equivalent; the message names the config field."""
+
+
+def _require(ok: bool, field: str, message: str) -> None:
+    if not ok:
+        raise ExportError(f"config.model.{field}: {message}")
+
+
+def choose_architecture(model_cfg: ml_collections.ConfigDict) -> str:
+    """"siglip" or "clip": the HF model that computes exactly what `model_cfg` computes."""
+    img, txt = model_cfg.image, model_cfg.text
+    _require(img.pool != "gap", "image.pool",
+             "'gap' has no HF equivalent: SiglipModel with vision_use_head=False returns no "
+             "image embeddings and CLIPModel pools a class token; use 'map' or 'tok'")
+    if img.pool == "map":
+        _require(not img.pre_norm, "image.pre_norm", "SiglipModel has no LayerNorm before the "
+                 "encoder (pre_norm=True exports only as CLIPModel, with pool='tok')")
+        _require(not img.proj_dim, "image.proj_dim", "SiglipModel's vision tower has no "
+                 "projection after the MAP head; set it to None")
+        _require(txt.pool == "last", "text.pool",
+                 f"SiglipModel pools the last token, got {txt.pool!r}")
+        _require(not txt.causal, "text.causal", "SiglipModel's text tower is not causal")
+        return SIGLIP
+    _require(img.pool == "tok", "image.pool", f"unknown pool {img.pool!r}")
+    _require(img.pre_norm, "image.pre_norm", "CLIPModel (class-token pooling) always applies "
+             "a LayerNorm before the encoder; set it to True")
+    _require(not (img.proj_dim and img.proj_bias), "image.proj_bias",
+             "CLIPModel's visual_projection has no bias; set it to False")
+    _require(txt.pool == "eos", "text.pool", f"CLIPModel pools the first EOS, got {txt.pool!r}")
+    _require(txt.causal, "text.causal", "CLIPModel's text tower is causal; set it to True")
+    _require(not (txt.proj_dim and txt.proj_bias), "text.proj_bias",
+             "CLIPModel's text_projection has no bias; set it to False")
+    _require(txt.eos_id != 2, "text.eos_id", "HF CLIP treats eos_token_id=2 as 'argmax of the "
+             "ids' (legacy), not the first EOS")
+    _require(model_cfg.bias_init is None, "bias_init", "CLIPModel has no logit bias")
+    return CLIP
+
+
+def _dims(model_cfg: ml_collections.ConfigDict, flat: dict) -> dict:
+    img_size, patch = tower_size(model_cfg.image, with_patch=True)
+    txt_size, _ = tower_size(model_cfg.text, with_patch=False)
+    depth = lambda tower: len({k.split("/")[3] for k in flat
+                               if k.startswith(f"{tower}/encoder/layers/")})
+    _require(img_size.width == flat["img/patch_embed/kernel"].shape[-1], "image.width",
+             "does not match the checkpoint's parameters")
+    return dict(img=img_size, txt=txt_size, patch=patch, img_depth=depth("img"),
+                txt_depth=depth("txt"), vocab=flat["txt/token_embedding/embedding"].shape[0],
+                out_dim=embedding_dims(model_cfg)[0])
+
+
+def hf_config(model_cfg: ml_collections.ConfigDict, flat: dict, arch: str
+              ) -> SiglipConfig | CLIPConfig:
+    """The `SiglipConfig`/`CLIPConfig` whose model computes what flipjax's does."""
+    d = _dims(model_cfg, flat)
+    common = dict(hidden_act=HF_ACT[model_cfg.gelu], layer_norm_eps=model_cfg.ln_eps,
+                  attention_dropout=0.0)
+    # Sticky-EOS padding: EOS also pads, and there is no BOS (T5 id layout, flipjax.data).
+    eos = model_cfg.text.eos_id
+    text = dict(vocab_size=d["vocab"], hidden_size=d["txt"].width,
+                intermediate_size=d["txt"].mlp_dim, num_hidden_layers=d["txt_depth"],
+                num_attention_heads=d["txt"].num_heads,
+                max_position_embeddings=model_cfg.text.max_len, pad_token_id=eos,
+                eos_token_id=eos, bos_token_id=None, **common)
+    vision = dict(hidden_size=d["img"].width, intermediate_size=d["img"].mlp_dim,
+                  num_hidden_layers=d["img_depth"], num_attention_heads=d["img"].num_heads,
+                  image_size=model_cfg.image.image_size, patch_size=d["patch"], num_channels=3,
+                  **common)
+    if arch == SIGLIP:
+        return SiglipConfig(text_config={**text, "projection_size": d["out_dim"]},
+                            vision_config={**vision, "vision_use_head": True})
+    return CLIPConfig(text_config={**text, "projection_dim": d["out_dim"]},
+                      vision_config={**vision, "projection_dim": d["out_dim"]},
+                      projection_dim=d["out_dim"],
+                      logit_scale_init_value=float(np.asarray(flat["t"])))
+
+
+def to_hf_state_dict(params: dict, model_cfg: ml_collections.ConfigDict, arch: str
+                     ) -> dict[str, np.ndarray]:
+    """HF state dict (float32 numpy) of flipjax `params` (an NNX pure dict, host arrays)."""
+    flat = {k: np.asarray(v, np.float32) for k, v in flatten(params).items()}
+    d = _dims(model_cfg, flat)
+    cls = int(model_cfg.image.pool == "tok")
+    if "img/pos_embedding" not in flat:  # posemb="sincos2d": fixed values, exported as learned.
+        grid = model_cfg.image.image_size // d["patch"]
+        pe = sincos2d_posemb(grid, grid, d["img"].width)
+        flat["img/pos_embedding"] = np.concatenate([np.zeros_like(pe[:, :cls]), pe], axis=1)
+    # A tower without `head` outputs its width; HF always projects, so export the identity.
+    for tower, width in (("img", d["img"].width), ("txt", d["txt"].width)):
+        if f"{tower}/head/kernel" not in flat:
+            flat[f"{tower}/head/kernel"] = np.eye(width, dtype=np.float32)
+            flat[f"{tower}/head/bias"] = np.zeros((width,), np.float32)
+    flat.setdefault("b", np.zeros((), np.float32))
+    if arch == CLIP:
+        # HF CLIP's patch conv has no bias: adding it to every patch position is the same sum.
+        flat["img/pos_embedding"] = flat["img/pos_embedding"].copy()
+        flat["img/pos_embedding"][:, cls:] += flat.pop("img/patch_embed/bias")
+    out: dict[str, np.ndarray] = {}
+    parts: dict[str, dict[int, np.ndarray]] = {}
+    for rule in rename_table(arch, d["img_depth"], d["txt_depth"]):
+        value = rule.transform.to_hf(flat[rule.flip])
+        if rule.part is None:
+            out[rule.hf] = value
+        else:
+            parts.setdefault(rule.hf, {})[rule.part[0]] = value
+    for key, chunks in parts.items():
+        out[key] = np.concatenate([chunks[i] for i in sorted(chunks)], axis=0)
+    return {k: np.ascontiguousarray(v, np.float32) for k, v in out.items()}
+
+
+def export_model(params: dict, model_cfg: ml_collections.ConfigDict, output: str
+                 ) -> SiglipModel | CLIPModel:
+    """Writes `output/{config.json, model.safetensors}`; returns the torch model (eval mode)."""
+    arch = choose_architecture(model_cfg)
+    config = hf_config(model_cfg, {k: np.asarray(v) for k, v in flatten(params).items()}, arch)
+    model = (SiglipModel if arch == SIGLIP else CLIPModel)(config).eval()
+    state = {k: torch.from_numpy(v) for k, v in to_hf_state_dict(params, model_cfg,
+                                                                   arch).items()}
+    model.load_state_dict(state, strict=True)
+    model.save_pretrained(output, safe_serialization=True)
+    return model
+
+
+def fast_tokenizer(spm_path: str, max_len: int) -> PreTrainedTokenizerFast:
+    """Our SentencePiece model as a `tokenizers` tokenizer that appends EOS and pads with EOS,
+    i.e. `padding="max_length", truncation=True` gives flipjax's `Tokenizer.encode` ids."""
+    proto = sp_pb2.ModelProto()
+    with open(spm_path, "rb") as f:
+        proto.ParseFromString(f.read())
+    # The converter builds BPE from a {piece: id} dict (merges ranked by score), unigram from
+    # a [(piece, score)] list.
+    if proto.trainer_spec.model_type == sp_pb2.TrainerSpec.BPE:
+        vocab = {p.piece: i for i, p in enumerate(proto.pieces)}
+    else:
+        vocab = [(p.piece, p.score) for p in proto.pieces]
+    backend = SpmConverter.build_tokenizer_from_spm_proto(proto, vocab, legacy=True)
+    eos = proto.pieces[EOS_ID].piece
+    backend.post_processor = processors.TemplateProcessing(single=f"$A {eos}",
+                                                           special_tokens=[(eos, EOS_ID)])
+    unk = proto.pieces[proto.trainer_spec.unk_id].piece
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=eos, pad_token=eos,
+                                   unk_token=unk, model_max_length=max_len,
+                                   padding_side="right", truncation_side="right")
+
+
+def export_processor(output: str, arch: str, spm_path: str, max_len: int, image_size: int,
+                     mean: tuple[float, ...], std: tuple[float, ...]
+                     ) -> SiglipProcessor | CLIPProcessor:
+    """Writes the processor (tokenizer + image processor) config files; returns it."""
+    image_processor = CLIPImageProcessor(
+        do_resize=True, size={"shortest_edge": image_size}, resample=Image.BICUBIC,
+        do_center_crop=True, crop_size={"height": image_size, "width": image_size},
+        do_rescale=True, rescale_factor=1 / 255, do_normalize=True, image_mean=list(mean),
+        image_std=list(std), do_convert_rgb=True)
+    processor_cls = SiglipProcessor if arch == SIGLIP else CLIPProcessor
+    processor = processor_cls(image_processor=image_processor,
+                              tokenizer=fast_tokenizer(spm_path, max_len))
+    processor.save_pretrained(output)
+    shutil.copyfile(spm_path, os.path.join(output, "spiece.model"))  # the source of truth
+    return processor
+
+
+def _eval_lines(workdir: str) -> list[str]:
+    """Retrieval results (keys like 'retrieval/i2t_R@1') from the last metrics line with any."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    for record in reversed(records):
+        results = {k: v for k, v in record.items() if "R@" in k}
+        if results:
+            step = record.get("step", "?")
+            return [f"| {k} | {v:.4f} | {step} |" for k, v in sorted(results.items())]
+    return []
+
+
+def write_model_card(output: str, config: ml_collections.ConfigDict, workdir: str,
+                     step: int, arch: str) -> None:
+    model_cls = "SiglipModel" if arch == SIGLIP else "CLIPModel"
+    m, data = config.model, config.data
+    evals = _eval_lines(workdir)
+    eval_text = ("| metric | value | step |\n| --- | --- | --- |\n" + "\n".join(evals)
+                 if evals else "No evaluation results were found in the workdir.")
+    card = f"""---
+library_name: transformers
+pipeline_tag: zero-shot-image-classification
+tags: [flipjax, {arch}, face, contrastive]
+---
+# flipjax {model_cls} ({m.image.variant} image tower, {m.text.variant} text tower)
+
+Contrastive face image-text model trained with flipjax (JAX/Flax NNX) and exported to
+`transformers.{model_cls}` at training step {step}. Exported logits match flipjax's in float32.
+
+```python
+from transformers import AutoModel, AutoProcessor
+model, processor = AutoModel.from_pretrained(PATH), AutoProcessor.from_pretrained(PATH)
+inputs = processor(text=captions, images=images, padding="max_length", truncation=True,
+                   return_tensors="pt")
+logits_per_image = model(**inputs).logits_per_image
+```
+Always pass `padding="max_length", truncation=True`: captions were padded with EOS to
+{m.text.max_len} tokens in training, and the text tower reads the
+{"last" if arch == SIGLIP else "first EOS"} token.
+
+## Training data
+Dataset `{data.name}` (builder config `{data.builder_config}`, split `{data.train_split}`), images
+at {data.image_size} px (random resized crop {tuple(data.augment.crop_scale)}, flip
+{data.augment.flip}), normalised with mean {tuple(data.mean)}, std {tuple(data.std)}.
+Loss `{config.loss}`, {config.total_steps} steps at global batch {data.global_batch_size}.
+Tokenizer: SentencePiece ({config.tokenizer.vocab_size} pieces, case-folded), `spiece.model`.
+
+## Evaluation
+{eval_text}
+
+## Config
+```json
+{config.to_json(indent=2)}
+```
+"""
+    with open(os.path.join(output, "README.md"), "w") as f:
+        f.write(card)
+
+
+def read_workdir_config(workdir: str, tokenizer_path: str | None = None
+                        ) -> ml_collections.ConfigDict:
+    """The config a run wrote to `workdir`; `tokenizer_path` overrides the config's, which may
+    be relative to where training ran."""
+    with open(os.path.join(workdir, "config.json")) as f:
+        config = ml_collections.ConfigDict(json.load(f))
+    if tokenizer_path:
+        config.tokenizer.path = tokenizer_path
+    return config
+
+
+def load_workdir_params(workdir: str, config: ml_collections.ConfigDict,
+                        step: int | None = None) -> tuple[dict, int]:
+    """(params on the host, step) from a training workdir's Orbax checkpoint."""
+    tokenizer = Tokenizer(config.tokenizer.path, config.tokenizer.max_len)
+    setup = TrainSetup(config, tokenizer.vocab_size, make_mesh(config.mesh))
+    manager = checkpoint.make_manager(workdir, config.checkpoint)
+    step = step if step is not None else manager.latest_step()
+    if step is None:
+        raise FileNotFoundError(f"no checkpoint under {workdir}/checkpoints")
+    abstract = checkpoint.abstract_with_shardings(setup.abstract_state, setup.state_shardings)
+    state = checkpoint.restore(manager, step, abstract, None)
+    manager.close()
+    return jax.device_get(state["params"]), int(step)
+
+
+def export_workdir(workdir: str, output: str, step: int | None = None,
+                   tokenizer_path: str | None = None) -> str:
+    """Exports the checkpoint at `step` (default: latest) of `workdir`; returns the HF class."""
+    config = read_workdir_config(workdir, tokenizer_path)
+    arch = choose_architecture(config.model)  # refuse before loading or writing anything
+    params, step = load_workdir_params(workdir, config, step)
+    os.makedirs(output, exist_ok=True)
+    export_model(params, config.model, output)
+    export_processor(output, arch, config.tokenizer.path, config.model.text.max_len,
+                     config.model.image.image_size, tuple(config.data.mean),
+                     tuple(config.data.std))
+    write_model_card(output, config, workdir, step, arch)
+    return "SiglipModel" if arch == SIGLIP else "CLIPModel"
