@@ -8,6 +8,9 @@ tail padded by repeating the last row, so one compiled function serves them all.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 from collections.abc import Callable, Iterator
 
 import grain
@@ -23,6 +26,16 @@ from flipjax.models import TwoTowers
 from flipjax.train.sharding import batch_sharding, replicated
 
 
+def model_fingerprint(model_cfg: ml_collections.ConfigDict,
+                      data_cfg: ml_collections.ConfigDict) -> str:
+    """A short hash of everything besides the params that decides an image's features: the
+    architecture and the eval preprocessing. Keys the on-disk feature cache."""
+    blob = json.dumps({"model": model_cfg.to_dict(), "image_size": data_cfg.image_size,
+                       "image_key": data_cfg.image_key, "mean": list(data_cfg.mean),
+                       "std": list(data_cfg.std)}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
 def padded(rows: np.ndarray, batch_size: int) -> np.ndarray:
     return np.concatenate([rows, np.repeat(rows[-1:], batch_size - len(rows), axis=0)])
 
@@ -31,7 +44,8 @@ class Embedder:
     """Jitted, sharded image and text embedding for a model's params."""
 
     def __init__(self, graphdef: nnx.GraphDef, mesh: jax.sharding.Mesh,
-                 data_cfg: ml_collections.ConfigDict, batch_size: int):
+                 data_cfg: ml_collections.ConfigDict, batch_size: int, fingerprint: str = ""):
+        self.fingerprint = fingerprint
         if batch_size % mesh.size:
             raise ValueError(f"eval batch size {batch_size} is not divisible by the "
                              f"{mesh.size} devices")
@@ -97,4 +111,50 @@ def embed_split(embedder: Embedder, params: dict, data_cfg: ml_collections.Confi
     if text_key is not None:
         out["text"] = embedder.texts(params, tokenizer.encode_batch(captions))
         out["caption_owner"] = np.asarray(owners, np.int64)
+    return out
+
+
+def label_array(values: list) -> np.ndarray:
+    """Labels as an array: 0/1 ints for attribute vectors (-1/1 files read as 0/1), str for
+    names (e.g. LFWA identities), ints otherwise."""
+    if isinstance(values[0], (bytes, str)):
+        return np.asarray([text_of(v) for v in values])
+    array = np.asarray(values)
+    return (array > 0).astype(np.int32) if array.ndim == 2 else array.astype(np.int64)
+
+
+def feature_cache_path(cache_dir: str, data_cfg: ml_collections.ConfigDict, split: str,
+                       label_key: str, step: int, fingerprint: str) -> str:
+    dataset = data_cfg.name + (f"-{data_cfg.builder_config}" if data_cfg.builder_config else "")
+    split_name = split.replace("/", "_").replace("[", "_").replace("]", "").replace(":", "-")
+    return os.path.join(cache_dir, f"{dataset}_{split_name}_{label_key}_step{step}_"
+                                   f"{fingerprint}.npz")
+
+
+def image_features(embedder: Embedder, params: dict, data_cfg: ml_collections.ConfigDict,
+                   split: str, label_key: str, *, cache_dir: str | None = None,
+                   step: int | None = None) -> dict[str, np.ndarray]:
+    """{"features": image embeddings (N, D), "labels": `label_key` of each record}.
+
+    With `cache_dir` and `step` the result is read from / written to an .npz keyed by dataset,
+    split, label, checkpoint step and the model fingerprint, so re-evaluating a checkpoint
+    (several probes, several hyperparameter grids) embeds each split once.
+    """
+    path = None
+    if cache_dir is not None and step is not None:
+        path = feature_cache_path(cache_dir, data_cfg, split, label_key, step,
+                                  embedder.fingerprint)
+        if os.path.exists(path):
+            with np.load(path) as f:
+                return {"features": f["features"], "labels": f["labels"]}
+    feats, labels = [], []
+    for recs in iterate_records(data_cfg, split, embedder.batch_size, f"features {split}"):
+        feats.append(embedder.images(params, np.stack([r["image"] for r in recs])))
+        labels += [r[label_key] for r in recs]
+    out = {"features": np.concatenate(feats), "labels": label_array(labels)}
+    if path is not None and jax.process_index() == 0:
+        os.makedirs(cache_dir, exist_ok=True)
+        tmp = path + ".tmp.npz"
+        np.savez(tmp, **out)
+        os.replace(tmp, path)
     return out

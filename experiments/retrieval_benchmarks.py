@@ -1,0 +1,49 @@
+"""Paper task 1, text-image retrieval on MM-CelebA-HQ and CelebA-Dialog.
+
+    python -m experiments.retrieval_benchmarks --workdir=DIR --data_dir=TFDS_DIR \
+        [--datasets=mm_celeba_hq,celeba_dialog] [--step=N]
+
+Needs the datasets built under TFDS_DIR. Scores the frozen towers' embeddings over each test
+split (COCO protocol: every caption of an image is a query, an image query is answered by any of
+its captions). This is zero-shot retrieval: the official FLIP code instead fine-tunes the
+projections and an ITM head, so its numbers are not comparable one to one. Writes
+experiments/results/retrieval_benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from experiments.common import evaluate, fmt, load_run, markdown_table, write
+
+COLUMNS = [f"{d}_R@{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)] + ["mean_R"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--workdir", required=True)
+    parser.add_argument("--data_dir", required=True, help="Where the datasets are built.")
+    parser.add_argument("--datasets", default="mm_celeba_hq,celeba_dialog")
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--step", type=int, default=None)
+    parser.add_argument("--batch_size", type=int, default=256)
+    parser.add_argument("--out", default="experiments/results/retrieval_benchmarks.md")
+    args = parser.parse_args()
+
+    run = load_run(args.workdir, args.step)
+    datasets = args.datasets.split(",")
+    evals = {name: dict(type="retrieval", dataset=name, builder_config=None,
+                        data_dir=args.data_dir, split=args.split, text_key="captions",
+                        every_steps=1, batch_size=args.batch_size) for name in datasets}
+    results = evaluate(run, evals)
+    rows = [[name] + [fmt(results[name][c]) for c in COLUMNS] for name in datasets]
+    text = (f"# Text-image retrieval: `{args.workdir}` (step {run.step}), split "
+            f"`{args.split}`\n\nRecall@K in %, zero-shot (frozen towers, no fine-tuning); "
+            "mean R is the mean of the six recalls (the FLIP code's `r_mean`).\n\n"
+            + markdown_table(["dataset"] + [c.replace("_", " ") for c in COLUMNS], rows))
+    write(args.out, text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,115 @@
+"""Embeds image files and text lines with a trained model:
+
+    python -m flipjax.embed --workdir=DIR --images=DIR_OR_GLOB [--texts=FILE] --output=OUT.npz
+
+Reads WORKDIR/config.json and the latest checkpoint (or `--step`). OUT.npz holds L2-normalised
+`image_embeddings` (N, D) with `image_files`, and with `--texts` `text_embeddings` (M, D) with
+`texts` (the file's non-blank lines). Images are anything Pillow opens, any size or mode; they
+get the eval preprocessing (RGB, short side resized, centre crop). A file Pillow can't read is
+reported and skipped, so one broken file doesn't lose a large run.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import sys
+
+import jax
+import numpy as np
+from absl import app, flags, logging
+from PIL import Image, ImageOps
+from tqdm import tqdm
+
+from flipjax.data.pipeline import center_crop
+from flipjax.evaluate.features import Embedder
+from flipjax.evaluate.restore import load_workdir_config, restore_params
+
+flags.DEFINE_string("workdir", None, "The training run's workdir.")
+flags.DEFINE_string("images", None, "A directory (searched recursively) or a glob.")
+flags.DEFINE_string("texts", None, "A text file, one text per line.")
+flags.DEFINE_string("output", None, "The .npz to write.")
+flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+flags.DEFINE_integer("batch_size", 64, "Images per batch (rounded up to the device count).")
+flags.mark_flags_as_required(["workdir", "output"])
+FLAGS = flags.FLAGS
+HIGH_DEPTH_MODES = ("I", "I;16", "I;16B", "I;16L", "F")
+
+
+def list_images(pattern: str) -> list[str]:
+    """Every file under a directory (recursively), or the files a glob matches, sorted."""
+    if os.path.isdir(pattern):
+        paths = glob.glob(os.path.join(pattern, "**", "*"), recursive=True)
+    else:
+        paths = glob.glob(pattern, recursive=True)
+    return sorted(p for p in paths if os.path.isfile(p))
+
+
+def load_image(path: str, size: int) -> np.ndarray | None:
+    """uint8 (size, size, 3), or None (with a warning) if Pillow can't read the file."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            rgb = to_rgb(ImageOps.exif_transpose(image))
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        print(f"skipping {path}: {e}", file=sys.stderr)
+        return None
+    return np.asarray(center_crop(rgb, size), np.uint8)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """RGB for any mode; 16-bit and float greyscale are rescaled from 0..65535 rather than
+    clipped at 255 (which would turn most 16-bit scans white)."""
+    if image.mode in HIGH_DEPTH_MODES:
+        grey = np.asarray(image, np.float64)
+        if grey.max() > 255:
+            grey = grey * (255.0 / 65535.0)
+        image = Image.fromarray(np.clip(grey, 0, 255).astype(np.uint8), "L")
+    return image.convert("RGB")
+
+
+def embed_files(embedder: Embedder, params: dict, paths: list[str], size: int
+                ) -> tuple[np.ndarray, list[str]]:
+    """Embeddings of the readable files among `paths`, and those files' paths."""
+    out, kept, batch, names = [], [], [], []
+    for i, path in enumerate(tqdm(paths, desc="images", disable=None)):
+        image = load_image(path, size)
+        if image is not None:
+            batch.append(image)
+            names.append(path)
+        if batch and (len(batch) == embedder.batch_size or i == len(paths) - 1):
+            out.append(embedder.images(params, np.stack(batch)))
+            kept += names
+            batch, names = [], []
+    return (np.concatenate(out) if out else np.zeros((0, 0), np.float32)), kept
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    if not FLAGS.images and not FLAGS.texts:
+        raise app.UsageError("give --images and/or --texts")
+    config = load_workdir_config(FLAGS.workdir)
+    params, step, setup, tokenizer = restore_params(config, FLAGS.workdir, FLAGS.step)
+    n = setup.mesh.size
+    embedder = Embedder(setup.graphdef, setup.mesh, config.data, -(-FLAGS.batch_size // n) * n)
+    out = {"step": np.asarray(step)}
+    if FLAGS.images:
+        paths = list_images(FLAGS.images)
+        if not paths:
+            raise app.UsageError(f"no files match --images={FLAGS.images}")
+        emb, kept = embed_files(embedder, params, paths, config.data.image_size)
+        out.update(image_embeddings=emb, image_files=np.asarray(kept, dtype=str))
+        logging.info("embedded %d of %d image files", len(kept), len(paths))
+    if FLAGS.texts:
+        with open(FLAGS.texts, encoding="utf-8") as f:
+            texts = [line.strip() for line in f if line.strip()]
+        out.update(text_embeddings=embedder.texts(params, tokenizer.encode_batch(texts)),
+                   texts=np.asarray(texts, dtype=str))
+    if jax.process_index() == 0:
+        os.makedirs(os.path.dirname(os.path.abspath(FLAGS.output)), exist_ok=True)
+        np.savez(FLAGS.output, **out)
+        print(f"wrote {FLAGS.output}: " + ", ".join(f"{k} {v.shape}" for k, v in out.items()))
+
+
+if __name__ == "__main__":
+    app.run(main)

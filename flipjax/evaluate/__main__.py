@@ -1,0 +1,55 @@
+"""Evaluates a saved checkpoint: `python -m flipjax.evaluate --workdir=DIR [--config=FILE]
+[--step=N]`.
+
+Runs every evaluator in `config.evals` (the training config's, WORKDIR/config.json, unless
+`--config` names another, e.g. one that adds probes) on the checkpoint at `--step` (default: the
+latest) and writes WORKDIR/eval_step_<N>.json. Image features are cached in WORKDIR/features,
+so re-running with other probe settings embeds nothing again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import ml_collections
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from flipjax.evaluate import make_evaluators
+from flipjax.evaluate.restore import load_workdir_config, restore_params
+
+config_flags.DEFINE_config_file("config", None, "Config file (default WORKDIR/config.json).")
+flags.DEFINE_string("workdir", None, "The training run's workdir.")
+flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+flags.mark_flags_as_required(["workdir"])
+FLAGS = flags.FLAGS
+
+
+def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
+                        step: int | None = None) -> tuple[int, dict[str, float]]:
+    """Runs every evaluator on a checkpoint; returns (step, {"NAME/metric": value})."""
+    params, step, setup, tokenizer = restore_params(config, workdir, step)
+    evaluators = make_evaluators(config, tokenizer, setup.graphdef, setup.mesh,
+                                 cache_dir=os.path.join(workdir, "features"))
+    results = {}
+    for name, evaluator in evaluators.items():
+        results.update({f"{name}/{k}": v for k, v in evaluator.run(params, step=step).items()})
+    return step, results
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    config = FLAGS.config or load_workdir_config(FLAGS.workdir)
+    step, results = evaluate_checkpoint(config, FLAGS.workdir, FLAGS.step)
+    if jax.process_index() == 0:
+        path = os.path.join(FLAGS.workdir, f"eval_step_{step}.json")
+        with open(path, "w") as f:
+            json.dump({"step": step, "results": results}, f, indent=2, sort_keys=True)
+        logging.info("wrote %s", path)
+        print(json.dumps({k: round(v, 3) for k, v in sorted(results.items())}, indent=2))
+
+
+if __name__ == "__main__":
+    app.run(main)

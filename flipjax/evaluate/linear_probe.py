@@ -1,0 +1,251 @@
+"""Linear probes on frozen image features (the paper's protocol: towers frozen, only a linear
+layer trained).
+
+Features are the image tower's L2-normalised embeddings, standardised with train statistics.
+`multilabel` fits one independent sigmoid output per attribute (BCE; CelebA/LFWA's 40
+attributes), `multiclass` one softmax over the classes seen in train (e.g. `identity`).
+
+Hyperparameters (L2 penalty x epochs) are chosen on the validation split only: `select` never
+receives test data, and the test split is scored once, with the chosen head. This is where the
+official FLIP code went wrong (it kept the checkpoint with the best *test* accuracy, and its LFWA
+head trained on test images), so the separation is structural here and tested. A dataset with
+no validation split (LFWA) gets a seeded subset carved out of train, reported as `val_carved`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+
+from flipjax.evaluate.features import Embedder, image_features
+from flipjax.evaluate.prompts import attribute_names
+
+KINDS = ("multilabel", "multiclass")
+
+
+@dataclasses.dataclass(frozen=True)
+class ProbeConfig:
+    kind: str = "multilabel"
+    l2_grid: tuple[float, ...] = (0.0, 1e-4, 1e-3, 1e-2)
+    epochs_grid: tuple[int, ...] = (10, 30, 100)
+    lr: float = 3e-3
+    batch_size: int = 1024
+    seed: int = 0
+
+    @classmethod
+    def from_eval_cfg(cls, cfg: ml_collections.ConfigDict) -> ProbeConfig:
+        fields = {f.name for f in dataclasses.fields(cls)}
+        kw = {k: (tuple(v) if isinstance(v, (list, tuple)) else v)
+              for k, v in cfg.items() if k in fields}
+        kw.update(batch_size=cfg.get("probe_batch_size", cls.batch_size))
+        probe = cls(**kw)
+        if probe.kind not in KINDS:
+            raise ValueError(f"linear probe kind {probe.kind!r} is not one of {KINDS}")
+        return probe
+
+
+@dataclasses.dataclass
+class Head:
+    """A fitted linear head with the train standardisation it expects."""
+
+    w: np.ndarray
+    b: np.ndarray
+    mean: np.ndarray
+    std: np.ndarray
+    classes: np.ndarray | None  # multiclass: label value of each output
+
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        return ((x - self.mean) / self.std) @ self.w + self.b
+
+
+def encode_classes(labels: np.ndarray, classes: np.ndarray) -> np.ndarray:
+    """Index of each label in the sorted `classes`, -1 for a class train never saw."""
+    idx = np.clip(np.searchsorted(classes, labels), 0, len(classes) - 1)
+    return np.where(classes[idx] == labels, idx, -1)
+
+
+def predict(head: Head, x: np.ndarray, kind: str) -> np.ndarray:
+    logits = head.logits(x)
+    return (logits > 0).astype(np.int32) if kind == "multilabel" else logits.argmax(-1)
+
+
+def multilabel_metrics(pred: np.ndarray, y: np.ndarray, names: Sequence[str]
+                       ) -> dict[str, float]:
+    """Accuracy per attribute, their mean, and the mean balanced accuracy (mean of TPR and TNR;
+    an attribute with one class only in `y` counts that class's rate alone)."""
+    correct = pred == y
+    acc = correct.mean(axis=0)
+    pos, neg = y == 1, y == 0
+    with np.errstate(invalid="ignore"):
+        tpr = (correct & pos).sum(0) / pos.sum(0)
+        tnr = (correct & neg).sum(0) / neg.sum(0)
+    balanced = np.nanmean(np.stack([tpr, tnr]), axis=0)
+    out = {"mean_acc": 100.0 * float(acc.mean()),
+           "balanced_acc": 100.0 * float(balanced.mean())}
+    out.update({f"acc/{n}": 100.0 * float(a) for n, a in zip(names, acc, strict=True)})
+    return out
+
+
+def multiclass_metrics(pred: np.ndarray, y: np.ndarray) -> dict[str, float]:
+    """Top-1 accuracy and balanced accuracy (mean recall over the classes present in `y`); a
+    label of a class unseen in train (-1) is always wrong."""
+    correct = pred == y
+    recalls = [correct[y == c].mean() for c in np.unique(y[y >= 0])]
+    return {"acc": 100.0 * float(correct.mean()),
+            "balanced_acc": 100.0 * float(np.mean(recalls)) if recalls else 0.0}
+
+
+def score(head: Head, x: np.ndarray, y: np.ndarray, kind: str) -> float:
+    """The selection criterion: mean accuracy over attributes, or accuracy."""
+    return float((predict(head, x, kind) == y).mean())
+
+
+def fit(x: np.ndarray, y: np.ndarray, probe: ProbeConfig, l2: float, num_outputs: int,
+        mean: np.ndarray, std: np.ndarray, classes: np.ndarray | None) -> dict[int, Head]:
+    """Adam on the mean BCE (or CE) + l2/2 |W|^2, minibatches reshuffled each epoch; returns
+    the head after each epoch count in `probe.epochs_grid`. The bias starts at the train
+    log-odds (log-prior), so an untrained head is the majority baseline, not a coin flip."""
+    n, d = x.shape
+    bs = min(probe.batch_size, n)
+    steps = n // bs
+    tx = optax.adam(probe.lr)
+
+    def loss_fn(params, xb, yb):
+        logits = xb @ params["w"] + params["b"]
+        if probe.kind == "multilabel":
+            loss = optax.sigmoid_binary_cross_entropy(logits, yb.astype(jnp.float32)).mean()
+        else:
+            loss = optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean()
+        return loss + 0.5 * l2 * jnp.sum(params["w"] ** 2)
+
+    @jax.jit
+    def epoch(params, opt_state, xs, ys, key):
+        perm = jax.random.permutation(key, n)
+
+        def body(carry, i):
+            params, opt_state = carry
+            idx = jax.lax.dynamic_slice(perm, (i * bs,), (bs,))
+            grads = jax.grad(loss_fn)(params, xs[idx], ys[idx])
+            updates, opt_state = tx.update(grads, opt_state, params)
+            return (optax.apply_updates(params, updates), opt_state), None
+
+        return jax.lax.scan(body, (params, opt_state), jnp.arange(steps))[0]
+
+    if probe.kind == "multilabel":
+        p = np.clip(y.mean(0), 1e-4, 1 - 1e-4)
+        b0 = np.log(p / (1 - p))
+    else:
+        b0 = np.log(np.bincount(y, minlength=num_outputs) / n)
+    params = {"w": jnp.zeros((d, num_outputs)), "b": jnp.asarray(b0, jnp.float32)}
+    opt_state = tx.init(params)
+    xs, ys = jnp.asarray((x - mean) / std, jnp.float32), jnp.asarray(y)
+    key = jax.random.key(probe.seed)
+    heads = {}
+    for e in range(1, max(probe.epochs_grid) + 1):
+        params, opt_state = epoch(params, opt_state, xs, ys, jax.random.fold_in(key, e))
+        if e in probe.epochs_grid:
+            heads[e] = Head(np.asarray(params["w"]), np.asarray(params["b"]), mean, std, classes)
+    return heads
+
+
+def select(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y: np.ndarray,
+           probe: ProbeConfig) -> tuple[Head, dict[str, float]]:
+    """Fits every (l2, epochs) in the grid on train and keeps the best on validation (the first
+    in grid order on ties). Takes no test data, by construction."""
+    mean = train_x.mean(0)
+    std = train_x.std(0) + 1e-6
+    classes = None
+    if probe.kind == "multiclass":
+        classes = np.unique(train_y)
+        train_y, val_y = encode_classes(train_y, classes), encode_classes(val_y, classes)
+        num_outputs = len(classes)
+    else:
+        num_outputs = train_y.shape[1]
+    best, best_score, chosen = None, -math.inf, {}
+    for l2 in probe.l2_grid:
+        for epochs, head in fit(train_x, train_y, probe, l2, num_outputs, mean, std,
+                                classes).items():
+            val_score = score(head, val_x, val_y, probe.kind)
+            logging.info("linear probe l2=%g epochs=%d val=%.4f", l2, epochs, val_score)
+            if val_score > best_score:
+                best, best_score = head, val_score
+                chosen = {"chosen_l2": float(l2), "chosen_epochs": float(epochs)}
+    return best, {**chosen, "val_score": 100.0 * best_score}
+
+
+def carve_validation(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded (train, val) index split of a train set, for datasets without a validation split."""
+    perm = np.random.default_rng(seed).permutation(n)
+    num_val = max(1, round(n * fraction))
+    return np.sort(perm[num_val:]), np.sort(perm[:num_val])
+
+
+def linear_probe(train: dict[str, np.ndarray], val: dict[str, np.ndarray],
+                 test: dict[str, np.ndarray], probe: ProbeConfig,
+                 names: Sequence[str] | None = None) -> dict[str, float]:
+    """Chooses a head on train/val, then scores it and the train-majority baseline on test.
+    Each of train/val/test is {"features", "labels"}."""
+    head, out = select(train["features"], train["labels"], val["features"], val["labels"],
+                       probe)
+    x, y = test["features"], test["labels"]
+    if probe.kind == "multilabel":
+        names = names or [f"attr_{i}" for i in range(y.shape[1])]
+        out.update(multilabel_metrics(predict(head, x, probe.kind), y, names))
+        majority = (train["labels"].mean(0) >= 0.5).astype(np.int32)
+        out["majority_mean_acc"] = 100.0 * float((y == majority).mean())
+    else:
+        y = encode_classes(y, head.classes)
+        out.update(multiclass_metrics(predict(head, x, probe.kind), y))
+        values, counts = np.unique(train["labels"], return_counts=True)
+        majority = encode_classes(values[[counts.argmax()]], head.classes)[0]
+        out["majority_acc"] = 100.0 * float((y == majority).mean())
+        out["test_unseen_class_frac"] = 100.0 * float((y < 0).mean())
+    out.update(num_train=float(len(train["labels"])), num_val=float(len(val["labels"])),
+               num_test=float(len(y)))
+    return out
+
+
+class LinearProbeEvaluator:
+    """`type="linear_probe"`: fields `train_split` ("train"), `val_split` (None: carve
+    `val_fraction` of train with `seed`), `test_split` ("test"), `label_key` ("attributes"),
+    `kind` (multilabel|multiclass), `l2_grid`, `epochs_grid`, `lr`, `probe_batch_size`."""
+
+    def __init__(self, cfg, data_cfg, tokenizer, embedder: Embedder,
+                 cache_dir: str | None = None):
+        del tokenizer
+        self.cfg, self.data_cfg, self.embedder = cfg, data_cfg, embedder
+        self.cache_dir = cache_dir
+        self.probe = ProbeConfig.from_eval_cfg(cfg)
+        self.label_key = cfg.get("label_key", "attributes")
+
+    def features(self, params: dict, split: str, step: int | None) -> dict[str, np.ndarray]:
+        return image_features(self.embedder, params, self.data_cfg, split, self.label_key,
+                              cache_dir=self.cache_dir, step=step)
+
+    def run(self, params: dict, step: int | None = None) -> dict[str, float]:
+        cfg = self.cfg
+        train = self.features(params, cfg.get("train_split", "train"), step)
+        if cfg.get("val_split"):
+            val = self.features(params, cfg.val_split, step)
+            carved = 0.0
+        else:
+            tr, va = carve_validation(len(train["labels"]), cfg.get("val_fraction", 0.1),
+                                      cfg.get("seed", 0))
+            train, val = ({k: v[tr] for k, v in train.items()},
+                          {k: v[va] for k, v in train.items()})
+            carved = 1.0
+            logging.info("linear probe: no val_split, validating on %d train records carved "
+                         "out with seed %d", len(va), cfg.get("seed", 0))
+        test = self.features(params, cfg.get("test_split", "test"), step)
+        names = None
+        if self.probe.kind == "multilabel":
+            names = attribute_names(self.data_cfg, train["labels"].shape[1])
+        return {**linear_probe(train, val, test, self.probe, names), "val_carved": carved}

@@ -1,0 +1,68 @@
+"""Zero-shot attribute classification: no training, only prompts.
+
+For each attribute the image is called positive if its embedding is closer (cosine) to the
+positive prompt set than to the negative one; each set is the mean of its L2-normalised prompt
+embeddings, renormalised (prompt ensembling). Reports accuracy per attribute, their mean and
+the mean balanced accuracy, which is what separates a real signal from always answering the
+majority side on rare attributes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from flipjax.evaluate.features import Embedder, image_features
+from flipjax.evaluate.linear_probe import multilabel_metrics
+from flipjax.evaluate.prompts import attribute_names, prompts_for
+
+
+def ensemble(text_emb: np.ndarray) -> np.ndarray:
+    """Mean of L2-normalised prompt embeddings, renormalised."""
+    z = text_emb / np.linalg.norm(text_emb, axis=-1, keepdims=True)
+    mean = z.mean(axis=0)
+    return mean / np.linalg.norm(mean)
+
+
+def zeroshot_predict(image_emb: np.ndarray, pos: np.ndarray, neg: np.ndarray) -> np.ndarray:
+    """(N, A) 0/1 predictions from (A, D) positive and negative class embeddings."""
+    return (image_emb @ pos.T > image_emb @ neg.T).astype(np.int32)
+
+
+def class_embeddings(embed_texts, names: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(A, D) ensembled positive and negative embeddings; `embed_texts` maps list[str] to
+    (n, D) embeddings and is called once for all prompts."""
+    sets = [prompts_for(n) for n in names]
+    flat = [p for pos, neg in sets for p in pos + neg]
+    emb = embed_texts(flat)
+    pos, neg, i = [], [], 0
+    for p, n in sets:
+        pos.append(ensemble(emb[i: i + len(p)]))
+        neg.append(ensemble(emb[i + len(p): i + len(p) + len(n)]))
+        i += len(p) + len(n)
+    return np.stack(pos), np.stack(neg)
+
+
+class ZeroShotAttributesEvaluator:
+    """`type="zeroshot_attributes"`: fields `split` ("test"), `label_key` ("attributes"),
+    `attributes` (optional subset of names to score)."""
+
+    def __init__(self, cfg, data_cfg, tokenizer, embedder: Embedder,
+                 cache_dir: str | None = None):
+        self.cfg, self.data_cfg, self.tokenizer, self.embedder = cfg, data_cfg, tokenizer, embedder
+        self.cache_dir = cache_dir
+
+    def run(self, params: dict, step: int | None = None) -> dict[str, float]:
+        split = self.cfg.get("split", "test")
+        data = image_features(self.embedder, params, self.data_cfg, split,
+                              self.cfg.get("label_key", "attributes"),
+                              cache_dir=self.cache_dir, step=step)
+        names = attribute_names(self.data_cfg, data["labels"].shape[1], split)
+        keep = [i for i, n in enumerate(names)
+                if not self.cfg.get("attributes") or n in self.cfg.attributes]
+        names = [names[i] for i in keep]
+        pos, neg = class_embeddings(
+            lambda texts: self.embedder.texts(params, self.tokenizer.encode_batch(texts)), names)
+        pred = zeroshot_predict(data["features"], pos, neg)
+        return multilabel_metrics(pred, data["labels"][:, keep], names)

@@ -1,0 +1,83 @@
+"""`python -m flipjax.embed`: any image Pillow reads (any size or mode) is embedded, an unreadable
+file is reported and skipped, and embeddings are L2-normalised."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import REPO
+from PIL import Image
+from test_evaluate_cli import save_initial_run
+
+from flipjax.embed import list_images, load_image
+
+
+def write_images(folder):
+    """Readable images of assorted modes and shapes, one broken file; returns their names."""
+    rng = np.random.default_rng(0)
+    rgb = Image.fromarray(rng.integers(0, 256, (40, 30, 3), np.uint8))
+    os.makedirs(folder / "nested", exist_ok=True)
+    rgb.save(folder / "a.png")
+    rgb.save(folder / "a_copy.bmp")  # same pixels, other format
+    rgb.convert("L").save(folder / "grey.jpg")
+    rgb.convert("RGBA").save(folder / "nested" / "alpha.png")
+    rgb.convert("P").save(folder / "palette.gif")
+    Image.new("CMYK", (3, 200), (0, 50, 0, 0)).save(folder / "thin_cmyk.tif")
+    Image.fromarray(np.full((8, 9), 40000, np.uint16)).save(folder / "deep16.png")
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
+    (folder / "empty.png").write_bytes(b"")
+    return ["a.png", "a_copy.bmp", "deep16.png", "grey.jpg", "nested/alpha.png",
+            "palette.gif", "thin_cmyk.tif"]
+
+
+def test_load_image_any_mode_and_size(tmp_path, capsys):
+    good = write_images(tmp_path)
+    for name in good:
+        image = load_image(str(tmp_path / name), 16)
+        assert image.shape == (16, 16, 3) and image.dtype == np.uint8, name
+    # 40000 / 65535 * 255 = 155.6: rescaled, not clipped to white.
+    assert 150 < load_image(str(tmp_path / "deep16.png"), 16).mean() < 160
+    assert load_image(str(tmp_path / "broken.jpg"), 16) is None
+    assert load_image(str(tmp_path / "empty.png"), 16) is None
+    assert "broken.jpg" in capsys.readouterr().err
+    assert len(list_images(str(tmp_path))) == len(good) + 2
+    assert [os.path.basename(p) for p in list_images(str(tmp_path / "*.png"))] == [
+        "a.png", "deep16.png", "empty.png"]
+
+
+@pytest.fixture(scope="module")
+def workdir(tiny_data, tmp_path_factory):
+    from conftest import load_config
+
+    config = load_config()
+    config.data.data_dir, config.tokenizer.path = tiny_data
+    path = str(tmp_path_factory.mktemp("embed_run"))
+    save_initial_run(config, path)
+    return path
+
+
+def test_cli_embeds_images_and_texts(workdir, tmp_path):
+    good = write_images(tmp_path / "images")
+    texts = tmp_path / "texts.txt"
+    texts.write_text("a man wearing glasses\n\n  a smiling woman  \n")
+    out = tmp_path / "out" / "emb.npz"
+    proc = subprocess.run(
+        [sys.executable, "-m", "flipjax.embed", f"--workdir={workdir}",
+         f"--images={tmp_path / 'images'}", f"--texts={texts}", f"--output={out}",
+         "--batch_size=4"],
+        cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO), capture_output=True, text=True,
+        timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "broken.jpg" in proc.stderr and "empty.png" in proc.stderr
+    with np.load(out) as f:
+        files = [os.path.relpath(p, tmp_path / "images") for p in f["image_files"]]
+        img, txt = f["image_embeddings"], f["text_embeddings"]
+        assert list(f["texts"]) == ["a man wearing glasses", "a smiling woman"]
+    assert files == good
+    assert img.shape[0] == len(good) and txt.shape == (2, img.shape[1])
+    np.testing.assert_allclose(np.linalg.norm(img, axis=1), 1.0, atol=1e-4)
+    np.testing.assert_allclose(np.linalg.norm(txt, axis=1), 1.0, atol=1e-4)
+    np.testing.assert_allclose(img[0], img[1], atol=1e-5)  # PNG and BMP of the same pixels
+    assert not np.allclose(img[0], img[3], atol=1e-3)  # and a different image differs

@@ -1,0 +1,202 @@
+"""Evaluation metrics against hand-made inputs with known answers (no model, no data)."""
+
+import numpy as np
+import pytest
+
+from flipjax.evaluate.linear_probe import (
+    ProbeConfig,
+    carve_validation,
+    encode_classes,
+    linear_probe,
+    multiclass_metrics,
+    multilabel_metrics,
+    select,
+)
+from flipjax.evaluate.prompts import CELEBA_ATTRIBUTES, PROMPTS, prompts_for
+from flipjax.evaluate.retrieval import (
+    block_rows,
+    ranks_image_to_text,
+    ranks_text_to_image,
+    recall_at_k,
+)
+from flipjax.evaluate.zeroshot import class_embeddings, ensemble, zeroshot_predict
+
+# 3 images, 6 captions; captions 0,1 describe image 0, caption 2 image 1, captions 3,4 image 2,
+# caption 5 image 3 (image 4 has none). With img = I and txt = S.T, img @ txt.T == S exactly.
+OWNER = np.array([0, 0, 1, 2, 2, 3])
+S = np.array([
+    # c0   c1   c2   c3   c4   c5
+    [0.1, 0.9, 0.8, 0.0, 0.2, 0.3],   # image 0: best own c1 (0.9), nothing above -> rank 0
+    [0.5, 0.6, 0.4, 0.7, 0.1, 0.0],   # image 1: own c2 (0.4), c0 c1 c3 above -> rank 3
+    [0.3, 0.2, 0.9, 0.1, 0.5, 0.4],   # image 2: best own c4 (0.5), c2 above -> rank 1
+    [0.9, 0.8, 0.7, 0.6, 0.5, 0.2],   # image 3: own c5 (0.2), all 5 others above -> rank 5
+    [0.9, 0.9, 0.9, 0.9, 0.9, 0.9],   # image 4: no caption
+])
+I2T = np.array([0, 3, 1, 5, 6])
+# Caption j's rank: images scoring strictly above S[OWNER[j], j] in column j (c4 ties image 3
+# at 0.5, which doesn't count against it).
+T2I = np.array([4, 0, 4, 3, 1, 3])
+
+
+def hand_made():
+    return np.eye(len(S), dtype=np.float32), S.T.astype(np.float32)
+
+
+@pytest.mark.parametrize("max_bytes", [1, 40, 1 << 28])
+def test_ranks_known_and_independent_of_block_size(max_bytes):
+    img, txt = hand_made()
+    np.testing.assert_array_equal(ranks_image_to_text(img, txt, OWNER, max_bytes), I2T)
+    np.testing.assert_array_equal(ranks_text_to_image(img, txt, OWNER, max_bytes), T2I)
+
+
+def test_recall_at_k_several_captions_per_image():
+    img, txt = hand_made()
+    r = recall_at_k(img, txt, OWNER, ks=(1, 2, 4), max_bytes=40)
+    # Image queries are images 0-3 (image 4 has no caption): ranks 0, 3, 1, 5.
+    assert r["i2t_R@1"] == pytest.approx(25.0)
+    assert r["i2t_R@2"] == pytest.approx(50.0)
+    assert r["i2t_R@4"] == pytest.approx(75.0)
+    # Caption ranks 4, 0, 4, 3, 1, 3.
+    assert r["t2i_R@1"] == pytest.approx(100 / 6)
+    assert r["t2i_R@2"] == pytest.approx(200 / 6)
+    assert r["t2i_R@4"] == pytest.approx(400 / 6)
+    assert r["mean_R"] == pytest.approx(np.mean([25, 50, 75, 100 / 6, 200 / 6, 400 / 6]))
+
+
+def test_ties_count_for_the_query_and_perfect_retrieval():
+    emb = np.eye(4, dtype=np.float32)
+    owner = np.array([0, 1, 2, 3, 0])
+    txt = np.concatenate([emb, emb[:1]])
+    r = recall_at_k(emb, txt, owner, ks=(1,))
+    assert r == {"i2t_R@1": 100.0, "t2i_R@1": 100.0, "mean_R": 100.0}
+
+
+def test_block_rows_fits_budget_for_30k_by_300k():
+    rows = block_rows(300_000, 1 << 28)
+    assert rows * 300_000 * 5 <= 1 << 28 and rows >= 100
+    assert block_rows(10, 1) == 1
+
+
+def test_multilabel_metrics_known():
+    y = np.array([[1, 0], [1, 1], [0, 1], [1, 1]])
+    pred = np.array([[1, 1], [1, 1], [1, 1], [1, 1]])
+    m = multilabel_metrics(pred, y, ["a", "b"])
+    assert m["acc/a"] == pytest.approx(75.0) and m["acc/b"] == pytest.approx(75.0)
+    assert m["mean_acc"] == pytest.approx(75.0)
+    # Always-positive: TPR 1, TNR 0 on both -> balanced 50.
+    assert m["balanced_acc"] == pytest.approx(50.0)
+
+
+def test_multiclass_metrics_unseen_class_always_wrong():
+    classes = np.array(["ann", "bob"])
+    y = encode_classes(np.array(["ann", "ann", "ann", "bob", "cid"]), classes)
+    np.testing.assert_array_equal(y, [0, 0, 0, 1, -1])
+    m = multiclass_metrics(np.array([0, 0, 1, 1, 0]), y)
+    assert m["acc"] == pytest.approx(60.0)
+    assert m["balanced_acc"] == pytest.approx(100 * (2 / 3 + 1) / 2)
+
+
+def separable(n, seed, d=16, a=5):
+    rng = np.random.default_rng(seed)
+    w = np.random.default_rng(99).normal(size=(d, a))
+    x = rng.normal(size=(n, d)).astype(np.float32)
+    return {"features": x, "labels": (x @ w > 0.3).astype(np.int32)}
+
+
+PROBE = ProbeConfig(l2_grid=(0.0, 1e-1), epochs_grid=(1, 20), lr=1e-2, batch_size=64)
+
+
+def test_linear_probe_learns_separable_attributes():
+    out = linear_probe(separable(1000, 0), separable(200, 1), separable(500, 2), PROBE)
+    assert out["mean_acc"] > 93.0, out
+    assert out["mean_acc"] > out["majority_mean_acc"] + 20
+    assert set(out) >= {"chosen_l2", "chosen_epochs", "balanced_acc", "acc/attr_4"}
+
+
+def test_multiclass_probe():
+    def data(n, seed):
+        d = separable(n, seed)
+        return {"features": d["features"],
+                "labels": np.array([f"c{v}" for v in d["features"][:, :2].argmax(1)])}
+
+    probe = ProbeConfig(kind="multiclass", l2_grid=(0.0,), epochs_grid=(20,), lr=1e-2,
+                        batch_size=64)
+    out = linear_probe(data(1000, 0), data(200, 1), data(500, 2), probe)
+    assert out["acc"] > 90.0 and out["test_unseen_class_frac"] == 0.0
+
+
+def test_probe_choice_never_depends_on_test():
+    train, val, test = separable(1000, 0), separable(200, 1), separable(500, 2)
+    clean = linear_probe(train, val, test, PROBE)
+    rng = np.random.default_rng(5)
+    poisoned = {"features": rng.normal(size=test["features"].shape).astype(np.float32) * 100,
+                "labels": 1 - test["labels"]}
+    dirty = linear_probe(train, val, poisoned, PROBE)
+    for key in ("chosen_l2", "chosen_epochs", "val_score"):
+        assert dirty[key] == clean[key]
+    assert dirty["mean_acc"] < 60 < clean["mean_acc"]  # the poison did reach the test score
+    # And the choice does follow validation: a val set with flipped labels picks otherwise.
+    flipped = select(train["features"], train["labels"], val["features"], 1 - val["labels"],
+                     PROBE)[1]
+    assert (flipped["chosen_l2"], flipped["chosen_epochs"]) != (clean["chosen_l2"],
+                                                                clean["chosen_epochs"])
+
+
+def test_carve_validation_is_seeded_and_disjoint():
+    tr, va = carve_validation(100, 0.1, seed=3)
+    assert len(va) == 10 and len(tr) == 90
+    assert not set(tr) & set(va) and set(tr) | set(va) == set(range(100))
+    np.testing.assert_array_equal(carve_validation(100, 0.1, seed=3)[1], va)
+    assert not np.array_equal(carve_validation(100, 0.1, seed=4)[1], va)
+
+
+def test_ensemble_and_zeroshot_predict():
+    pos = ensemble(np.array([[2.0, 0.0], [0.0, 1.0]]))
+    np.testing.assert_allclose(pos, [np.sqrt(0.5), np.sqrt(0.5)])
+    neg = np.array([[-1.0, 0.0]])
+    img = np.array([[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0]])
+    np.testing.assert_array_equal(zeroshot_predict(img, pos[None], neg), [[1], [0], [1]])
+
+
+def test_class_embeddings_groups_prompts_by_attribute():
+    names = ["Eyeglasses", "Male"]
+
+    def fake_embed(texts):  # positive prompts -> +e_k, negative -> -e_k, for attribute k
+        out = np.zeros((len(texts), 2))
+        for i, t in enumerate(texts):
+            for k, name in enumerate(names):
+                pos, neg = prompts_for(name)
+                out[i, k] = 1.0 if t in pos else -1.0 if t in neg else 0.0
+        return out
+
+    pos, neg = class_embeddings(fake_embed, names)
+    np.testing.assert_allclose(pos, np.eye(2), atol=1e-6)
+    np.testing.assert_allclose(neg, -np.eye(2), atol=1e-6)
+
+
+def test_prompt_table_covers_celeba_and_synthetic_faces():
+    from tfds_builders.synthetic_faces import ATTRIBUTE_NAMES
+
+    assert set(CELEBA_ATTRIBUTES) == set(PROMPTS) and len(CELEBA_ATTRIBUTES) == 40
+    assert set(ATTRIBUTE_NAMES) <= set(PROMPTS)
+    for name in PROMPTS:
+        pos, neg = prompts_for(name)
+        assert pos and neg and not set(pos) & set(neg)
+    with pytest.raises(KeyError, match="prompts.py"):
+        prompts_for("Has_Tail")
+
+
+def test_evaluator_data_config_other_dataset_drops_builder_config():
+    import ml_collections
+
+    from flipjax.evaluate import evaluator_data_config
+
+    config = ml_collections.ConfigDict({"data": {"name": "synthetic_faces",
+                                                 "builder_config": "tiny", "data_dir": "d",
+                                                 "text_key": "caption"}})
+    same = evaluator_data_config(config, ml_collections.ConfigDict({"type": "retrieval"}))
+    assert (same.name, same.builder_config) == ("synthetic_faces", "tiny")
+    other = evaluator_data_config(config, ml_collections.ConfigDict(
+        {"dataset": "mm_celeba_hq", "text_key": "captions", "data_dir": "e"}))
+    assert (other.name, other.builder_config, other.text_key, other.data_dir) == (
+        "mm_celeba_hq", None, "captions", "e")

@@ -1,0 +1,87 @@
+"""Evaluators on a saved checkpoint: the standalone `python -m flipjax.evaluate`, the feature
+cache, and a probe whose choices provably ignore the test split."""
+
+import json
+import os
+import subprocess
+import sys
+
+import ml_collections
+import numpy as np
+import pytest
+from conftest import REPO
+
+from flipjax.data.pipeline import make_train_dataset
+from flipjax.data.tokenizer import Tokenizer
+from flipjax.evaluate import make_evaluators
+from flipjax.train import checkpoint
+from flipjax.train.sharding import make_mesh
+from flipjax.train.step import TrainSetup
+
+
+def save_initial_run(config, workdir):
+    """A workdir as training leaves it (config.json + a checkpoint at step 1, holding the
+    initial params), without compiling a train step."""
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        f.write(config.to_json())
+    tokenizer = Tokenizer(config.tokenizer.path, config.tokenizer.max_len)
+    setup = TrainSetup(config, tokenizer.vocab_size, make_mesh(config.mesh))
+    manager = checkpoint.make_manager(workdir, config.checkpoint)
+    data_iter = iter(make_train_dataset(config.data, tokenizer, seed=0))
+    state = setup.init()
+    checkpoint.save(manager, 1, state, data_iter)
+    manager.wait_until_finished()
+    manager.close()
+    return setup, tokenizer, state["params"]
+
+
+@pytest.fixture(scope="module")
+def saved_run(tiny_data, tmp_path_factory):
+    from conftest import load_config
+
+    config = load_config()
+    config.data.data_dir, config.tokenizer.path = tiny_data
+    workdir = str(tmp_path_factory.mktemp("run"))
+    return (config, workdir) + save_initial_run(config, workdir)
+
+
+def test_cli_writes_eval_json(saved_run):
+    workdir = saved_run[1]
+    env = dict(os.environ, PYTHONPATH=REPO)
+    proc = subprocess.run([sys.executable, "-m", "flipjax.evaluate", f"--workdir={workdir}"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(os.path.join(workdir, "eval_step_1.json")) as f:
+        out = json.load(f)
+    assert out["step"] == 1
+    results = out["results"]
+    for key in ("retrieval/t2i_R@1", "linear_probe/mean_acc", "linear_probe/chosen_l2",
+                "linear_probe/acc/Eyeglasses", "zeroshot/mean_acc", "zeroshot/acc/Male"):
+        assert key in results, sorted(results)
+    assert 0 <= results["linear_probe/mean_acc"] <= 100
+    assert results["linear_probe/val_carved"] == 0.0
+    assert any(name.startswith("synthetic_faces-tiny_test_attributes_step1_")
+               for name in os.listdir(os.path.join(workdir, "features")))
+
+
+def test_probe_choice_ignores_poisoned_test_cache(saved_run, tmp_path):
+    config, _, setup, tokenizer, params = saved_run
+    config = ml_collections.ConfigDict(config.to_dict())  # the fixture's is shared
+    config.evals = {"probe": dict(type="linear_probe", train_split="train", val_split=None,
+                                  l2_grid=(0.0, 1e-1), epochs_grid=(1, 5), probe_batch_size=64,
+                                  batch_size=32)}
+    probe = make_evaluators(config, tokenizer, setup.graphdef, setup.mesh,
+                            cache_dir=str(tmp_path))["probe"]
+    clean = probe.run(params, step=7)
+    assert clean["val_carved"] == 1.0 and clean["num_val"] == pytest.approx(0.1 * 512, abs=1)
+    (test_file,) = [p for p in tmp_path.iterdir() if "_test_" in p.name]
+    with np.load(test_file) as f:
+        feats, labels = f["features"], f["labels"]
+    rng = np.random.default_rng(0)
+    np.savez(test_file, features=rng.normal(size=feats.shape).astype(np.float32) * 50,
+             labels=1 - labels)
+    dirty = probe.run(params, step=7)
+    for key in ("chosen_l2", "chosen_epochs", "val_score", "num_train", "num_val"):
+        assert dirty[key] == clean[key], key
+    assert dirty["mean_acc"] != clean["mean_acc"]  # the poisoned cache was read, for test only
