@@ -19,6 +19,9 @@ from flipjax.models.vit import POSEMBS
 from flipjax.train.losses import LOSSES
 from flipjax.train.sharding import STRATEGIES, mesh_shape
 
+LOSS_IMPLS = ("global", "sharded")
+NONFINITE = ("raise", "skip")
+
 
 class ConfigError(ValueError):
     """A config field that cannot work, with the field's name and what to do."""
@@ -60,6 +63,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
               f"unknown strategy {strategy!r} for {pattern!r}; use one of {STRATEGIES}")
     check(config.loss in LOSSES, "loss", f"unknown loss {config.loss!r}; use one of "
           f"{sorted(LOSSES)}")
+    check(config.loss_impl in LOSS_IMPLS, "loss_impl",
+          f"{config.loss_impl!r} is not one of {LOSS_IMPLS}")
+    accum = config.grad_accum_steps
+    check(accum >= 1 and (bs // num_devices) % accum == 0, "grad_accum_steps",
+          f"{accum} must be >= 1 and divide the per-device batch {bs // num_devices}, so that "
+          "every micro-batch spans all devices")
+    check(config.nonfinite in NONFINITE, "nonfinite",
+          f"{config.nonfinite!r} is not one of {NONFINITE}")
     check(model.dtype in DTYPES, "model.dtype", f"{model.dtype!r} is not one of {sorted(DTYPES)}")
     for tower, with_patch in (("image", True), ("text", False)):
         try:
@@ -116,7 +127,7 @@ def prepare(config: ml_collections.ConfigDict) -> None:
         import tfds_builders
 
         tfds_builders.build(data.name, data.data_dir, manual_dir=data.manual_dir,
-                            config=data.builder_config)
+                            num_workers=os.cpu_count() or 1, config=data.builder_config)
     if config.tokenizer.train_if_missing and not os.path.exists(config.tokenizer.path):
         texts = dataset_texts(data.name, data.data_dir, data.train_split, data.text_key,
                               data.builder_config)

@@ -57,7 +57,7 @@ def test_restore_gives_identical_next_batches_and_losses(tiny_config, tmp_path):
     manager = checkpoint.make_manager(str(tmp_path), config.checkpoint)
     for _ in range(5):
         state, _ = setup.train_step(state, to_global(next(it), setup.batch_sharding))
-    checkpoint.save(manager, 5, state, it, force=True)
+    checkpoint.save(manager, 5, state, it)
     manager.wait_until_finished()
     expected_batches, expected_losses = [], []
     for _ in range(3):

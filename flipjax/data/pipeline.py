@@ -1,9 +1,10 @@
 """Grain input pipeline over TFDS ArrayRecord datasets, read without TensorFlow.
 
-Train: `tfds.data_source` -> seeded global shuffle, reshuffled each epoch -> repeat -> this
-process's slice (`jax.process_index()`) -> JPEG decode + random resized crop + flip + tokenise
-(seeded per record, so a restored iterator reproduces the same batches) -> per-process batch ->
-optional worker processes. The iterator's state is checkpointed with the model.
+Train: `tfds.data_source` -> seeded global shuffle, reshuffled each epoch -> repeat -> JPEG
+decode + random resized crop + flip + tokenise (lazy, seeded per global record, so a restored
+iterator reproduces the same batches) -> this process's contiguous rows of each global batch
+(`ProcessSlice`) -> per-process batch -> optional worker processes. The global batch is the same
+for any number of processes. Each process's iterator state is checkpointed with the model.
 
 Images leave the host as uint8 and are normalised on the device (`normalize_images`), which
 quarters host->device traffic.
@@ -100,15 +101,45 @@ def data_source(cfg: ml_collections.ConfigDict, split: str):
                             data_dir=cfg.data_dir)
 
 
+class ProcessSlice(grain.MapDataset):
+    """Process `index`'s contiguous share of every global batch: global batch k is records
+    [k*B, (k+1)*B) of `parent` and this process holds rows [index*b, (index+1)*b) of it.
+
+    That is the row order `jax.make_array_from_process_local_data` assembles, so the global
+    batch is the same records in the same order whatever the number of processes (a strided
+    `parent[index::count]` gives the same records per batch, but interleaved).
+    """
+
+    def __init__(self, parent: grain.MapDataset, index: int, count: int, local_batch: int):
+        super().__init__(parent)
+        self._index, self._count, self._local_batch = index, count, local_batch
+        self._length = len(parent) // (count * local_batch) * local_batch
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        batch, row = divmod(index, self._local_batch)
+        return self._parent[(batch * self._count + self._index) * self._local_batch + row]
+
+    def __str__(self) -> str:
+        return f"ProcessSlice(index={self._index}, count={self._count}, b={self._local_batch})"
+
+
 def make_train_dataset(cfg: ml_collections.ConfigDict, tokenizer: Tokenizer,
                        seed: int) -> grain.IterDataset:
     """The infinite, per-process training dataset of uint8 images and token ids."""
     num_processes = jax.process_count()
+    local_batch = cfg.global_batch_size // num_processes
     ds = grain.MapDataset.source(data_source(cfg, cfg.train_split))
     ds = ds.shuffle(seed=seed).repeat()
-    ds = ds[jax.process_index()::num_processes]
+    # Augmentation seeds come from the global index (MapDataset is lazy: each process still
+    # decodes only its own records), so the batches don't depend on the number of processes.
     ds = ds.random_map(TrainPreprocess(cfg, tokenizer), seed=seed + 1)
-    ds = ds.batch(cfg.global_batch_size // num_processes, drop_remainder=True)
+    ds = ProcessSlice(ds, jax.process_index(), num_processes, local_batch)
+    ds = ds.batch(local_batch, drop_remainder=True)
     ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.read_threads,
                                               prefetch_buffer_size=cfg.prefetch))
     if cfg.num_workers:

@@ -18,16 +18,14 @@ import orbax.checkpoint as ocp
 
 def make_manager(workdir: str, cfg: ml_collections.ConfigDict) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=cfg.keep, save_interval_steps=cfg.every_steps,
-        enable_async_checkpointing=cfg.async_save, create=True)
+        max_to_keep=cfg.keep, enable_async_checkpointing=cfg.async_save, create=True)
     return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
                                  item_names=("state", "iter"), options=options)
 
 
-def save(manager: ocp.CheckpointManager, step: int, state: Any, data_iter: Any,
-         *, force: bool = False) -> bool:
-    """Saves if `step` is on the interval (or `force`); returns whether a save started."""
-    return manager.save(step, force=force, args=ocp.args.Composite(
+def save(manager: ocp.CheckpointManager, step: int, state: Any, data_iter: Any) -> bool:
+    """Starts an (async) save of `state` and the iterator at `step`; returns whether it did."""
+    return manager.save(step, force=True, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), iter=grain.checkpoint.CheckpointSave(data_iter)))
 
 

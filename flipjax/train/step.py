@@ -1,9 +1,14 @@
 """The train state and the jitted train step.
 
-The state is a plain pytree `{"step", "params", "opt_state"}` (params as an NNX pure dict), so
+The state is a plain pytree `{"step", "params", "opt_state", "nonfinite_steps"}` (params as an
+NNX pure dict), so
 that sharding rules, Orbax and export all see the same '/'-named leaves. The step is a pure
 function of (state, batch): `nnx.merge` rebuilds the model from the graph definition and the
 params inside `jax.jit`, with the shardings of every input and output stated.
+
+A step whose loss or gradient is not finite leaves params and optimizer state unchanged and
+counts itself in `nonfinite_steps`, so no checkpoint ever holds non-finite parameters; the loop
+then raises or carries on (`config.nonfinite`).
 """
 
 from __future__ import annotations
@@ -21,8 +26,10 @@ from jax.sharding import Mesh
 
 from flipjax.data.pipeline import normalize_images
 from flipjax.models import TwoTowers, make_model
-from flipjax.train.losses import LOSSES
+from flipjax.train.grad_cache import grad_cache_value_and_grad
+from flipjax.train.losses import LOSSES, LossFn
 from flipjax.train.optimizer import make_optimizer
+from flipjax.train.sharded_losses import make_sharded_loss
 from flipjax.train.sharding import batch_sharding, infer_shardings, replicated
 
 State = dict[str, Any]
@@ -49,7 +56,8 @@ class TrainSetup:
         def init_fn() -> State:
             params = params_fn()
             return {"step": jnp.zeros((), jnp.int32), "params": params,
-                    "opt_state": self.tx.init(params)}
+                    "opt_state": self.tx.init(params),
+                    "nonfinite_steps": jnp.zeros((), jnp.int32)}
 
         self.abstract_state = jax.eval_shape(init_fn)
         self.state_shardings = infer_shardings(self.abstract_state, mesh, config.sharding_rules,
@@ -57,7 +65,7 @@ class TrainSetup:
         self.batch_sharding = batch_sharding(mesh)
         self.init = jax.jit(init_fn, out_shardings=self.state_shardings)
         self.train_step = jax.jit(
-            make_train_step(self.graphdef, self.tx, self.schedule, config),
+            make_train_step(self.graphdef, self.tx, self.schedule, config, mesh),
             in_shardings=(self.state_shardings, self.batch_sharding),
             out_shardings=(self.state_shardings, replicated(mesh)), donate_argnums=0)
 
@@ -65,30 +73,60 @@ class TrainSetup:
         return nnx.merge(self.graphdef, params)
 
 
+def make_loss(config: ml_collections.ConfigDict, mesh: Mesh | None) -> LossFn:
+    """`config.loss` computed as `config.loss_impl` says: "global" under plain jit, or
+    "sharded" with shard_map over `mesh` (O(B^2/n) memory per device instead of up to O(B^2))."""
+    if config.loss_impl == "sharded":
+        if mesh is None:
+            raise ValueError("config.loss_impl='sharded' needs the mesh")
+        return make_sharded_loss(config.loss, mesh)
+    return LOSSES[config.loss]
+
+
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
-                    schedule: optax.Schedule, config: ml_collections.ConfigDict
+                    schedule: optax.Schedule, config: ml_collections.ConfigDict,
+                    mesh: Mesh | None = None
                     ) -> Callable[[State, dict], tuple[State, dict]]:
-    loss_impl = LOSSES[config.loss]
+    """The pure (state, batch) -> (state, metrics) step. `mesh` (the one the step is jitted
+    over) is needed by `loss_impl="sharded"` and keeps GradCache micro-batches on it."""
+    loss_impl = make_loss(config, mesh)
+    accum = config.grad_accum_steps
+    rows = batch_sharding(mesh) if mesh is not None else None
     mean, std = tuple(config.data.mean), tuple(config.data.std)
     max_log_t = (math.log(config.model.max_temperature) if config.model.max_temperature
                  else None)
 
-    def loss_fn(params: dict, batch: dict) -> tuple[jax.Array, dict]:
+    def embed(params: dict, batch: dict) -> tuple[jax.Array, jax.Array]:
         model: TwoTowers = nnx.merge(graphdef, params)
-        zimg, ztxt = model(normalize_images(batch["image"], mean, std), batch["text"])
-        scale, bias = model.logit_scale_and_bias()
+        return model(normalize_images(batch["image"], mean, std), batch["text"])
+
+    def contrastive(params: dict, zimg: jax.Array, ztxt: jax.Array) -> tuple[jax.Array, dict]:
+        scale, bias = nnx.merge(graphdef, params).logit_scale_and_bias()
         loss, metrics = loss_impl(zimg, ztxt, scale, bias)
         return loss, {**metrics, "temperature": scale, "bias": bias}
 
+    def loss_fn(params: dict, batch: dict) -> tuple[jax.Array, dict]:
+        return contrastive(params, *embed(params, batch))
+
     def train_step(state: State, batch: dict) -> tuple[State, dict]:
-        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"],
-                                                                            batch)
+        if accum > 1:
+            (loss, metrics), grads = grad_cache_value_and_grad(
+                embed, contrastive, state["params"], batch, accum, rows)
+        else:
+            (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+                state["params"], batch)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         if max_log_t is not None:
             params["t"] = jnp.minimum(params["t"], max_log_t)
-        metrics.update(loss=loss, lr=schedule(state["step"]), grad_norm=optax.tree.norm(grads),
-                       param_norm=optax.tree.norm(params))
-        return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
+        grad_norm = optax.tree.norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+        params, opt_state = keep(params, state["params"]), keep(opt_state, state["opt_state"])
+        nonfinite = state["nonfinite_steps"] + (~finite).astype(jnp.int32)
+        metrics.update(loss=loss, lr=schedule(state["step"]), grad_norm=grad_norm,
+                       param_norm=optax.tree.norm(params), nonfinite_steps=nonfinite)
+        return {"step": state["step"] + 1, "params": params, "opt_state": opt_state,
+                "nonfinite_steps": nonfinite}, metrics
 
     return train_step

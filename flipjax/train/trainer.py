@@ -8,7 +8,6 @@ exactly the batches and losses an uninterrupted run would have.
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 
@@ -21,8 +20,10 @@ from flipjax.config import prepare, validate
 from flipjax.data.pipeline import make_train_dataset, to_global
 from flipjax.data.tokenizer import Tokenizer
 from flipjax.evaluate import make_evaluators
+from flipjax.export.hf_import import load_into_params
 from flipjax.train import checkpoint
 from flipjax.train.metrics import MetricWriter
+from flipjax.train.preemption import PreemptedError, PreemptionWatch
 from flipjax.train.sharding import make_mesh
 from flipjax.train.step import TrainSetup
 
@@ -32,15 +33,25 @@ def evaluate_all(evaluators: dict, params: dict, step: int, due: set[str] | None
     results = {}
     for name, evaluator in evaluators.items():
         if due is None or name in due:
-            results.update({f"{name}/{k}": v for k, v in evaluator.run(params).items()})
+            results.update({f"{name}/{k}": v
+                            for k, v in evaluator.run(params, step=step).items()})
     if results:
         logging.info("step %d eval: %s", step, json.dumps(results))
     return results
 
 
+def non_finite_message(step: int) -> str:
+    return (f"non-finite loss or gradient at step {step}; that update was not applied, so the "
+            "parameters and checkpoints are finite. Lower the learning rate or resume from the "
+            "last checkpoint; config.nonfinite='skip' skips such steps instead")
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     """Trains per `config`, writing checkpoints and metrics to `workdir`; returns the final
-    training and evaluation metrics."""
+    training and evaluation metrics.
+
+    Raises `PreemptedError` after saving a checkpoint when a preemption notice (SIGTERM)
+    arrives, and FloatingPointError on a non-finite loss when `config.nonfinite == "raise"`."""
     validate(config)
     prepare(config)
     os.makedirs(workdir, exist_ok=True)
@@ -64,8 +75,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         logging.info("resumed from step %d", start)
     else:
         state = setup.init()
+        if config.init_from.path:  # pretrained HF weights, on a fresh run only
+            params, _ = load_into_params(state["params"], config.init_from.path,
+                                         config.init_from.towers, config.model)
+            state["params"] = jax.device_put(params, setup.state_shardings["params"])
     writer = MetricWriter(workdir, start)
-    evaluators = make_evaluators(config, tokenizer, setup.graphdef, mesh)
+    evaluators = make_evaluators(config, tokenizer, setup.graphdef, mesh,
+                                 cache_dir=os.path.join(workdir, "features"))
 
     # The loop.
     total = config.total_steps
@@ -73,34 +89,48 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     progress = tqdm(total=total, initial=start, desc="train", dynamic_ncols=True,
                     disable=None if jax.process_index() == 0 else True)
     last_time, last_step = time.perf_counter(), start
-    for step in range(start + 1, total + 1):
-        with jax.profiler.StepTraceAnnotation("train", step_num=step):
-            batch = to_global(next(data_iter), setup.batch_sharding)
-            state, step_metrics = setup.train_step(state, batch)
-        progress.update(1)
-        due_save = step % config.checkpoint.every_steps == 0 or step == total
-        if step % config.log_every_steps == 0 or step == total or due_save:
-            values = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
-            if not math.isfinite(values["loss"]):
-                raise FloatingPointError(f"non-finite loss {values['loss']} at step {step}; "
-                                         "the last checkpoint holds finite parameters")
-            now = time.perf_counter()
-            seconds = (now - last_time) / (step - last_step)
-            last_time, last_step = now, step
-            values.update(step_time_s=seconds,
-                          images_per_s=config.data.global_batch_size / seconds)
-            metrics = {f"train/{k}": v for k, v in values.items()}
-            due_evals = {n for n, e in config.evals.items() if step % e.every_steps == 0}
-            if step == total:
-                due_evals = set(config.evals)
-            metrics.update(evaluate_all(evaluators, state["params"], step, due_evals))
-            writer.write(step, metrics)
-            progress.set_postfix(loss=f"{values['loss']:.3f}", lr=f"{values['lr']:.2e}")
-            if not progress.disable or step % (config.log_every_steps * 10) == 0:
-                logging.info("step %d loss %.4f", step, values["loss"])
-        checkpoint.save(manager, step, state, data_iter, force=step == total)
+    prev_nonfinite, preempted_at = None, None
+    with PreemptionWatch() as preemption:
+        for step in range(start + 1, total + 1):
+            with jax.profiler.StepTraceAnnotation("train", step_num=step):
+                batch = to_global(next(data_iter), setup.batch_sharding)
+                state, step_metrics = setup.train_step(state, batch)
+            # Checked one step behind, so the host never waits for the step it just queued.
+            if config.nonfinite == "raise" and prev_nonfinite is not None and int(prev_nonfinite):
+                raise FloatingPointError(non_finite_message(step - 1))
+            prev_nonfinite = step_metrics["nonfinite_steps"]
+            progress.update(1)
+            due_save = step % config.checkpoint.every_steps == 0 or step == total
+            if step % config.log_every_steps == 0 or step == total or due_save:
+                values = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+                if config.nonfinite == "raise" and values["nonfinite_steps"]:
+                    raise FloatingPointError(non_finite_message(step))
+                seconds = (time.perf_counter() - last_time) / (step - last_step)
+                values.update(step_time_s=seconds,
+                              images_per_s=config.data.global_batch_size / seconds)
+                metrics = {f"train/{k}": v for k, v in values.items()}
+                due_evals = {n for n, e in config.evals.items() if step % e.every_steps == 0}
+                if step == total:
+                    due_evals = set(config.evals)
+                metrics.update(evaluate_all(evaluators, state["params"], step, due_evals))
+                writer.write(step, metrics)
+                progress.set_postfix(loss=f"{values['loss']:.3f}", lr=f"{values['lr']:.2e}")
+                if progress.disable:  # no terminal: a log line instead of the bar
+                    logging.info("step %d/%d loss %.4f lr %.2e %.1f images/s", step, total,
+                                 values["loss"], values["lr"], values["images_per_s"])
+                # Evaluation and logging time stays out of the next interval's step time.
+                last_time, last_step = time.perf_counter(), step
+            if due_save:
+                checkpoint.save(manager, step, state, data_iter)
+            if preemption.reached(step):
+                if not due_save:
+                    checkpoint.save(manager, step, state, data_iter)
+                preempted_at = step
+                break
     progress.close()
     manager.wait_until_finished()
     manager.close()
     writer.close()
+    if preempted_at is not None:
+        raise PreemptedError(preempted_at)
     return metrics

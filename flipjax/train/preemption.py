@@ -1,0 +1,56 @@
+"""Preemption notices (SIGTERM, as TPU VMs and Kubernetes send before eviction).
+
+The loop asks `reached(step)` after every step; when it says yes, the loop saves a checkpoint at
+that step and stops with `PreemptedError`, and `flipjax.main` exits with `PREEMPTED_EXIT_CODE`.
+
+With several processes every one must save at the same step, so there JAX's preemption service
+(started by `jax.distributed.initialize`, which catches SIGTERM itself) agrees on the step. A
+single process needs no agreement and catches SIGTERM here.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from types import TracebackType
+
+import jax
+from jax.experimental import multihost_utils
+
+# 128 + SIGTERM, what a shell reports for a process killed by SIGTERM: non-zero, so that job
+# schedulers which restart failed jobs (Kubernetes, Slurm --requeue) restart this one.
+PREEMPTED_EXIT_CODE = 143
+
+
+class PreemptedError(Exception):
+    """Training stopped at `step` on a preemption notice, after saving that step."""
+
+    def __init__(self, step: int):
+        super().__init__(f"preempted: saved a checkpoint at step {step}; rerun the same command "
+                         "to resume")
+        self.step = step
+
+
+class PreemptionWatch:
+    """Context manager; `reached(step)` is true once a preemption notice has arrived (and, with
+    several processes, all of them have reached the agreed step)."""
+
+    def __init__(self):
+        self._notice = threading.Event()
+        self._previous = None
+
+    def __enter__(self) -> PreemptionWatch:
+        if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, lambda *_: self._notice.set())
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
+
+    def reached(self, step: int) -> bool:
+        if jax.process_count() > 1:
+            return multihost_utils.reached_preemption_sync_point(step)
+        return self._notice.is_set()

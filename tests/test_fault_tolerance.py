@@ -1,0 +1,136 @@
+"""Preemption (SIGTERM) saves and exits with the documented code; SIGKILL during an async save
+leaves the previous checkpoint as the latest; non-finite steps never reach the parameters."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+from conftest import REPO
+
+from flipjax.train import checkpoint
+from flipjax.train.preemption import PREEMPTED_EXIT_CODE
+from flipjax.train.sharding import make_mesh
+from flipjax.train.step import TrainSetup
+from flipjax.train.trainer import train_and_evaluate
+
+
+def wait_for(predicate, proc, what, timeout=300):
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{what} did not happen (exit code {proc.poll()})")
+
+
+def test_sigterm_saves_current_step_and_exits(tiny_data, tmp_path):
+    data_dir, tokenizer_path = tiny_data
+    workdir, log_path = tmp_path / "run", tmp_path / "run.log"
+    cmd = [sys.executable, "-m", "flipjax.main", "--config=configs/demo.py:tiny",
+           f"--workdir={workdir}", f"--config.data.data_dir={data_dir}",
+           f"--config.tokenizer.path={tokenizer_path}", "--config.total_steps=1000",
+           "--config.checkpoint.every_steps=1000", "--config.model.image.depth=1",
+           "--config.model.text.depth=1"]
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    metrics_path = workdir / "metrics.jsonl"
+    wait_for(lambda: metrics_path.exists() and len(metrics_path.read_text().splitlines()) >= 3,
+             proc, "three logged steps")
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == PREEMPTED_EXIT_CODE, log_path.read_text()[-3000:]
+    assert "preempted: saved a checkpoint at step" in log_path.read_text()
+    logged = [json.loads(line)["step"] for line in metrics_path.read_text().splitlines()]
+    manager = checkpoint.make_manager(str(workdir), ml_collections.ConfigDict(
+        dict(keep=2, every_steps=1000, async_save=False)))
+    # The step it stopped at, though no periodic save was due before step 1000.
+    assert manager.all_steps() == [logged[-1]] and 3 <= logged[-1] < 1000
+    manager.close()
+
+
+CHILD = """
+import asyncio, os, sys
+import grain, jax.numpy as jnp, ml_collections
+from orbax.checkpoint._src.path import atomicity
+from flipjax.train import checkpoint
+
+workdir, marker = sys.argv[1], sys.argv[2]
+manager = checkpoint.make_manager(workdir, ml_collections.ConfigDict(
+    dict(keep=3, every_steps=1, async_save=True)))
+it = iter(grain.MapDataset.range(10).to_iter_dataset())
+checkpoint.save(manager, 1, {"w": jnp.ones(4)}, it)
+manager.wait_until_finished()
+
+async def stuck_finalize(self):  # data written, commit (rename) never happens
+    open(marker, "w").close()
+    await asyncio.sleep(3600)
+
+atomicity.AtomicRenameTemporaryPath.finalize = stuck_finalize
+next(it)
+checkpoint.save(manager, 2, {"w": jnp.full(4, 2.0)}, it)
+manager.wait_until_finished()
+"""
+
+
+def test_sigkill_during_async_save_keeps_previous_checkpoint(tmp_path):
+    script, marker, log_path = tmp_path / "child.py", tmp_path / "writing", tmp_path / "log"
+    script.write_text(textwrap.dedent(CHILD))
+    workdir = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu"}
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, str(script), str(workdir), str(marker)],
+                                cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_for(marker.exists, proc, "the second save reaching its commit")
+    except AssertionError:
+        raise AssertionError(log_path.read_text()[-3000:]) from None
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    leftovers = [p.name for p in (workdir / "checkpoints").iterdir()]
+    assert any(name.startswith("2.orbax-checkpoint-tmp") for name in leftovers), leftovers
+
+    manager = checkpoint.make_manager(str(workdir), ml_collections.ConfigDict(
+        dict(keep=3, every_steps=1, async_save=True)))
+    assert manager.latest_step() == 1 and manager.all_steps() == [1]
+    abstract = {"w": jax.ShapeDtypeStruct((4,), np.float32)}
+    restored = checkpoint.restore(manager, 1, abstract, None)
+    np.testing.assert_array_equal(restored["w"], np.ones(4))
+    manager.close()
+
+
+def diverging(config, mode):
+    """exp(t) = 1e38: the loss is finite but its gradient overflows on the first step."""
+    config.model.temperature_init, config.model.max_temperature = 1e38, None
+    config.nonfinite = mode
+    config.total_steps, config.checkpoint.every_steps = 3, 1
+    config.evals = ml_collections.ConfigDict()
+    config.model.image.depth = config.model.text.depth = 1  # compiles faster
+    return config
+
+
+def test_nonfinite_raise_stops_before_saving(tiny_config, tmp_path):
+    with pytest.raises(FloatingPointError, match="non-finite loss or gradient at step 1"):
+        train_and_evaluate(diverging(tiny_config, "raise"), str(tmp_path))
+    assert not os.listdir(tmp_path / "checkpoints")
+
+
+def test_nonfinite_skip_keeps_params_and_counts(tiny_config, tmp_path):
+    config = diverging(tiny_config, "skip")
+    metrics = train_and_evaluate(config, str(tmp_path))
+    assert metrics["train/nonfinite_steps"] == 3
+    manager = checkpoint.make_manager(str(tmp_path), config.checkpoint)
+    setup = TrainSetup(config, 200, make_mesh(config.mesh))
+    abstract = checkpoint.abstract_with_shardings(setup.abstract_state, setup.state_shardings)
+    state = checkpoint.restore(manager, 3, abstract, None)
+    manager.close()
+    assert int(state["step"]) == 3 and int(state["nonfinite_steps"]) == 3
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(jax.device_get(state["params"])))
+    np.testing.assert_allclose(state["params"]["t"], np.log(np.float32(1e38)), rtol=1e-6)
