@@ -22,6 +22,9 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--manual_dir", default=None, help="directory of manually downloaded files")
     build.add_argument("--num_workers", type=int, default=1, help="parallel worker processes")
     build.add_argument("--config", default=None, help="builder config name (default: the first)")
+    build.add_argument("--beam_pipeline_options", default=None,
+                       help="build with Apache Beam, e.g. 'runner=DirectRunner'"
+                       " or 'runner=DataflowRunner,project=P,region=R,temp_location=gs://B/tmp'")
     return parser
 
 
@@ -36,7 +39,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"Building {args.name}{config} into {args.data_dir} with {args.num_workers} worker(s)...")
     start = time.monotonic()
     builder = tfds_builders.build(args.name, args.data_dir, manual_dir=args.manual_dir,
-                                  num_workers=args.num_workers, config=args.config)
+                                  num_workers=args.num_workers, config=args.config,
+                                  beam_pipeline_options=args.beam_pipeline_options)
     elapsed = time.monotonic() - start
     print(f"Built {builder.info.full_name} in {elapsed:.1f}s at {builder.data_dir}")
     for split_name, split in builder.info.splits.items():

@@ -264,3 +264,14 @@ class FaceDatasetBuilder(tfds.core.GeneratorBasedBuilder):
                 yield key, {"image": value, **features}
             else:
                 self.report.skipped[value] += 1
+
+
+class ImageSetBuilder(FaceDatasetBuilder):
+    """An evaluation set: `_split_generators` lists (key, image path, features) entries per
+    split, and every split is generated the same way from them."""
+
+    def _generate_examples(self, split: str,
+                           entries: list) -> Iterator[tuple[str, dict[str, Any]]]:
+        cfg: ImageSetConfig = self.builder_config
+        yield from self._nonempty(
+            split, self._image_examples(entries, cfg.max_short_side, cfg.max_pixels))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -12,8 +11,7 @@ from etils import epath
 
 from tfds_builders.builder_utils import (
     CELEBA_ATTRIBUTE_NAMES,
-    FaceDatasetBuilder,
-    ImageSetConfig,
+    ImageSetBuilder,
     ManualDirError,
     annotation_lines,
     default_image_set_configs,
@@ -77,7 +75,7 @@ def parse_table(path: epath.Path | None, width: int, header_lines: int) -> dict[
     return out
 
 
-class CelebA(FaceDatasetBuilder):
+class CelebA(ImageSetBuilder):
     """CelebA (Liu et al. 2015) aligned faces with the 40 binary attributes.
 
     Manual download (mmlab.ie.cuhk.edu.hk/projects/CelebA.html), in manual_dir, either at the
@@ -172,9 +170,3 @@ class CelebA(FaceDatasetBuilder):
             entries[PARTITIONS[code]].append((image, str(images / image), features))
         return {split: self._generate_examples(split, items)
                 for split, items in entries.items()}
-
-    def _generate_examples(self, split: str,
-                           entries: list) -> Iterator[tuple[str, dict[str, Any]]]:
-        cfg: ImageSetConfig = self.builder_config
-        yield from self._nonempty(
-            split, self._image_examples(entries, cfg.max_short_side, cfg.max_pixels))

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import inspect
 import json
-from collections.abc import Iterator
 from typing import Any
 
 import tensorflow_datasets as tfds
 from etils import epath
 
 from tfds_builders.builder_utils import (
-    FaceDatasetBuilder,
-    ImageSetConfig,
+    ImageSetBuilder,
     ManualDirError,
     annotation_lines,
     default_image_set_configs,
@@ -61,7 +59,7 @@ def read_hq_mapping(path: epath.Path) -> list[tuple[str, str] | None]:
     return out
 
 
-class CelebADialog(FaceDatasetBuilder):
+class CelebADialog(ImageSetBuilder):
     """CelebA-Dialog (Jiang et al., Talk-to-Edit 2021): CelebA-HQ faces with captions.
 
     Manual download (github.com/ziqihuangg/CelebA-Dialog), in manual_dir:
@@ -148,9 +146,3 @@ class CelebADialog(FaceDatasetBuilder):
                     (index, str(images / f"{index}.jpg"), {"captions": texts, "id": index}))
         return {split: self._generate_examples(split, items)
                 for split, items in entries.items()}
-
-    def _generate_examples(self, split: str,
-                           entries: list) -> Iterator[tuple[str, dict[str, Any]]]:
-        cfg: ImageSetConfig = self.builder_config
-        yield from self._nonempty(
-            split, self._image_examples(entries, cfg.max_short_side, cfg.max_pixels))

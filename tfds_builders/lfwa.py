@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterator
 from typing import Any
 
 import h5py
@@ -14,8 +13,7 @@ from etils import epath
 
 from tfds_builders.builder_utils import (
     CELEBA_ATTRIBUTE_NAMES,
-    FaceDatasetBuilder,
-    ImageSetConfig,
+    ImageSetBuilder,
     ManualDirError,
     default_image_set_configs,
     find_path,
@@ -71,7 +69,7 @@ def _labels(value: Any, count: int) -> np.ndarray:
     return labels
 
 
-class LFWA(FaceDatasetBuilder):
+class LFWA(ImageSetBuilder):
     """LFWA (Liu et al. 2015): LFW images with the 40 CelebA attributes.
 
     Manual download: the LFW images and the LFWA annotations from the CelebA page
@@ -165,9 +163,3 @@ class LFWA(FaceDatasetBuilder):
         features = {"attributes": (row > 0).astype(np.int32),
                     "id": relative.rsplit(".", 1)[0], "identity": identity}
         entries.append((relative, str(images / relative), features))
-
-    def _generate_examples(self, split: str,
-                           entries: list) -> Iterator[tuple[str, dict[str, Any]]]:
-        cfg: ImageSetConfig = self.builder_config
-        yield from self._nonempty(
-            split, self._image_examples(entries, cfg.max_short_side, cfg.max_pixels))

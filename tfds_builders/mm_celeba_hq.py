@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import inspect
 import pickle
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -12,8 +11,7 @@ import tensorflow_datasets as tfds
 from etils import epath
 
 from tfds_builders.builder_utils import (
-    FaceDatasetBuilder,
-    ImageSetConfig,
+    ImageSetBuilder,
     ManualDirError,
     default_image_set_configs,
     find_path,
@@ -78,7 +76,7 @@ def caption_features() -> dict[str, tfds.features.FeatureConnector]:
     }
 
 
-class MMCelebAHQ(FaceDatasetBuilder):
+class MMCelebAHQ(ImageSetBuilder):
     """Multi-Modal-CelebA-HQ (Xia et al., TediGAN 2021): CelebA-HQ faces with 10 captions each.
 
     Manual download (github.com/IIGROUP/MM-CelebA-HQ-Dataset), in manual_dir:
@@ -140,9 +138,3 @@ class MMCelebAHQ(FaceDatasetBuilder):
                                 {"captions": texts, "id": name}))
             out[split] = self._generate_examples(split, entries)
         return out
-
-    def _generate_examples(self, split: str,
-                           entries: list) -> Iterator[tuple[str, dict[str, Any]]]:
-        cfg: ImageSetConfig = self.builder_config
-        yield from self._nonempty(
-            split, self._image_examples(entries, cfg.max_short_side, cfg.max_pixels))
