@@ -57,7 +57,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         temperature_init=1 / 0.07, bias_init=None, max_temperature=100.0,
         gelu="tanh", ln_eps=1e-6, dtype="bfloat16", remat=False,
     )
+    # A Hugging Face SiglipModel/CLIPModel directory (safetensors) to start from, and which
+    # towers to load from it; `t`/`b` load only with both (flipjax/export/hf_import.py).
+    c.init_from = dict(path=None, towers=("img", "txt"))
     c.loss = "softmax"
+    # Per-device loss memory O(B^2/n): the (B, B) logits at a 4k+ batch would not fit.
+    c.loss_impl = "sharded"
+    c.grad_accum_steps = 1  # >1: GradCache micro-batches, for a batch that doesn't fit
+    c.nonfinite = "raise"  # or "skip": keep the old params, count it, carry on
     c.optim = dict(lr=5e-4, end_lr_fraction=0.0, warmup_steps=5_000, b1=0.9, b2=0.98, eps=1e-6,
                    weight_decay=0.05, grad_clip_norm=1.0, decay_regex=r".*/kernel",
                    frozen_regex="", lr_mults=[])

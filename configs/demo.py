@@ -15,7 +15,7 @@ import ml_collections
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
-    c.total_steps = 1200
+    c.total_steps = 700
     c.log_every_steps = 50
 
     resolution = ml_collections.FieldReference(64)
@@ -33,15 +33,24 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                        max_len=max_len, train_if_missing=True)
 
     c.model = dict(
-        image=dict(variant="Ti/8", width=128, depth=4, mlp_dim=512, num_heads=4,
+        image=dict(variant="Ti/16", width=128, depth=3, mlp_dim=512, num_heads=4,
                    image_size=resolution, pool="map", posemb="learn", pre_norm=False,
                    proj_dim=None, proj_bias=True),
-        text=dict(variant="Ti", width=128, depth=3, mlp_dim=512, num_heads=4, max_len=max_len,
+        text=dict(variant="Ti", width=128, depth=2, mlp_dim=512, num_heads=4, max_len=max_len,
                   pool="last", causal=False, eos_id=1, proj_dim=128, proj_bias=True),
         temperature_init=10.0, bias_init=None, max_temperature=100.0,
         gelu="tanh", ln_eps=1e-6, dtype="float32", remat=False,
     )
+    # A Hugging Face SiglipModel/CLIPModel directory (safetensors) to start from, and which
+    # towers to load from it; `t`/`b` load only with both (flipjax/export/hf_import.py).
+    c.init_from = dict(path=None, towers=("img", "txt"))
     c.loss = "softmax"
+    # "sharded": shard_map loss, O(B^2/n) memory per device (flipjax/train/sharded_losses.py).
+    c.loss_impl = "global"
+    # >1: GradCache over this many micro-batches, same gradient as the full batch.
+    c.grad_accum_steps = 1
+    # A non-finite loss/gradient never updates the params; "raise" stops, "skip" goes on.
+    c.nonfinite = "raise"
     c.optim = dict(lr=1e-3, end_lr_fraction=0.01, warmup_steps=100, b1=0.9, b2=0.98, eps=1e-8,
                    weight_decay=0.05, grad_clip_norm=1.0, decay_regex=r".*/kernel",
                    frozen_regex="", lr_mults=[])
@@ -52,7 +61,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     c.checkpoint = dict(every_steps=200, keep=2, async_save=True)
     c.evals = dict(
-        retrieval=dict(type="retrieval", split="test", every_steps=600, batch_size=256),
+        retrieval=dict(type="retrieval", split="test", every_steps=500, batch_size=256),
+        # Probes at the end only (the trainer always runs every evaluator at the last step);
+        # 5k train images keep feature extraction to seconds.
+        linear_probe=dict(type="linear_probe", train_split="train[:5000]",
+                          val_split="validation", test_split="test", label_key="attributes",
+                          kind="multilabel", l2_grid=(0.0, 1e-3, 1e-2), epochs_grid=(10, 30),
+                          probe_batch_size=256, every_steps=c.get_ref("total_steps"),
+                          batch_size=256),
+        zeroshot=dict(type="zeroshot_attributes", split="test",
+                      every_steps=c.get_ref("total_steps"), batch_size=256),
     )
     if arg == "tiny":
         c.total_steps, c.log_every_steps = 40, 1
@@ -69,6 +87,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.optim.warmup_steps = 5
         c.checkpoint.every_steps = 10
         c.evals.retrieval.update(every_steps=20, batch_size=32)
+        c.evals.linear_probe.update(train_split="train", l2_grid=(0.0, 1e-2),
+                                    epochs_grid=(2, 5), probe_batch_size=64, batch_size=32)
+        c.evals.zeroshot.update(batch_size=32)
     elif arg:
         raise ValueError(f"configs/demo.py takes no argument or 'tiny', got {arg!r}")
     return c
