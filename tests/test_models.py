@@ -12,7 +12,10 @@ from flipjax.models.vit import sincos2d_posemb
 
 
 def model_config(**image_overrides) -> ml_collections.ConfigDict:
+    """The tiny demo model with each tower's size taken from its variant name alone."""
     cfg = load_config().model
+    for tower in (cfg.image, cfg.text):
+        tower.update(width=None, depth=None, mlp_dim=None, num_heads=None)
     cfg.image.update(image_overrides)
     return cfg
 
