@@ -13,8 +13,8 @@ import ml_collections
 
 from flipjax.data.tokenizer import Tokenizer
 from flipjax.evaluate import make_evaluators
-from flipjax.evaluate.restore import load_workdir_config, restore_params
 from flipjax.train.step import TrainSetup
+from flipjax.train.workdir import load_workdir_config, restore_params
 
 
 @dataclasses.dataclass

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from flipjax.data.pipeline import center_crop
 from flipjax.evaluate.features import Embedder
-from flipjax.evaluate.restore import load_workdir_config, restore_params
+from flipjax.train.workdir import load_workdir_config, restore_params
 
 flags.DEFINE_string("workdir", None, "The training run's workdir.")
 flags.DEFINE_string("images", None, "A directory (searched recursively) or a glob.")

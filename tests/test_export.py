@@ -31,8 +31,6 @@ from flipjax.export.hf_export import (
     choose_architecture,
     export_model,
     export_processor,
-    load_workdir_params,
-    read_workdir_config,
 )
 from flipjax.export.hf_import import load_into_params, model_config_from_hf
 from flipjax.export.mapping import flatten
@@ -41,6 +39,7 @@ from flipjax.train import checkpoint
 from flipjax.train.sharding import make_mesh
 from flipjax.train.step import TrainSetup
 from flipjax.train.trainer import train_and_evaluate
+from flipjax.train.workdir import load_workdir_config, restore_params
 
 ATOL = 1e-4
 VOCAB = 97
@@ -311,8 +310,8 @@ def test_training_starts_from_init_from(tiny_config, tmp_path):
     config.evals = {}
     train_and_evaluate(config, str(tmp_path / "work"))
 
-    params, step = load_workdir_params(str(tmp_path / "work"),
-                                       read_workdir_config(str(tmp_path / "work")))
+    workdir = str(tmp_path / "work")
+    params, step, _, _ = restore_params(load_workdir_config(workdir), workdir, None)
     assert step == 1
     want, got = flatten(pretrained), flatten(params)
     for name in want:

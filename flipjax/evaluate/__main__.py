@@ -18,7 +18,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from flipjax.evaluate import make_evaluators
-from flipjax.evaluate.restore import load_workdir_config, restore_params
+from flipjax.train.workdir import load_workdir_config, restore_params
 
 config_flags.DEFINE_config_file("config", None, "Config file (default WORKDIR/config.json).")
 flags.DEFINE_string("workdir", None, "The training run's workdir.")

@@ -34,13 +34,11 @@ from transformers import (
 from transformers.convert_slow_tokenizer import SpmConverter
 from transformers.utils import sentencepiece_model_pb2_new as sp_pb2  # matches our protobuf
 
-from flipjax.data.tokenizer import EOS_ID, Tokenizer
+from flipjax.data.tokenizer import EOS_ID
 from flipjax.export.mapping import CLIP, HF_ACT, SIGLIP, flatten, rename_table
 from flipjax.models.two_towers import embedding_dims, tower_size
 from flipjax.models.vit import sincos2d_posemb
-from flipjax.train import checkpoint
-from flipjax.train.sharding import make_mesh
-from flipjax.train.step import TrainSetup
+from flipjax.train.workdir import load_workdir_config, restore_params
 
 
 class ExportError(ValueError):
@@ -267,38 +265,15 @@ Tokenizer: SentencePiece ({config.tokenizer.vocab_size} pieces, case-folded), `s
         f.write(card)
 
 
-def read_workdir_config(workdir: str, tokenizer_path: str | None = None
-                        ) -> ml_collections.ConfigDict:
-    """The config a run wrote to `workdir`; `tokenizer_path` overrides the config's, which may
-    be relative to where training ran."""
-    with open(os.path.join(workdir, "config.json")) as f:
-        config = ml_collections.ConfigDict(json.load(f))
-    if tokenizer_path:
-        config.tokenizer.path = tokenizer_path
-    return config
-
-
-def load_workdir_params(workdir: str, config: ml_collections.ConfigDict,
-                        step: int | None = None) -> tuple[dict, int]:
-    """(params on the host, step) from a training workdir's Orbax checkpoint."""
-    tokenizer = Tokenizer(config.tokenizer.path, config.tokenizer.max_len)
-    setup = TrainSetup(config, tokenizer.vocab_size, make_mesh(config.mesh))
-    manager = checkpoint.make_manager(workdir, config.checkpoint)
-    step = step if step is not None else manager.latest_step()
-    if step is None:
-        raise FileNotFoundError(f"no checkpoint under {workdir}/checkpoints")
-    abstract = checkpoint.abstract_with_shardings(setup.abstract_state, setup.state_shardings)
-    state = checkpoint.restore(manager, step, abstract, None)
-    manager.close()
-    return jax.device_get(state["params"]), int(step)
-
-
 def export_workdir(workdir: str, output: str, step: int | None = None,
                    tokenizer_path: str | None = None) -> str:
     """Exports the checkpoint at `step` (default: latest) of `workdir`; returns the HF class."""
-    config = read_workdir_config(workdir, tokenizer_path)
+    config = load_workdir_config(workdir)
+    if tokenizer_path:  # the config's path may be relative to where training ran
+        config.tokenizer.path = tokenizer_path
     arch = choose_architecture(config.model)  # refuse before loading or writing anything
-    params, step = load_workdir_params(workdir, config, step)
+    params, step, _, _ = restore_params(config, workdir, step)
+    params = jax.device_get(params)
     os.makedirs(output, exist_ok=True)
     export_model(params, config.model, output)
     export_processor(output, arch, config.tokenizer.path, config.model.text.max_len,

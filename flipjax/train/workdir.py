@@ -1,6 +1,7 @@
 """Loading a training run back: its saved config and a checkpoint's params.
 
-Shared by `python -m flipjax.evaluate`, `python -m flipjax.embed` and the experiment scripts.
+Shared by `python -m flipjax.evaluate`, `python -m flipjax.embed`, `python -m flipjax.export` and
+the experiment scripts.
 """
 
 from __future__ import annotations
