@@ -24,6 +24,7 @@ from tqdm import tqdm
 from flipjax.data.pipeline import center_crop
 from flipjax.evaluate.features import Embedder
 from flipjax.train.workdir import load_workdir_config, restore_params
+from tfds_builders.face_crop import Skip, to_rgb
 
 flags.DEFINE_string("workdir", None, "The training run's workdir.")
 flags.DEFINE_string("images", None, "A directory (searched recursively) or a glob.")
@@ -33,8 +34,6 @@ flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
 flags.DEFINE_integer("batch_size", 64, "Images per batch (rounded up to the device count).")
 flags.mark_flags_as_required(["workdir", "output"])
 FLAGS = flags.FLAGS
-HIGH_DEPTH_MODES = ("I", "I;16", "I;16B", "I;16L", "F")
-
 
 def list_images(pattern: str) -> list[str]:
     """Every file under a directory (recursively), or the files a glob matches, sorted."""
@@ -51,21 +50,10 @@ def load_image(path: str, size: int) -> np.ndarray | None:
         with Image.open(path) as image:
             image.load()
             rgb = to_rgb(ImageOps.exif_transpose(image))
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Skip) as e:
         print(f"skipping {path}: {e}", file=sys.stderr)
         return None
     return np.asarray(center_crop(rgb, size), np.uint8)
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """RGB for any mode; 16-bit and float greyscale are rescaled from 0..65535 rather than
-    clipped at 255 (which would turn most 16-bit scans white)."""
-    if image.mode in HIGH_DEPTH_MODES:
-        grey = np.asarray(image, np.float64)
-        if grey.max() > 255:
-            grey = grey * (255.0 / 65535.0)
-        image = Image.fromarray(np.clip(grey, 0, 255).astype(np.uint8), "L")
-    return image.convert("RGB")
 
 
 def embed_files(embedder: Embedder, params: dict, paths: list[str], size: int
