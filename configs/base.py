@@ -55,7 +55,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                   max_len=max_len, pool="last", causal=False, eos_id=1, proj_dim=768,
                   proj_bias=True),
         temperature_init=1 / 0.07, bias_init=None, max_temperature=100.0,
-        gelu="tanh", ln_eps=1e-6, dtype="bfloat16", remat=False,
+        gelu="tanh", ln_eps=1e-6, dtype="bfloat16",
+        # Activations kept for backward: "none" (all), "dots" (projection outputs only) or
+        # "full" (block inputs only); see experiments/results/compile_time.md for the memory.
+        remat="none",
+        # nnx.scan over the stacked blocks: one compiled block per tower instead of 12
+        # (compile-time numbers in experiments/results/compile_time.md); export unstacks.
+        scan_layers=True,
     )
     # A Hugging Face SiglipModel/CLIPModel directory (safetensors) to start from, and which
     # towers to load from it; `t`/`b` load only with both (flipjax/export/hf_import.py).
@@ -66,7 +72,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.grad_accum_steps = 1  # >1: GradCache micro-batches, for a batch that doesn't fit
     c.nonfinite = "raise"  # or "skip": keep the old params, count it, carry on
     c.optim = dict(lr=5e-4, end_lr_fraction=0.0, warmup_steps=5_000, b1=0.9, b2=0.98, eps=1e-6,
-                   weight_decay=0.05, grad_clip_norm=1.0, decay_regex=r".*/kernel",
+                   weight_decay=0.05, grad_clip_norm=1.0,
+                   mu_dtype="bfloat16", decay_regex=r".*/kernel",
                    frozen_regex="", lr_mults=[])
 
     # One axis of size -1 takes the remaining devices; on a pod prefer fsdp within a slice.

@@ -39,7 +39,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         text=dict(variant="Ti", width=128, depth=2, mlp_dim=512, num_heads=4, max_len=max_len,
                   pool="last", causal=False, eos_id=1, proj_dim=128, proj_bias=True),
         temperature_init=10.0, bias_init=None, max_temperature=100.0,
-        gelu="tanh", ln_eps=1e-6, dtype="float32", remat=False,
+        gelu="tanh", ln_eps=1e-6, dtype="float32", remat="none", scan_layers=False,
     )
     # A Hugging Face SiglipModel/CLIPModel directory (safetensors) to start from, and which
     # towers to load from it; `t`/`b` load only with both (flipjax/export/hf_import.py).
@@ -52,7 +52,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # A non-finite loss/gradient never updates the params; "raise" stops, "skip" goes on.
     c.nonfinite = "raise"
     c.optim = dict(lr=1e-3, end_lr_fraction=0.01, warmup_steps=100, b1=0.9, b2=0.98, eps=1e-8,
-                   weight_decay=0.05, grad_clip_norm=1.0, decay_regex=r".*/kernel",
+                   weight_decay=0.05, grad_clip_norm=1.0,
+                   mu_dtype=None, decay_regex=r".*/kernel",
                    frozen_regex="", lr_mults=[])
 
     c.mesh = [("data", -1), ("fsdp", 1)]

@@ -12,12 +12,13 @@ import jax
 import ml_collections
 
 from flipjax.models import embedding_dims
+from flipjax.models.layers import REMAT_POLICIES
 from flipjax.models.text import POOLS as TEXT_POOLS
 from flipjax.models.two_towers import DTYPES, tower_size
 from flipjax.models.vit import POOLS as IMAGE_POOLS
 from flipjax.models.vit import POSEMBS
 from flipjax.train.losses import LOSSES
-from flipjax.train.sharding import STRATEGIES, mesh_shape
+from flipjax.train.sharding import check_strategy, mesh_shape
 
 LOSS_IMPLS = ("global", "sharded")
 NONFINITE = ("raise", "skip")
@@ -59,8 +60,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
     except ValueError as e:
         raise ConfigError(str(e)) from None
     for pattern, strategy in config.sharding_rules:
-        check(strategy in STRATEGIES, "sharding_rules",
-              f"unknown strategy {strategy!r} for {pattern!r}; use one of {STRATEGIES}")
+        try:
+            check_strategy(pattern, strategy)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     check(config.loss in LOSSES, "loss", f"unknown loss {config.loss!r}; use one of "
           f"{sorted(LOSSES)}")
     check(config.loss_impl in LOSS_IMPLS, "loss_impl",
@@ -72,6 +75,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
     check(config.nonfinite in NONFINITE, "nonfinite",
           f"{config.nonfinite!r} is not one of {NONFINITE}")
     check(model.dtype in DTYPES, "model.dtype", f"{model.dtype!r} is not one of {sorted(DTYPES)}")
+    check(model.remat in REMAT_POLICIES, "model.remat",
+          f"{model.remat!r} is not one of {sorted(REMAT_POLICIES)}")
+    mu_dtype = config.optim.get("mu_dtype")
+    check(mu_dtype in (None, *DTYPES), "optim.mu_dtype",
+          f"{mu_dtype!r} is not None or one of {sorted(DTYPES)}")
     for tower, with_patch in (("image", True), ("text", False)):
         try:
             size, patch = tower_size(model[tower], with_patch=with_patch)

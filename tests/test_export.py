@@ -50,6 +50,9 @@ def tiny_model_cfg(kind: str):
     if kind == "siglip":  # MAP pooling, last-token text, text projection, logit bias.
         cfg.text.proj_dim = 64
         cfg.bias_init = -2.0
+    elif kind == "siglip_scan":  # Scanned layers: export unstacks, import stacks.
+        cfg.text.proj_dim = 64
+        cfg.scan_layers = True
     elif kind == "siglip_sincos":  # Fixed 2-D position embeddings, exact GELU, no text head.
         cfg.image.posemb = "sincos2d"
         cfg.gelu = "exact"
@@ -104,6 +107,7 @@ def assert_close(ours, theirs):
 
 
 @pytest.mark.parametrize("kind,model_cls", [("siglip", SiglipModel),
+                                            ("siglip_scan", SiglipModel),
                                             ("siglip_sincos", SiglipModel),
                                             ("clip", CLIPModel)])
 def test_export_matches_flipjax_and_imports_back(kind, model_cls, tmp_path):

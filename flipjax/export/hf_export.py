@@ -36,6 +36,7 @@ from transformers.utils import sentencepiece_model_pb2_new as sp_pb2  # matches 
 
 from flipjax.data.tokenizer import EOS_ID
 from flipjax.export.mapping import CLIP, HF_ACT, SIGLIP, flatten, rename_table
+from flipjax.models.layers import unstack_layers
 from flipjax.models.two_towers import embedding_dims, tower_size
 from flipjax.models.vit import sincos2d_posemb
 from flipjax.train.workdir import load_workdir_config, restore_params
@@ -120,8 +121,9 @@ def hf_config(model_cfg: ml_collections.ConfigDict, flat: dict, arch: str
 
 def to_hf_state_dict(params: dict, model_cfg: ml_collections.ConfigDict, arch: str
                      ) -> dict[str, np.ndarray]:
-    """HF state dict (float32 numpy) of flipjax `params` (an NNX pure dict, host arrays)."""
-    flat = {k: np.asarray(v, np.float32) for k, v in flatten(params).items()}
+    """HF state dict (float32 numpy) of flipjax `params` (an NNX pure dict, host arrays; scanned
+    layers are unstacked)."""
+    flat = {k: np.asarray(v, np.float32) for k, v in flatten(unstack_layers(params)).items()}
     d = _dims(model_cfg, flat)
     cls = int(model_cfg.image.pool == "tok")
     if "img/pos_embedding" not in flat:  # posemb="sincos2d": fixed values, exported as learned.
@@ -155,7 +157,8 @@ def export_model(params: dict, model_cfg: ml_collections.ConfigDict, output: str
                  ) -> SiglipModel | CLIPModel:
     """Writes `output/{config.json, model.safetensors}`; returns the torch model (eval mode)."""
     arch = choose_architecture(model_cfg)
-    config = hf_config(model_cfg, {k: np.asarray(v) for k, v in flatten(params).items()}, arch)
+    flat = {k: np.asarray(v) for k, v in flatten(unstack_layers(params)).items()}
+    config = hf_config(model_cfg, flat, arch)
     model = (SiglipModel if arch == SIGLIP else CLIPModel)(config).eval()
     state = {k: torch.from_numpy(v) for k, v in to_hf_state_dict(params, model_cfg,
                                                                    arch).items()}

@@ -22,6 +22,7 @@ import numpy as np
 from absl import logging
 
 from flipjax.export.mapping import CLIP, FLIP_GELU, SIGLIP, flatten, rename_table, unflatten_into
+from flipjax.models.layers import stack_layers, unstack_layers
 
 PICKLE_SUFFIXES = (".bin", ".pth", ".pt", ".ckpt", ".pkl", ".pickle")
 MODEL_TYPES = {"siglip": SIGLIP, "clip": CLIP}
@@ -112,7 +113,8 @@ def model_config_from_hf(path: str) -> tuple[ml_collections.ConfigDict, int]:
                   proj_bias=siglip),
         # Placeholders that create `t` (and `b` for SigLIP); the import overwrites both.
         temperature_init=10.0, bias_init=-10.0 if siglip else None, max_temperature=100.0,
-        gelu=acts.pop(), ln_eps=tc.layer_norm_eps, dtype="float32", remat=False,
+        gelu=acts.pop(), ln_eps=tc.layer_norm_eps, dtype="float32", remat="none",
+        scan_layers=False,
     ))
     return model, tc.vocab_size
 
@@ -145,7 +147,7 @@ def load_into_params(params: dict, path: str, towers: Sequence[str],
         raise ValueError(f"towers must be a non-empty subset of ('img', 'txt'), got {towers}")
     config, tensors = read_hf_dir(path)
     arch = hf_architecture(config)
-    flat = flatten(params)
+    flat = flatten(unstack_layers(params))
     selected = set(towers) | ({"t", "b"} if set(towers) == {"img", "txt"} else set())
     table = rename_table(arch, _num_layers(tensors, "vision_model.encoder.layers."),
                          _num_layers(tensors, "text_model.encoder.layers."))
@@ -188,4 +190,5 @@ def load_into_params(params: dict, path: str, towers: Sequence[str],
         report.reshaped["img/patch_embed/bias"] = "set to zeros (CLIP has no patch bias)"
     report.untouched = [k for k in flat if k.split("/")[0] in selected and k not in updates]
     logging.info("init_from %s (%s, towers %s): %s", path, arch, tuple(towers), report.summary())
-    return unflatten_into(params, updates), report
+    loaded = unflatten_into(unstack_layers(params), updates)
+    return (stack_layers(loaded) if model_cfg.get("scan_layers") else loaded), report

@@ -10,8 +10,10 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 GELU_FLAVOURS: dict[str, Callable[[jax.Array], jax.Array]] = {
@@ -22,6 +24,25 @@ GELU_FLAVOURS: dict[str, Callable[[jax.Array], jax.Array]] = {
     # OpenAI CLIP / HF `quick_gelu`.
     "quick": lambda x: x * jax.nn.sigmoid(1.702 * x),
 }
+
+
+# Which activations `jax.checkpoint` keeps for the backward pass (`config.model.remat`); the
+# rest are recomputed. "dots" keeps every projection's output (matmuls without a batch
+# dimension) and recomputes norms, GELUs and the attention matrix: most of full remat's memory
+# saving at a fraction of its recompute.
+REMAT_POLICIES: dict[str, Callable | None] = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def constrain(x: jax.Array, *logical_axes: str | None) -> jax.Array:
+    """Pins an activation's sharding by logical axis names ("batch", "seq", "embed", "mlp",
+    "heads"), mapped to mesh axes by the rules the train step sets
+    (`flipjax.train.sharding.activation_rules`). Outside those rules it does nothing, so the
+    same model runs unsharded in evaluation and export."""
+    return nn.with_logical_constraint(x, logical_axes)
 
 
 def gelu_fn(flavour: str) -> Callable[[jax.Array], jax.Array]:
@@ -45,7 +66,8 @@ class Attention(nnx.Module):
         context = x if context is None else context
         b, tq, d = x.shape
         heads = lambda y: y.reshape(b, y.shape[1], self.num_heads, d // self.num_heads)
-        q, k, v = heads(self.q(x)), heads(self.k(context)), heads(self.v(context))
+        q, k, v = (constrain(heads(y), "batch", "seq", "heads", None)
+                   for y in (self.q(x), self.k(context), self.v(context)))
         y = jax.nn.dot_product_attention(q, k, v, is_causal=is_causal)
         return self.out(y.reshape(b, tq, d))
 
@@ -57,7 +79,7 @@ class Mlp(nnx.Module):
         self.act = gelu_fn(gelu)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.fc2(self.act(self.fc1(x)))
+        return self.fc2(constrain(self.act(self.fc1(x)), "batch", "seq", "mlp"))
 
 
 class EncoderBlock(nnx.Module):
@@ -72,36 +94,87 @@ class EncoderBlock(nnx.Module):
 
     def __call__(self, x: jax.Array, *, is_causal: bool = False) -> jax.Array:
         x = x + self.attn(self.norm1(x), is_causal=is_causal)
-        return x + self.mlp(self.norm2(x))
+        return constrain(x + self.mlp(self.norm2(x)), "batch", "seq", "embed")
 
 
 class Encoder(nnx.Module):
     """A stack of `EncoderBlock`s followed by a final LayerNorm.
 
-    `remat=True` recomputes each block's activations in the backward pass (jax.checkpoint with
-    the `nothing_saveable` policy, big_vision's default), trading compute for memory.
+    `remat` names a `REMAT_POLICIES` entry applied to each block. `scan=True` stores the blocks
+    stacked (every leaf of `layers` gains a leading depth axis) and runs them with `nnx.scan`, so
+    XLA compiles one block instead of `depth` copies; `unstack_layers` turns such params into
+    the per-layer layout (`layers/{i}/...`) that export and the unscanned model use.
     """
 
     def __init__(self, width: int, depth: int, mlp_dim: int, num_heads: int, *, gelu: str,
-                 ln_eps: float, remat: bool, dtype, rngs: nnx.Rngs):
-        self.layers = nnx.List([
-            EncoderBlock(width, mlp_dim, num_heads, gelu=gelu, ln_eps=ln_eps, dtype=dtype,
-                         rngs=rngs)
-            for _ in range(depth)
-        ])
+                 ln_eps: float, remat: str, scan: bool, dtype, rngs: nnx.Rngs):
+        if remat not in REMAT_POLICIES:
+            raise ValueError(f"remat must be one of {sorted(REMAT_POLICIES)}, got {remat!r}")
+
+        def make_block(block_rngs: nnx.Rngs) -> EncoderBlock:
+            return EncoderBlock(width, mlp_dim, num_heads, gelu=gelu, ln_eps=ln_eps,
+                                dtype=dtype, rngs=block_rngs)
+
+        if scan:
+            self.layers = nnx.split_rngs(splits=depth)(
+                nnx.vmap(make_block, in_axes=0, out_axes=0))(rngs)
+        else:
+            self.layers = nnx.List([make_block(rngs) for _ in range(depth)])
         self.encoder_norm = nnx.LayerNorm(width, epsilon=ln_eps, dtype=dtype, rngs=rngs)
-        self.remat = remat
+        self.remat, self.scan = remat, scan
 
     def __call__(self, x: jax.Array, *, is_causal: bool = False) -> jax.Array:
-        for block in self.layers:
-            if self.remat:
-                x = nnx.remat(
-                    lambda blk, y: blk(y, is_causal=is_causal),
-                    policy=jax.checkpoint_policies.nothing_saveable,
-                )(block, x)
-            else:
-                x = block(x, is_causal=is_causal)
+        def apply(block: EncoderBlock, y: jax.Array) -> jax.Array:
+            return block(y, is_causal=is_causal)
+
+        if self.remat != "none":
+            apply = nnx.remat(apply, policy=REMAT_POLICIES[self.remat])
+        if self.scan:
+            x = nnx.scan(apply, in_axes=(0, nnx.Carry), out_axes=nnx.Carry)(self.layers, x)
+        else:
+            for block in self.layers:
+                x = apply(block, x)
         return self.encoder_norm(x)
+
+
+def _map_encoder_layers(params: dict, convert: Callable[[dict], dict]) -> dict:
+    """Applies `convert` to every `encoder/layers` subtree of an NNX pure dict."""
+    out = {}
+    for key, value in params.items():
+        if isinstance(value, dict):
+            if key == "encoder" and "layers" in value:
+                value = {**value, "layers": convert(value["layers"])}
+            out[key] = _map_encoder_layers(value, convert)
+        else:
+            out[key] = value
+    return out
+
+
+def _is_per_layer(layers: dict) -> bool:
+    return all(isinstance(k, int) for k in layers)
+
+
+def unstack_layers(params: dict) -> dict:
+    """Per-layer params (`encoder/layers/{i}/...`) from scanned ones (`encoder/layers/...` with
+    a leading depth axis); per-layer params pass through unchanged."""
+    def convert(layers: dict) -> dict:
+        if _is_per_layer(layers):
+            return layers
+        depth = jax.tree.leaves(layers)[0].shape[0]
+        return {i: jax.tree.map(lambda a, i=i: a[i], layers) for i in range(depth)}
+
+    return _map_encoder_layers(params, convert)
+
+
+def stack_layers(params: dict) -> dict:
+    """The inverse of `unstack_layers`: scanned params from per-layer ones."""
+    def convert(layers: dict) -> dict:
+        if not _is_per_layer(layers):
+            return layers
+        blocks = [layers[i] for i in sorted(layers)]
+        return jax.tree.map(lambda *a: np.stack([np.asarray(x) for x in a]), *blocks)
+
+    return _map_encoder_layers(params, convert)
 
 
 def normal_param(shape: tuple[int, ...], stddev: float, rngs: nnx.Rngs) -> nnx.Param:

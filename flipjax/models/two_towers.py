@@ -39,8 +39,8 @@ class TwoTowers(nnx.Module):
         return l2_normalize(self.txt(ids))
 
     def logit_scale_and_bias(self) -> tuple[jax.Array, jax.Array]:
-        bias = self.b.value if self.b is not None else jnp.zeros((), jnp.float32)
-        return jnp.exp(self.t.value), bias
+        bias = self.b[...] if self.b is not None else jnp.zeros((), jnp.float32)
+        return jnp.exp(self.t[...]), bias
 
     def __call__(self, images: jax.Array, ids: jax.Array) -> tuple[jax.Array, jax.Array]:
         return self.embed_images(images), self.embed_texts(ids)
@@ -55,7 +55,8 @@ def make_model(cfg: ml_collections.ConfigDict, *, vocab_size: int, seed: int = 0
     """Builds the model described by `config.model` (see configs/*.py for the fields)."""
     rngs = nnx.Rngs(params=seed)
     dtype = DTYPES[cfg.dtype]
-    common = dict(gelu=cfg.gelu, ln_eps=cfg.ln_eps, remat=cfg.remat, dtype=dtype, rngs=rngs)
+    common = dict(gelu=cfg.gelu, ln_eps=cfg.ln_eps, remat=cfg.remat, scan_layers=cfg.scan_layers,
+                  dtype=dtype, rngs=rngs)
     img_size, patch = tower_size(cfg.image, with_patch=True)
     txt_size, _ = tower_size(cfg.text, with_patch=False)
     img = ViT(img_size, patch, image_size=cfg.image.image_size, pool=cfg.image.pool,

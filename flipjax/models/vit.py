@@ -55,7 +55,8 @@ class ViT(nnx.Module):
     def __init__(self, size: Size, patch: int, *, image_size: int, pool: str = "map",
                  posemb: str = "learn", pre_norm: bool = False, proj_dim: int | None = None,
                  proj_bias: bool = True, gelu: str = "tanh", ln_eps: float = 1e-6,
-                 remat: bool = False, dtype=jnp.float32, rngs: nnx.Rngs):
+                 remat: str = "none", scan_layers: bool = False, dtype=jnp.float32,
+                 rngs: nnx.Rngs):
         if pool not in POOLS:
             raise ValueError(f"image pool must be one of {POOLS}, got {pool!r}")
         if posemb not in POSEMBS:
@@ -75,7 +76,8 @@ class ViT(nnx.Module):
         self.pre_norm = (nnx.LayerNorm(d, epsilon=ln_eps, dtype=dtype, rngs=rngs)
                          if pre_norm else None)
         self.encoder = Encoder(d, size.depth, size.mlp_dim, size.num_heads, gelu=gelu,
-                               ln_eps=ln_eps, remat=remat, dtype=dtype, rngs=rngs)
+                               ln_eps=ln_eps, remat=remat, scan=scan_layers, dtype=dtype,
+                               rngs=rngs)
         self.map_head = (MAPHead(size, gelu=gelu, ln_eps=ln_eps, dtype=dtype, rngs=rngs)
                          if pool == "map" else None)
         self.head = (nnx.Linear(d, proj_dim, use_bias=proj_bias, dtype=dtype, rngs=rngs)

@@ -1,5 +1,11 @@
 """AdamW with warmup + cosine decay, gradient clipping, a weight-decay mask, and regex rules
-(big_vision style) that freeze parameter groups or scale their learning rate."""
+(big_vision style) that freeze parameter groups or scale their learning rate.
+
+Parameters stay float32 (the master weights) whatever `config.model.dtype` computes in;
+`optim.mu_dtype="bfloat16"` stores Adam's first moment in bf16, as big_vision's SigLIP runs do,
+saving a quarter of the optimizer-plus-params memory. The second moment stays float32: its
+small values underflow in bf16.
+"""
 
 from __future__ import annotations
 
@@ -46,7 +52,7 @@ def make_optimizer(cfg: ml_collections.ConfigDict, params: Any,
     def adamw(mult: float) -> optax.GradientTransformation:
         lr = schedule if mult == 1.0 else (lambda step: mult * schedule(step))
         return optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
-                           mask=decay_mask)
+                           mask=decay_mask, mu_dtype=cfg.get("mu_dtype"))
 
     groups = {FROZEN: optax.set_to_zero(), "default": adamw(1.0)}
     groups.update({f"lr_mult_{i}": adamw(float(m)) for i, (_, m) in enumerate(cfg.lr_mults)})

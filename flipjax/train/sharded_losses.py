@@ -16,12 +16,15 @@ sigmoid: big_vision's chunked SigLIP as a ring. The captions move one device alo
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from flipjax.train.losses import LossFn
+from flipjax.train.sharding import batch_axes
 
 
 def _local_index(axes: tuple[str, ...], local_batch: int) -> jax.Array:
@@ -84,10 +87,11 @@ def _sigmoid_local(zimg, ztxt, scale, bias, *, axes, num_devices, global_batch):
 
 
 def make_sharded_loss(name: str, mesh: Mesh) -> LossFn:
-    """The loss `name` ("softmax" or "sigmoid") with the batch split over every axis of `mesh`,
-    taking and returning the same values as the global `LOSSES[name]`."""
-    axes = tuple(mesh.axis_names)
-    num_devices = mesh.devices.size
+    """The loss `name` ("softmax" or "sigmoid") with the batch split over `batch_axes(mesh)`
+    (a `tensor` axis holds copies), taking and returning the same values as the global
+    `LOSSES[name]`."""
+    axes = batch_axes(mesh)
+    num_devices = math.prod(mesh.shape[a] for a in axes)
 
     def loss_fn(zimg, ztxt, scale, bias):
         global_batch = zimg.shape[0]

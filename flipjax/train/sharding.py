@@ -1,31 +1,53 @@
 """Device mesh and regex sharding rules (big_vision style).
 
 `config.mesh` lists (axis name, size) with one size -1 meaning "all remaining devices", e.g.
-`[("data", -1), ("fsdp", 1)]` on one host or `[("data", 16), ("fsdp", 16)]` on a v5e-256.
-The batch is split over every mesh axis. `config.sharding_rules` lists (regex, strategy): each
+`[("data", -1), ("fsdp", 1)]` on one host or `[("data", 16), ("fsdp", 16)]` on a v5e-256. An
+optional `tensor` axis splits the transformer blocks Megatron-style (`TENSOR_PARALLEL_RULES`);
+the batch is split over every other axis. `config.sharding_rules` lists (regex, strategy): each
 train-state leaf takes the strategy of the first regex found in its name, e.g.
 `[("opt_state/.*count", "replicate"), (".*", "fsdp")]`.
 
 Strategies:
-  replicate: a full copy on every device.
-  fsdp: split the largest dimension that the `fsdp` axis divides, for arrays of at least
+  "replicate": a full copy on every device.
+  "fsdp": split the largest dimension that the `fsdp` axis divides, for arrays of at least
         `fsdp_min_size_mb` (small arrays are cheaper replicated than gathered).
+  a tuple of mesh axes (None, a name, or a tuple of names), one per dimension counted from
+        the last: `(None, "tensor")` splits a kernel's output dimension, for a (in, out)
+        kernel and for scanned (depth, in, out) ones alike.
+
+Activations are pinned by logical names (`flipjax.models.layers.constrain`) that
+`activation_rules` maps onto this mesh.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import jax
 import numpy as np
+from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from flipjax.train.tree_names import leaf_names
 
 STRATEGIES = ("replicate", "fsdp")
+TENSOR = "tensor"
+
+# Megatron-style tensor parallelism for every EncoderBlock (and the MAP head): q/k/v and fc1
+# split their output features, `out` and fc2 their input features, so each block needs one
+# all-reduce after attention and one after the MLP. Put them before a catch-all fsdp rule.
+TENSOR_PARALLEL_RULES = [
+    (r"attn/(q|k|v)/kernel$", ("fsdp", TENSOR)),
+    (r"attn/(q|k|v)/bias$", (TENSOR,)),
+    (r"attn/out/kernel$", (TENSOR, "fsdp")),
+    (r"mlp/fc1/kernel$", ("fsdp", TENSOR)),
+    (r"mlp/fc1/bias$", (TENSOR,)),
+    (r"mlp/fc2/kernel$", (TENSOR, "fsdp")),
+]
 
 
 def mesh_shape(axes: Sequence[tuple[str, int]], num_devices: int) -> tuple[int, ...]:
@@ -57,9 +79,33 @@ def make_mesh(axes: Sequence[tuple[str, int]], devices: Sequence[jax.Device] | N
                 axis_types=(AxisType.Auto,) * len(names))
 
 
+def batch_axes(mesh: Mesh) -> tuple[str, ...]:
+    """The mesh axes that split the batch: all but `tensor`, whose devices share examples."""
+    return tuple(name for name in mesh.axis_names if name != TENSOR)
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Leading (batch) dimension split over every mesh axis."""
-    return NamedSharding(mesh, PartitionSpec(mesh.axis_names))
+    """Leading (batch) dimension split over `batch_axes`."""
+    return NamedSharding(mesh, PartitionSpec(batch_axes(mesh)))
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh: Mesh | None) -> Iterator[None]:
+    """Within a traced function: makes `constrain` pin activations onto `mesh`."""
+    if mesh is None:
+        yield
+        return
+    with (jax.sharding.use_abstract_mesh(mesh.abstract_mesh),
+          nnx.logical_axis_rules(activation_rules(mesh))):
+        yield
+
+
+def activation_rules(mesh: Mesh) -> list[tuple[str, Any]]:
+    """Logical activation axes -> mesh axes (flax logical-axis rules): the batch over
+    `batch_axes`, attention heads and MLP features over `tensor` when the mesh has one."""
+    tensor = TENSOR if TENSOR in mesh.axis_names else None
+    return [("batch", batch_axes(mesh)), ("seq", None), ("embed", None), ("heads", tensor),
+            ("mlp", tensor)]
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -78,23 +124,51 @@ def fsdp_spec(shape: tuple[int, ...], axis_size: int, itemsize: int,
     return PartitionSpec()
 
 
-def infer_shardings(tree: Any, mesh: Mesh, rules: Sequence[tuple[str, str]],
+def explicit_spec(shape: tuple[int, ...], dims: Sequence[Any], axis_sizes: dict[str, int]
+                  ) -> PartitionSpec:
+    """`dims` (one mesh-axis entry per dimension, counted from the last) as a PartitionSpec;
+    an entry whose axes are missing from the mesh or don't divide the dimension is dropped,
+    so the same rules serve every mesh."""
+    spec: list[Any] = [None] * len(shape)
+    for offset, axes in enumerate(reversed(tuple(dims)), start=1):
+        if offset > len(shape) or axes is None:
+            continue
+        names = (axes,) if isinstance(axes, str) else tuple(axes)
+        if all(n in axis_sizes for n in names):
+            size = math.prod(axis_sizes[n] for n in names)
+            if size > 1 and shape[-offset] % size == 0:
+                spec[-offset] = axes
+    return PartitionSpec(*spec)
+
+
+def check_strategy(pattern: str, strategy: Any) -> None:
+    if isinstance(strategy, str):
+        if strategy not in STRATEGIES:
+            raise ValueError(f"config.sharding_rules: unknown strategy {strategy!r} for "
+                             f"{pattern!r}; use one of {STRATEGIES} or a tuple of mesh axes")
+    elif not all(a is None or isinstance(a, str | tuple | list) for a in strategy):
+        raise ValueError(f"config.sharding_rules: {pattern!r} has dims {strategy!r}; each "
+                         "entry must be None, a mesh axis name or a tuple of names")
+
+
+def infer_shardings(tree: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]],
                     min_size_mb: float) -> Any:
     """A tree of NamedShardings for `tree` (arrays or ShapeDtypeStructs) from regex rules."""
     compiled = []
     for pattern, strategy in rules:
-        if strategy not in STRATEGIES:
-            raise ValueError(f"config.sharding_rules: unknown strategy {strategy!r} for "
-                             f"{pattern!r}; known: {STRATEGIES}")
+        check_strategy(pattern, strategy)
         compiled.append((re.compile(pattern), strategy))
-    fsdp_size = dict(zip(mesh.axis_names, mesh.devices.shape, strict=True)).get("fsdp", 1)
+    axis_sizes = dict(zip(mesh.axis_names, mesh.devices.shape, strict=True))
 
     def sharding(name: str, leaf: Any) -> NamedSharding:
         strategy = next((s for rx, s in compiled if rx.search(name)), "replicate")
-        if strategy == "replicate" or not getattr(leaf, "shape", ()):
+        shape = tuple(getattr(leaf, "shape", ()))
+        if strategy == "replicate" or not shape:
             return replicated(mesh)
-        itemsize = np.dtype(leaf.dtype).itemsize
-        return NamedSharding(mesh, fsdp_spec(tuple(leaf.shape), fsdp_size, itemsize,
-                                             min_size_mb))
+        if strategy == "fsdp":
+            itemsize = np.dtype(leaf.dtype).itemsize
+            return NamedSharding(mesh, fsdp_spec(shape, axis_sizes.get("fsdp", 1), itemsize,
+                                                 min_size_mb))
+        return NamedSharding(mesh, explicit_spec(shape, strategy, axis_sizes))
 
     return jax.tree.map(sharding, leaf_names(tree), tree)

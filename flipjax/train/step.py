@@ -30,7 +30,12 @@ from flipjax.train.grad_cache import grad_cache_value_and_grad
 from flipjax.train.losses import LOSSES, LossFn
 from flipjax.train.optimizer import make_optimizer
 from flipjax.train.sharded_losses import make_sharded_loss
-from flipjax.train.sharding import batch_sharding, infer_shardings, replicated
+from flipjax.train.sharding import (
+    activation_sharding,
+    batch_sharding,
+    infer_shardings,
+    replicated,
+)
 
 State = dict[str, Any]
 
@@ -109,6 +114,10 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
         return contrastive(params, *embed(params, batch))
 
     def train_step(state: State, batch: dict) -> tuple[State, dict]:
+        with activation_sharding(mesh):
+            return update(state, batch)
+
+    def update(state: State, batch: dict) -> tuple[State, dict]:
         if accum > 1:
             (loss, metrics), grads = grad_cache_value_and_grad(
                 embed, contrastive, state["params"], batch, accum, rows)
