@@ -3,10 +3,12 @@ batches and train to the same losses as one process with 8 devices."""
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
 import textwrap
+import time
 
 import numpy as np
 from conftest import REPO
@@ -77,3 +79,65 @@ def test_two_processes_match_one(tiny_data, tmp_path):
     for a, b in zip(one, two, strict=True):
         assert a["images"] == b["images"]  # the same records, in the same order
     np.testing.assert_allclose([r["loss"] for r in two], [r["loss"] for r in one], rtol=1e-5)
+
+
+def main_command(workdir, tiny_data, extra=()):
+    data_dir, tok_path = tiny_data
+    return [sys.executable, "-m", "flipjax.main", "--config=configs/demo.py:tiny",
+            f"--workdir={workdir}", f"--config.data.data_dir={data_dir}",
+            f"--config.tokenizer.path={tok_path}", "--config.total_steps=40",
+            "--config.log_every_steps=1", "--config.checkpoint.every_steps=1000", *extra]
+
+
+def start_main(workdir, tiny_data, count, port, tag):
+    flags = f"--xla_force_host_platform_device_count={8 // count}"
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": flags}
+    procs = []
+    for index in range(count):
+        extra = ([] if count == 1 else
+                 ["--distributed", f"--coordinator_address=127.0.0.1:{port}",
+                  f"--num_processes={count}", f"--process_id={index}"])
+        with open(f"{workdir}.{tag}{index}.log", "w") as log:
+            procs.append(subprocess.Popen(main_command(workdir, tiny_data, extra), cwd=REPO,
+                                          env=env, stdout=log, stderr=subprocess.STDOUT))
+    return procs
+
+
+def logged_losses(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
+
+
+def test_two_process_main_preempted_then_resumed_matches_one_process(tiny_data, tmp_path):
+    """`flipjax.main --distributed` on two processes: SIGTERM makes both save the same step
+    (JAX's preemption sync point) and exit 143; the same commands resume from that checkpoint,
+    with each process's data-iterator state, and log the losses of an uninterrupted
+    single-process run."""
+    ref = str(tmp_path / "one")
+    (proc,) = start_main(ref, tiny_data, 1, None, "run")
+    assert proc.wait(timeout=600) == 0, open(f"{ref}.run0.log").read()[-3000:]
+    expected = logged_losses(ref)
+
+    two, port = str(tmp_path / "two"), free_port()
+    procs = start_main(two, tiny_data, 2, port, "first")
+    deadline = time.time() + 600
+    while not (os.path.exists(os.path.join(two, "metrics.jsonl"))
+               and logged_losses(two)) and time.time() < deadline:
+        assert all(p.poll() is None for p in procs), open(f"{two}.first0.log").read()[-3000:]
+        time.sleep(0.1)
+    for p in procs:
+        p.send_signal(signal.SIGTERM)
+    codes = [p.wait(timeout=300) for p in procs]
+    assert codes == [143, 143], open(f"{two}.first0.log").read()[-3000:]
+    saved = sorted(int(d) for d in os.listdir(os.path.join(two, "checkpoints")) if d.isdigit())
+    assert len(saved) == 1 and 1 <= saved[0] < 40, saved
+
+    procs = start_main(two, tiny_data, 2, free_port(), "resume")
+    assert [p.wait(timeout=600) for p in procs] == [0, 0], \
+        open(f"{two}.resume0.log").read()[-3000:]
+    assert "resumed from step" in open(f"{two}.resume0.log").read()
+    got = logged_losses(two)
+    assert sorted(got) == sorted(expected) == list(range(1, 41))
+    np.testing.assert_allclose([got[s] for s in range(1, 41)],
+                               [expected[s] for s in range(1, 41)], rtol=1e-5)
