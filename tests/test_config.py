@@ -1,3 +1,4 @@
+import json
 import subprocess
 import sys
 
@@ -5,6 +6,7 @@ import pytest
 from conftest import REPO, load_config
 
 from flipjax.config import ConfigError, validate
+from flipjax.train.workdir import load_workdir_config
 
 
 @pytest.mark.parametrize("field,value,message", [
@@ -16,6 +18,10 @@ from flipjax.config import ConfigError, validate
     ("model.image.pool", "cls", r"config\.model\.image\.pool"),
     ("model.text.proj_dim", 48, r"config\.model\.text\.proj_dim: the towers' embeddings differ"),
     ("mesh", [("data", 3), ("fsdp", -1)], r"config\.mesh"),
+    ("model.remat", "some", r"config\.model\.remat: 'some' is not one of"),
+    ("optim.mu_dtype", "float16", r"config\.optim\.mu_dtype: 'float16'"),
+    ("sharding_rules", [(".*", "shard")], r"config\.sharding_rules: unknown strategy 'shard'"),
+    ("sharding_rules", [(".*", (3,))], r"config\.sharding_rules: '\.\*' has dims"),
 ])
 def test_validation_names_the_field(field, value, message):
     config = load_config()
@@ -26,6 +32,16 @@ def test_validation_names_the_field(field, value, message):
     node[last] = value
     with pytest.raises(ConfigError, match=message):
         validate(config)
+
+
+def test_workdir_config_of_an_older_run_is_filled_in(tmp_path):
+    config = load_config()
+    saved = json.loads(config.to_json())
+    saved["model"]["remat"] = True  # runs before remat named a policy
+    del saved["model"]["scan_layers"]
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    loaded = load_workdir_config(str(tmp_path))
+    assert loaded.model.remat == "full" and loaded.model.scan_layers is False
 
 
 def test_missing_dataset_and_tokenizer_are_reported(tmp_path):
