@@ -160,8 +160,8 @@ def export_model(params: dict, model_cfg: ml_collections.ConfigDict, output: str
     flat = {k: np.asarray(v) for k, v in flatten(unstack_layers(params)).items()}
     config = hf_config(model_cfg, flat, arch)
     model = (SiglipModel if arch == SIGLIP else CLIPModel)(config).eval()
-    state = {k: torch.from_numpy(v) for k, v in to_hf_state_dict(params, model_cfg,
-                                                                   arch).items()}
+    # torch.tensor copies: the arrays may be read-only views of JAX buffers.
+    state = {k: torch.tensor(v) for k, v in to_hf_state_dict(params, model_cfg, arch).items()}
     model.load_state_dict(state, strict=True)
     model.save_pretrained(output, safe_serialization=True)
     return model
