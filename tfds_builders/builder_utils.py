@@ -29,6 +29,7 @@ import json
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
+import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
@@ -47,6 +48,33 @@ CELEBA_ATTRIBUTE_NAMES: tuple[str, ...] = (
     "Sideburns", "Smiling", "Straight_Hair", "Wavy_Hair", "Wearing_Earrings", "Wearing_Hat",
     "Wearing_Lipstick", "Wearing_Necklace", "Wearing_Necktie", "Young",
 )
+
+MMLAB_FACE_ATTRIBUTES = dict(
+    homepage="https://mmlab.ie.cuhk.edu.hk/projects/CelebA.html",
+    citation="@inproceedings{liu2015faceattributes, title={Deep Learning Face Attributes in the "
+             "Wild}, author={Liu, Ziwei and Luo, Ping and Wang, Xiaogang and Tang, Xiaoou}, "
+             "booktitle={ICCV}, year={2015}}",
+)
+
+
+def attribute_set_info(builder: tfds.core.DatasetBuilder, description: str,
+                       **features: tfds.features.FeatureConnector) -> tfds.core.DatasetInfo:
+    """DatasetInfo of a 40-attribute set from MMLAB's "Deep Learning Face Attributes in the
+    Wild" (CelebA, LFWA): JPEG bytes, the attributes in CELEBA_ATTRIBUTE_NAMES order, an id,
+    and the set's own `features`."""
+    return tfds.core.DatasetInfo(
+        builder=builder,
+        description=description,
+        features=tfds.features.FeaturesDict({
+            "image": tfds.features.Tensor(shape=(), dtype=np.object_),
+            "attributes": tfds.features.Tensor(shape=(40,), dtype=np.int32),
+            "id": tfds.features.Tensor(shape=(), dtype=np.object_),
+            **features,
+        }),
+        metadata=tfds.core.MetadataDict(attribute_names=list(CELEBA_ATTRIBUTE_NAMES)),
+        **MMLAB_FACE_ATTRIBUTES,
+    )
+
 
 # Beam counter names: RECORDS_READ, and "<SKIPPED>/<reason>" / "<IGNORED>/<reason>".
 RECORDS_READ = "records_read"

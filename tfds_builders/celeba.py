@@ -14,6 +14,7 @@ from tfds_builders.builder_utils import (
     ImageSetBuilder,
     ManualDirError,
     annotation_lines,
+    attribute_set_info,
     default_image_set_configs,
     find_optional,
     find_path,
@@ -106,22 +107,11 @@ class CelebA(ImageSetBuilder):
     """
 
     def _info(self) -> tfds.core.DatasetInfo:
-        return tfds.core.DatasetInfo(
-            builder=self,
-            description=inspect.cleandoc(CelebA.__doc__),
-            features=tfds.features.FeaturesDict({
-                "image": tfds.features.Tensor(shape=(), dtype=np.object_),
-                "attributes": tfds.features.Tensor(shape=(40,), dtype=np.int32),
-                "id": tfds.features.Tensor(shape=(), dtype=np.object_),
-                "identity": tfds.features.Tensor(shape=(), dtype=np.int32),
-                "bbox": tfds.features.Tensor(shape=(4,), dtype=np.int32),
-                "landmarks": tfds.features.Tensor(shape=(10,), dtype=np.int32),
-            }),
-            metadata=tfds.core.MetadataDict(attribute_names=list(CELEBA_ATTRIBUTE_NAMES)),
-            homepage="https://mmlab.ie.cuhk.edu.hk/projects/CelebA.html",
-            citation="@inproceedings{liu2015faceattributes, title={Deep Learning Face "
-                     "Attributes in the Wild}, author={Liu, Ziwei and Luo, Ping and Wang, "
-                     "Xiaogang and Tang, Xiaoou}, booktitle={ICCV}, year={2015}}",
+        return attribute_set_info(
+            self, inspect.cleandoc(CelebA.__doc__),
+            identity=tfds.features.Tensor(shape=(), dtype=np.int32),
+            bbox=tfds.features.Tensor(shape=(4,), dtype=np.int32),
+            landmarks=tfds.features.Tensor(shape=(10,), dtype=np.int32),
         )
 
     def _split_generators(self, dl_manager: tfds.download.DownloadManager) -> dict[str, Any]:

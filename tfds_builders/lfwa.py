@@ -15,6 +15,7 @@ from tfds_builders.builder_utils import (
     CELEBA_ATTRIBUTE_NAMES,
     ImageSetBuilder,
     ManualDirError,
+    attribute_set_info,
     default_image_set_configs,
     find_path,
 )
@@ -97,20 +98,9 @@ class LFWA(ImageSetBuilder):
     """
 
     def _info(self) -> tfds.core.DatasetInfo:
-        return tfds.core.DatasetInfo(
-            builder=self,
-            description=inspect.cleandoc(LFWA.__doc__),
-            features=tfds.features.FeaturesDict({
-                "image": tfds.features.Tensor(shape=(), dtype=np.object_),
-                "attributes": tfds.features.Tensor(shape=(40,), dtype=np.int32),
-                "id": tfds.features.Tensor(shape=(), dtype=np.object_),
-                "identity": tfds.features.Tensor(shape=(), dtype=np.object_),
-            }),
-            metadata=tfds.core.MetadataDict(attribute_names=list(CELEBA_ATTRIBUTE_NAMES)),
-            homepage="https://mmlab.ie.cuhk.edu.hk/projects/CelebA.html",
-            citation="@inproceedings{liu2015faceattributes, title={Deep Learning Face "
-                     "Attributes in the Wild}, author={Liu, Ziwei and Luo, Ping and Wang, "
-                     "Xiaogang and Tang, Xiaoou}, booktitle={ICCV}, year={2015}}",
+        return attribute_set_info(
+            self, inspect.cleandoc(LFWA.__doc__),
+            identity=tfds.features.Tensor(shape=(), dtype=np.object_),
         )
 
     def _split_generators(self, dl_manager: tfds.download.DownloadManager) -> dict[str, Any]:
