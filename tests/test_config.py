@@ -22,6 +22,7 @@ from flipjax.train.workdir import load_workdir_config
     ("optim.mu_dtype", "float16", r"config\.optim\.mu_dtype: 'float16'"),
     ("sharding_rules", [(".*", "shard")], r"config\.sharding_rules: unknown strategy 'shard'"),
     ("sharding_rules", [(".*", (3,))], r"config\.sharding_rules: '\.\*' has dims"),
+    ("sharding_rules", [(".*", (None, "tensr"))], r"config\.sharding_rules: .*\['tensr'\]"),
 ])
 def test_validation_names_the_field(field, value, message):
     config = load_config()

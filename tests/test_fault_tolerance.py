@@ -134,3 +134,18 @@ def test_nonfinite_skip_keeps_params_and_counts(tiny_config, tmp_path):
     assert int(state["step"]) == 3 and int(state["nonfinite_steps"]) == 3
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(jax.device_get(state["params"])))
     np.testing.assert_allclose(state["params"]["t"], np.log(np.float32(1e38)), rtol=1e-6)
+
+
+def test_resume_with_another_layer_layout_fails_clearly_and_keeps_config(tiny_config, tmp_path):
+    """A checkpoint of unrolled layers does not fit a scanned model: the error says which
+    fields to check, and config.json still describes the checkpoint."""
+    config = tiny_config
+    config.total_steps = 1
+    config.evals = {}
+    train_and_evaluate(config, str(tmp_path))
+    saved = (tmp_path / "config.json").read_text()
+    config.total_steps = 2
+    config.model.scan_layers = True
+    with pytest.raises(ValueError, match="does not fit this config's train state.*scan_layers"):
+        train_and_evaluate(config, str(tmp_path))
+    assert (tmp_path / "config.json").read_text() == saved

@@ -105,7 +105,7 @@ def start_main(workdir, tiny_data, count, port, tag):
 
 def logged_losses(workdir):
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        rows = [json.loads(line) for line in f]
+        rows = [json.loads(line) for line in f if line.endswith("\n")]  # complete lines
     return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
 
 

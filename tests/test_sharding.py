@@ -71,6 +71,12 @@ def test_tensor_parallel_mesh_matches_single_device(loss):
     np.testing.assert_allclose(losses, single_losses, rtol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=3e-5),
                  params, single_params)
+    # The activations are pinned too: attention heads and MLP features over `tensor`.
+    setup = TrainSetup(config, 200, make_mesh(config.mesh))
+    hlo = setup.train_step.lower(setup.abstract_state,
+                                 to_global(batches[0], setup.batch_sharding)).as_text()
+    pinned = [line for line in hlo.splitlines() if "sharding_constraint" in line]
+    assert any('{"tensor"}' in line for line in pinned), pinned[:5]
     layers = state["params"]["img"]["encoder"]["layers"]  # scanned: (depth, in, out) kernels
     assert layers["attn"]["q"]["kernel"].sharding.spec == PartitionSpec(None, "fsdp", "tensor")
     assert layers["mlp"]["fc2"]["kernel"].sharding.spec == PartitionSpec(None, "tensor", "fsdp")

@@ -22,7 +22,7 @@ import numpy as np
 from absl import logging
 
 from flipjax.export.mapping import CLIP, FLIP_GELU, SIGLIP, flatten, rename_table, unflatten_into
-from flipjax.models.layers import stack_layers, unstack_layers
+from flipjax.models.layers import has_stacked_layers, stack_layers, unstack_layers
 
 PICKLE_SUFFIXES = (".bin", ".pth", ".pt", ".ckpt", ".pkl", ".pickle")
 MODEL_TYPES = {"siglip": SIGLIP, "clip": CLIP}
@@ -141,13 +141,15 @@ def load_into_params(params: dict, path: str, towers: Sequence[str],
                      model_cfg: ml_collections.ConfigDict) -> tuple[dict, ImportReport]:
     """Loads the HF model at `path` into `params` (an NNX pure dict) for `towers` ("img",
     "txt"; `t` and `b` only with both). Returns new params (replaced leaves are host arrays
-    with the dtype of the leaf they replace) and the report, which is also logged."""
+    with the dtype of the leaf they replace; scanned layers are restacked, on the host where
+    every layer was replaced) and the report, which is also logged."""
     unknown = set(towers) - {"img", "txt"}
     if unknown or not towers:
         raise ValueError(f"towers must be a non-empty subset of ('img', 'txt'), got {towers}")
     config, tensors = read_hf_dir(path)
     arch = hf_architecture(config)
-    flat = flatten(unstack_layers(params))
+    per_layer = unstack_layers(params)
+    flat = flatten(per_layer)
     selected = set(towers) | ({"t", "b"} if set(towers) == {"img", "txt"} else set())
     table = rename_table(arch, _num_layers(tensors, "vision_model.encoder.layers."),
                          _num_layers(tensors, "text_model.encoder.layers."))
@@ -190,5 +192,5 @@ def load_into_params(params: dict, path: str, towers: Sequence[str],
         report.reshaped["img/patch_embed/bias"] = "set to zeros (CLIP has no patch bias)"
     report.untouched = [k for k in flat if k.split("/")[0] in selected and k not in updates]
     logging.info("init_from %s (%s, towers %s): %s", path, arch, tuple(towers), report.summary())
-    loaded = unflatten_into(unstack_layers(params), updates)
-    return (stack_layers(loaded) if model_cfg.get("scan_layers") else loaded), report
+    loaded = unflatten_into(per_layer, updates)
+    return (stack_layers(loaded) if has_stacked_layers(params) else loaded), report

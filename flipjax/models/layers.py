@@ -151,7 +151,18 @@ def _map_encoder_layers(params: dict, convert: Callable[[dict], dict]) -> dict:
 
 
 def _is_per_layer(layers: dict) -> bool:
-    return all(isinstance(k, int) for k in layers)
+    return all(str(k).isdigit() for k in layers)
+
+
+def has_stacked_layers(params: dict) -> bool:
+    """Whether `params` holds scanned (stacked) encoder layers."""
+    for key, value in params.items():
+        if isinstance(value, dict):
+            if key == "encoder" and "layers" in value and not _is_per_layer(value["layers"]):
+                return True
+            if has_stacked_layers(value):
+                return True
+    return False
 
 
 def unstack_layers(params: dict) -> dict:
@@ -166,13 +177,21 @@ def unstack_layers(params: dict) -> dict:
     return _map_encoder_layers(params, convert)
 
 
+def _stack(*layers: jax.Array | np.ndarray) -> jax.Array | np.ndarray:
+    """Host arrays stack on the host; anything else (sharded device arrays, perhaps spread
+    over processes) stacks on device."""
+    if all(isinstance(x, np.ndarray) for x in layers):
+        return np.stack(layers)
+    return jnp.stack(layers)
+
+
 def stack_layers(params: dict) -> dict:
     """The inverse of `unstack_layers`: scanned params from per-layer ones."""
     def convert(layers: dict) -> dict:
         if not _is_per_layer(layers):
             return layers
-        blocks = [layers[i] for i in sorted(layers)]
-        return jax.tree.map(lambda *a: np.stack([np.asarray(x) for x in a]), *blocks)
+        blocks = [layers[i] for i in sorted(layers, key=int)]
+        return jax.tree.map(_stack, *blocks)
 
     return _map_encoder_layers(params, convert)
 

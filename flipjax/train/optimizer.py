@@ -3,8 +3,8 @@
 
 Parameters stay float32 (the master weights) whatever `config.model.dtype` computes in;
 `optim.mu_dtype="bfloat16"` stores Adam's first moment in bf16, as big_vision's SigLIP runs do,
-saving a quarter of the optimizer-plus-params memory. The second moment stays float32: its
-small values underflow in bf16.
+saving a quarter of the optimizer state (a sixth of params + state). The second moment stays
+float32: with b2 near 1 its per-step change is below bf16's 8-bit mantissa and would be lost.
 """
 
 from __future__ import annotations

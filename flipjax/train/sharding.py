@@ -166,8 +166,8 @@ def infer_shardings(tree: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]],
         if strategy == "replicate" or not shape:
             return replicated(mesh)
         if strategy == "fsdp":
-            itemsize = np.dtype(leaf.dtype).itemsize
-            return NamedSharding(mesh, fsdp_spec(shape, axis_sizes.get("fsdp", 1), itemsize,
+            # Sized as float32 whatever the dtype, so a bf16 Adam moment shards as its param.
+            return NamedSharding(mesh, fsdp_spec(shape, axis_sizes.get("fsdp", 1), 4,
                                                  min_size_mb))
         return NamedSharding(mesh, explicit_spec(shape, strategy, axis_sizes))
 

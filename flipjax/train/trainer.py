@@ -55,9 +55,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     validate(config)
     prepare(config)
     os.makedirs(workdir, exist_ok=True)
-    if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json(indent=2))
 
     # Mesh, model, optimizer, shardings.
     mesh = make_mesh(config.mesh)
@@ -71,7 +68,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if start:
         abstract = checkpoint.abstract_with_shardings(setup.abstract_state,
                                                       setup.state_shardings)
-        state = checkpoint.restore(manager, start, abstract, data_iter)
+        try:
+            state = checkpoint.restore(manager, start, abstract, data_iter)
+        except (ValueError, KeyError) as e:
+            raise ValueError(
+                f"{workdir}: the checkpoint at step {start} does not fit this config's train "
+                "state; was the run started with other model sizes, model.scan_layers or "
+                f"optim.mu_dtype (see {workdir}/config.json)? ({type(e).__name__}: "
+                f"{str(e)[:300]})") from e
         logging.info("resumed from step %d", start)
     else:
         state = setup.init()
@@ -79,6 +83,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             params, _ = load_into_params(state["params"], config.init_from.path,
                                          config.init_from.towers, config.model)
             state["params"] = jax.device_put(params, setup.state_shardings["params"])
+    # Written once the state exists, so a resume that fails leaves the run's config as it was.
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json(indent=2))
     writer = MetricWriter(workdir, start)
     evaluators = make_evaluators(config, tokenizer, setup.graphdef, mesh,
                                  cache_dir=os.path.join(workdir, "features"))
