@@ -59,18 +59,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
         mesh_shape(config.mesh, num_devices)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    mesh_axes = {name for name, _ in config.mesh}
     for pattern, strategy in config.sharding_rules:
         try:
-            check_strategy(pattern, strategy)
+            check_strategy(pattern, strategy, [name for name, _ in config.mesh])
         except ValueError as e:
             raise ConfigError(str(e)) from None
-        if not isinstance(strategy, str):
-            named = {n for a in strategy if a is not None
-                     for n in ((a,) if isinstance(a, str) else a)}
-            check(named <= mesh_axes | {"fsdp", "tensor"}, "sharding_rules",
-                  f"{pattern!r} names mesh axes {sorted(named - mesh_axes)} that are not in "
-                  f"config.mesh {sorted(mesh_axes)} nor the optional 'fsdp'/'tensor'")
     check(config.loss in LOSSES, "loss", f"unknown loss {config.loss!r}; use one of "
           f"{sorted(LOSSES)}")
     check(config.loss_impl in LOSS_IMPLS, "loss_impl",

@@ -119,11 +119,11 @@ def hf_config(model_cfg: ml_collections.ConfigDict, flat: dict, arch: str
                       logit_scale_init_value=float(np.asarray(flat["t"])))
 
 
-def to_hf_state_dict(params: dict, model_cfg: ml_collections.ConfigDict, arch: str
-                     ) -> dict[str, np.ndarray]:
-    """HF state dict (float32 numpy) of flipjax `params` (an NNX pure dict, host arrays; scanned
-    layers are unstacked)."""
-    flat = {k: np.asarray(v, np.float32) for k, v in flatten(unstack_layers(params)).items()}
+def to_hf_state_dict(flat: dict[str, np.ndarray], model_cfg: ml_collections.ConfigDict,
+                     arch: str) -> dict[str, np.ndarray]:
+    """HF state dict (float32 numpy) of flipjax's float32 host params, flattened per layer
+    ('img/encoder/layers/0/...', as `export_model` makes them)."""
+    flat = dict(flat)  # the sincos/identity/bias entries below are added to a copy
     d = _dims(model_cfg, flat)
     cls = int(model_cfg.image.pool == "tok")
     if "img/pos_embedding" not in flat:  # posemb="sincos2d": fixed values, exported as learned.
@@ -157,11 +157,12 @@ def export_model(params: dict, model_cfg: ml_collections.ConfigDict, output: str
                  ) -> SiglipModel | CLIPModel:
     """Writes `output/{config.json, model.safetensors}`; returns the torch model (eval mode)."""
     arch = choose_architecture(model_cfg)
-    flat = {k: np.asarray(v) for k, v in flatten(unstack_layers(params)).items()}
+    # Scanned layers are unstacked once, here: HF stores one module per layer.
+    flat = {k: np.asarray(v, np.float32) for k, v in flatten(unstack_layers(params)).items()}
     config = hf_config(model_cfg, flat, arch)
     model = (SiglipModel if arch == SIGLIP else CLIPModel)(config).eval()
     # torch.tensor copies: the arrays may be read-only views of JAX buffers.
-    state = {k: torch.tensor(v) for k, v in to_hf_state_dict(params, model_cfg, arch).items()}
+    state = {k: torch.tensor(v) for k, v in to_hf_state_dict(flat, model_cfg, arch).items()}
     model.load_state_dict(state, strict=True)
     model.save_pretrained(output, safe_serialization=True)
     return model

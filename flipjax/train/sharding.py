@@ -133,7 +133,7 @@ def explicit_spec(shape: tuple[int, ...], dims: Sequence[Any], axis_sizes: dict[
     for offset, axes in enumerate(reversed(tuple(dims)), start=1):
         if offset > len(shape) or axes is None:
             continue
-        names = (axes,) if isinstance(axes, str) else tuple(axes)
+        names = _axis_names(axes)
         if all(n in axis_sizes for n in names):
             size = math.prod(axis_sizes[n] for n in names)
             if size > 1 and shape[-offset] % size == 0:
@@ -141,14 +141,28 @@ def explicit_spec(shape: tuple[int, ...], dims: Sequence[Any], axis_sizes: dict[
     return PartitionSpec(*spec)
 
 
-def check_strategy(pattern: str, strategy: Any) -> None:
+def _axis_names(axes: str | Sequence[str]) -> tuple[str, ...]:
+    """The mesh axis names of one explicit-dims entry ("fsdp" or ("data", "fsdp"))."""
+    return (axes,) if isinstance(axes, str) else tuple(axes)
+
+
+def check_strategy(pattern: str, strategy: Any, mesh_axes: Sequence[str]) -> None:
+    """Raises ValueError for a rule that cannot work on a mesh with `mesh_axes`; explicit dims
+    may also name `fsdp` and `tensor`, which are dropped where the mesh lacks them."""
     if isinstance(strategy, str):
         if strategy not in STRATEGIES:
             raise ValueError(f"config.sharding_rules: unknown strategy {strategy!r} for "
                              f"{pattern!r}; use one of {STRATEGIES} or a tuple of mesh axes")
-    elif not all(a is None or isinstance(a, str | tuple | list) for a in strategy):
+        return
+    if not all(a is None or isinstance(a, str | tuple | list) for a in strategy):
         raise ValueError(f"config.sharding_rules: {pattern!r} has dims {strategy!r}; each "
                          "entry must be None, a mesh axis name or a tuple of names")
+    known = {*mesh_axes, "fsdp", TENSOR}
+    unknown = sorted({n for a in strategy if a is not None for n in _axis_names(a)} - known)
+    if unknown:
+        raise ValueError(f"config.sharding_rules: {pattern!r} names mesh axes {unknown} that "
+                         f"are not in config.mesh {sorted(mesh_axes)} nor the optional "
+                         f"'fsdp'/'{TENSOR}'")
 
 
 def infer_shardings(tree: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]],
@@ -156,7 +170,7 @@ def infer_shardings(tree: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]],
     """A tree of NamedShardings for `tree` (arrays or ShapeDtypeStructs) from regex rules."""
     compiled = []
     for pattern, strategy in rules:
-        check_strategy(pattern, strategy)
+        check_strategy(pattern, strategy, mesh.axis_names)
         compiled.append((re.compile(pattern), strategy))
     axis_sizes = dict(zip(mesh.axis_names, mesh.devices.shape, strict=True))
 
