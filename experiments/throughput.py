@@ -1,24 +1,32 @@
-"""Train-step throughput of flipjax and open_clip on this machine's CPU, in the same run: model
-FLOPs per image-text pair from XLA's cost analysis, pairs/s, MFU against a stated peak, and
+"""Train-step throughput of flipjax and open_clip on one machine, in the same run: model FLOPs
+per image-text pair from XLA's cost analysis, pairs/s, MFU against a stated peak, and
 flipjax / open_clip.
 
 Both train the same CLIP-shaped architecture at 224 px: ViT with a class token and pre-LN,
 exact GELU, a causal text tower of the image tower's width pooled at EOS, 64 tokens, a 32k
 vocabulary, bias-free projections to the tower width, softmax InfoNCE, AdamW with global-norm
-clipping, float32. flipjax runs its real jitted train step (`TrainSetup`); open_clip runs
-`open_clip.model.CLIP` + `open_clip.loss.ClipLoss` + `torch.optim.AdamW` eagerly, as
-open_clip's training loop does, with torch using every core.
+clipping and float32 moments. flipjax runs its real jitted train step (`TrainSetup`) in each
+`--layouts` entry (`layers/remat`: unrolled or scan, and a `config.model.remat` policy);
+open_clip runs `open_clip.model.CLIP` +
+`open_clip.loss.ClipLoss` + `torch.optim.AdamW` eagerly, as open_clip's training loop does
+(with `--dtype=bfloat16`: float32 weights under `torch.autocast(bfloat16)`, open_clip's
+`--precision amp_bf16`; flipjax: `model.dtype="bfloat16"`, float32 master weights).
 
-open_clip needs torchvision, so run this in a separate venv (never in CI):
+open_clip needs torchvision, so on the CPU run this in a separate venv (never in CI):
 
     python -m venv /tmp/oc && /tmp/oc/bin/pip install torch==2.14.1 torchvision==0.29.1 \
         open-clip-torch -e .
     /tmp/oc/bin/python experiments/throughput.py --variants=S/16,B/16 --batch=8 --steps=5 \
         --peak_gflops=156.5
 
-Without open_clip installed the open_clip columns read "–". The peak is the machine's float32
-FLOP/s (cores x clock x FLOPs/cycle); MFU for both uses flipjax's XLA FLOP count, since the
-architectures are the same.
+On a GPU (JAX and torch both on the GPU; H100/H200 dense bf16 peak 989 TFLOP/s):
+
+    JAX_PLATFORMS=cuda,cpu python experiments/throughput.py --dtype=bfloat16 --batch=256 \
+        --peak_gflops=989000 --layouts=unrolled/none,scan/dots
+
+Without open_clip installed the open_clip columns read "–". MFU uses model FLOPs (no remat
+recompute) of the unrolled step, read from XLA's cost analysis of the lowered step (a scanned
+body would be counted once), for every row, since the architectures are the same.
 """
 
 from __future__ import annotations
@@ -44,21 +52,26 @@ from flipjax.train.step import TrainSetup  # noqa: E402
 flags.DEFINE_list("variants", ["S/16", "B/16"], "Image tower variants (text tower: same size).")
 flags.DEFINE_integer("batch", 8, "Global batch (pairs) per step, for both.")
 flags.DEFINE_integer("steps", 5, "Timed steps (median), after one warm-up step.")
-flags.DEFINE_float("peak_gflops", 156.5, "Peak float32 GFLOP/s of this machine, for MFU.")
+flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype of both.")
+flags.DEFINE_list("layouts", ["unrolled/none"], "flipjax rows: layers/remat.")
+flags.DEFINE_float("peak_gflops", 156.5, "Peak GFLOP/s of this machine in --dtype, for MFU.")
+flags.DEFINE_string("output", None, "Also write the table (markdown) to this file.")
 FLAGS = flags.FLAGS
 
 VOCAB = 32_000
 
 
-def clip_shaped_config(variant: str) -> ml_collections.ConfigDict:
-    """configs/base.py with open_clip's CLIP architecture, so both sides train the same model."""
+def clip_shaped_config(variant: str, layout: str = "unrolled/none"
+                       ) -> ml_collections.ConfigDict:
+    """configs/base.py with open_clip's CLIP architecture, so both sides train the same model,
+    in one `--layouts` entry."""
+    layers, remat = layout.split("/")
     config = get_config(f"batch={FLAGS.batch}")
     config.mesh, config.loss_impl, config.loss = [("data", 1)], "global", "softmax"
     width = SIZES[variant.split("/")[0]].width
     model = config.model
-    # Unrolled layers: XLA's cost analysis counts a scanned body once, not once per layer.
-    model.update(dtype="float32", gelu="exact", ln_eps=1e-5, bias_init=None, scan_layers=False,
-                 remat="none")
+    model.update(dtype=FLAGS.dtype, gelu="exact", ln_eps=1e-5, bias_init=None,
+                 scan_layers=layers == "scan", remat=remat)
     model.image.update(variant=variant, pool="tok", pre_norm=True, proj_dim=width,
                        proj_bias=False)
     model.text.update(variant=variant.split("/")[0], pool="eos", causal=True, proj_dim=width,
@@ -88,6 +101,18 @@ def time_steps(step, state) -> float:
     return float(np.median(times))
 
 
+def model_flops(variant: str, batch: dict) -> float:
+    """FLOPs of one train step of the unrolled, remat-free model, from XLA's cost analysis of
+    the step lowered for one CPU device: the GPU backend has no cost analysis of a lowered
+    step, and its compiled one leaves out the cuBLAS matmuls (run with JAX_PLATFORMS=cuda,cpu
+    there)."""
+    config = clip_shaped_config(variant)
+    setup = TrainSetup(config, VOCAB, make_mesh(config.mesh, jax.devices("cpu")[:1]))
+    lowered = setup.train_step.lower(jax.eval_shape(setup.init),
+                                     to_global(batch, setup.batch_sharding))
+    return lowered.cost_analysis()["flops"]
+
+
 def measure_flipjax(config: ml_collections.ConfigDict, batch: dict) -> dict[str, float]:
     setup = TrainSetup(config, VOCAB, make_mesh(config.mesh))
     batch = to_global(batch, setup.batch_sharding)
@@ -98,10 +123,10 @@ def measure_flipjax(config: ml_collections.ConfigDict, batch: dict) -> dict[str,
 
     def step(s):
         s, m = compiled(s, batch)
-        jax.block_until_ready(m)
-        return s
+        return jax.block_until_ready((s, m))[0]
 
-    return {"flops": compiled.cost_analysis()["flops"], "compile_s": compile_s,
+    memory = compiled.memory_analysis()
+    return {"compile_s": compile_s, "temp_gib": memory.temp_size_in_bytes / 2**30,
             "step_s": time_steps(step, state)}
 
 
@@ -113,6 +138,7 @@ def measure_open_clip(config: ml_collections.ConfigDict, batch: dict) -> float |
         from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
     except ImportError:
         return None
+    device = "cuda" if jax.default_backend() == "gpu" else "cpu"
     torch.set_num_threads(os.cpu_count() or 1)
     torch.manual_seed(0)
     image, text = config.model.image, config.model.text
@@ -127,25 +153,43 @@ def measure_open_clip(config: ml_collections.ConfigDict, batch: dict) -> float |
         text_cfg=CLIPTextCfg(context_length=text.max_len, vocab_size=VOCAB,
                              width=txt_size.width, heads=txt_size.num_heads,
                              layers=txt_size.depth, mlp_ratio=txt_size.mlp_dim / txt_size.width),
-    ).train()
+    ).to(device).train()
     optim = config.optim
     opt = torch.optim.AdamW(model.parameters(), lr=optim.lr, betas=(optim.b1, optim.b2),
                             eps=optim.eps, weight_decay=optim.weight_decay)
     loss_fn = ClipLoss()
-    mean = torch.tensor(config.data.mean).view(1, 3, 1, 1)
-    std = torch.tensor(config.data.std).view(1, 3, 1, 1)
-    pixels = torch.from_numpy(batch["image"]).permute(0, 3, 1, 2).contiguous()
-    ids = torch.from_numpy(batch["text"]).long()
+    mean = torch.tensor(config.data.mean, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(config.data.std, device=device).view(1, 3, 1, 1)
+    pixels = torch.from_numpy(batch["image"]).permute(0, 3, 1, 2).contiguous().to(device)
+    ids = torch.from_numpy(batch["text"]).long().to(device)
+    autocast = torch.autocast(device, dtype=torch.bfloat16,
+                              enabled=FLAGS.dtype == "bfloat16")
 
     def step(_):
         images = (pixels.float() / 255.0 - mean) / std
-        loss = loss_fn(*model(images, ids))
+        with autocast:
+            loss = loss_fn(*model(images, ids))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), optim.grad_clip_norm)
         opt.step()
+        if device == "cuda":
+            torch.cuda.synchronize()
 
     return time_steps(step, None)
+
+
+def release_torch_memory() -> None:
+    """Hands the memory of a finished open_clip run back to the GPU for flipjax's rows."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def device_name() -> str:
+    device = jax.devices()[0]
+    return f"{device.device_kind} ({jax.device_count()} × {device.platform})"
 
 
 def main(argv: list[str]) -> None:
@@ -156,27 +200,56 @@ def main(argv: list[str]) -> None:
         versions = f"open_clip {open_clip.__version__}, torch {torch.__version__}"
     except ImportError:
         versions = "open_clip not installed"
-    print(f"\n`python experiments/throughput.py --variants={','.join(FLAGS.variants)} "
-          f"--batch={FLAGS.batch} --steps={FLAGS.steps} --peak_gflops={FLAGS.peak_gflops}` "
-          f"— jax {jax.__version__}, {versions}, {os.cpu_count()} cores, float32, 224 px, "
-          "64 tokens\n")
-    print("| towers | GFLOPs/pair (train step) | flipjax compile s | flipjax pairs/s | "
-          "flipjax MFU | open_clip pairs/s | open_clip MFU | flipjax / open_clip |")
-    print("|---|---|---|---|---|---|---|---|")
+    lines = [
+        f"`python experiments/throughput.py --variants={','.join(FLAGS.variants)} "
+        f"--batch={FLAGS.batch} --steps={FLAGS.steps} --dtype={FLAGS.dtype} "
+        f"--layouts={','.join(FLAGS.layouts)} --peak_gflops={FLAGS.peak_gflops:g}` — "
+        f"{device_name()}, jax {jax.__version__}, {versions}, {os.cpu_count()} host cores, "
+        f"{FLAGS.dtype}, 224 px, 64 tokens",
+        "",
+        "| towers | implementation | GFLOPs/pair (train step) | compile s | XLA temp GiB | "
+        "step ms | pairs/s | MFU | / open_clip |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    print("\n".join(lines), flush=True)
     peak = FLAGS.peak_gflops * 1e9
     for variant in FLAGS.variants:
-        config = clip_shaped_config(variant)
-        batch = random_batch(config)
-        ours = measure_flipjax(config, batch)
-        theirs = measure_open_clip(config, batch)
-        flops = ours["flops"]
-        oc = (["–"] * 3 if theirs is None else
-              [f"{FLAGS.batch / theirs:.2f}", f"{100 * flops / theirs / peak:.0f}%",
-               f"{theirs / ours['step_s']:.2f}×"])
-        print(f"| {variant} + {variant.split('/')[0]} text | {flops / FLAGS.batch / 1e9:.1f} | "
-              f"{ours['compile_s']:.0f} | {FLAGS.batch / ours['step_s']:.2f} | "
-              f"{100 * flops / ours['step_s'] / peak:.0f}% | " + " | ".join(oc) + " |",
-              flush=True)
+        batch = random_batch(clip_shaped_config(variant))
+        flops = model_flops(variant, batch)
+        towers = f"{variant} + {variant.split('/')[0]} text"
+        theirs = measure_open_clip(clip_shaped_config(variant), batch)
+        if theirs is not None:
+            release_torch_memory()
+        rows = []
+        for layout in FLAGS.layouts:
+            try:
+                ours = measure_flipjax(clip_shaped_config(variant, layout), batch)
+            except Exception as e:  # noqa: BLE001 - e.g. out of memory: report, go on
+                rows.append([f"flipjax {layout}", f"failed: {type(e).__name__}: "
+                             f"{str(e).splitlines()[0][:120]}", *["–"] * 5])
+                print(row(towers, flops, rows[-1]), flush=True)
+                continue
+            ratio = "–" if theirs is None else f"{theirs / ours['step_s']:.2f}×"
+            rows.append([f"flipjax {layout}", f"{ours['compile_s']:.0f}",
+                         f"{ours['temp_gib']:.2f}", *rate(ours["step_s"], flops, peak), ratio])
+            print(row(towers, flops, rows[-1]), flush=True)
+        if theirs is not None:
+            rows.append(["open_clip", "–", "–", *rate(theirs, flops, peak), "1.00×"])
+            print(row(towers, flops, rows[-1]), flush=True)
+        lines += [row(towers, flops, r) for r in rows]
+    if FLAGS.output:
+        with open(FLAGS.output, "w") as f:
+            f.write("\n".join(lines) + "\n")
+
+
+def rate(step_s: float, flops: float, peak: float) -> list[str]:
+    return [f"{1e3 * step_s:.1f}", f"{FLAGS.batch / step_s:.2f}",
+            f"{100 * flops / step_s / peak:.0f}%"]
+
+
+def row(towers: str, flops: float, cells: list[str]) -> str:
+    return f"| {towers} | {cells[0]} | {flops / FLAGS.batch / 1e9:.1f} | " + " | ".join(
+        cells[1:]) + " |"
 
 
 if __name__ == "__main__":
