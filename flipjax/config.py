@@ -18,7 +18,7 @@ from flipjax.models.two_towers import DTYPES, tower_size
 from flipjax.models.vit import POOLS as IMAGE_POOLS
 from flipjax.models.vit import POSEMBS
 from flipjax.train.losses import LOSSES
-from flipjax.train.sharding import check_strategy, mesh_shape
+from flipjax.train.sharding import TENSOR, check_strategy, mesh_shape
 
 LOSS_IMPLS = ("global", "sharded")
 NONFINITE = ("raise", "skip")
@@ -48,17 +48,25 @@ def validate(config: ml_collections.ConfigDict) -> None:
     """Raises ConfigError on the first field that cannot work on this machine."""
     from flipjax.evaluate import EVALUATORS
 
-    num_devices, num_processes = jax.device_count(), jax.process_count()
+    num_processes = jax.process_count()
     data, model = config.data, config.model
-    bs = data.global_batch_size
-    check(bs > 0 and bs % num_devices == 0, "data.global_batch_size",
-          f"{bs} is not divisible by the {num_devices} devices; use a multiple of {num_devices}")
-    check(bs % num_processes == 0, "data.global_batch_size",
-          f"{bs} is not divisible by the {num_processes} processes")
     try:
-        mesh_shape(config.mesh, num_devices)
+        sizes = dict(zip([name for name, _ in config.mesh],
+                         mesh_shape(config.mesh, jax.device_count()), strict=True))
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    # Devices on a `tensor` axis share their examples: the batch splits over the other axes.
+    tensor = sizes.get(TENSOR, 1)
+    shards = jax.device_count() // tensor
+    check(jax.local_device_count() % tensor == 0, "mesh",
+          f"the tensor axis ({tensor}) must divide the {jax.local_device_count()} devices of "
+          "each process, so that its all-reduces stay inside one host")
+    bs = data.global_batch_size
+    check(bs > 0 and bs % shards == 0, "data.global_batch_size",
+          f"{bs} is not divisible by the {shards} batch shards (devices outside the tensor "
+          f"axis); use a multiple of {shards}")
+    check(bs % num_processes == 0, "data.global_batch_size",
+          f"{bs} is not divisible by the {num_processes} processes")
     for pattern, strategy in config.sharding_rules:
         try:
             check_strategy(pattern, strategy, [name for name, _ in config.mesh])
@@ -69,9 +77,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     check(config.loss_impl in LOSS_IMPLS, "loss_impl",
           f"{config.loss_impl!r} is not one of {LOSS_IMPLS}")
     accum = config.grad_accum_steps
-    check(accum >= 1 and (bs // num_devices) % accum == 0, "grad_accum_steps",
-          f"{accum} must be >= 1 and divide the per-device batch {bs // num_devices}, so that "
-          "every micro-batch spans all devices")
+    check(accum >= 1 and (bs // shards) % accum == 0, "grad_accum_steps",
+          f"{accum} must be >= 1 and divide the batch per shard {bs // shards}, so that every "
+          "micro-batch spans all devices")
     check(config.nonfinite in NONFINITE, "nonfinite",
           f"{config.nonfinite!r} is not one of {NONFINITE}")
     check(model.dtype in DTYPES, "model.dtype", f"{model.dtype!r} is not one of {sorted(DTYPES)}")
@@ -111,8 +119,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
         check(eval_cfg.type in EVALUATORS, f"evals.{name}.type",
               f"unknown evaluator {eval_cfg.type!r}; use one of {sorted(EVALUATORS)}")
         ebs = eval_cfg.get("batch_size", 256)
-        check(ebs % num_devices == 0, f"evals.{name}.batch_size",
-              f"{ebs} is not divisible by the {num_devices} devices")
+        check(ebs % shards == 0, f"evals.{name}.batch_size",
+              f"{ebs} is not divisible by the {shards} batch shards")
     if not data.build_if_missing:
         check(dataset_dir_exists(data), "data.name",
               f"dataset {data.name!r} is not built under {data.data_dir!r}; build it with "

@@ -2,6 +2,7 @@ import json
 import subprocess
 import sys
 
+import jax
 import pytest
 from conftest import REPO, load_config
 
@@ -32,6 +33,26 @@ def test_validation_names_the_field(field, value, message):
         node = node[p]
     node[last] = value
     with pytest.raises(ConfigError, match=message):
+        validate(config)
+
+
+def test_a_tensor_axis_splits_no_examples():
+    """On 8 devices with tensor=2 the batch has 4 shards: 12 pairs is valid, 10 is not."""
+    config = load_config()
+    config.mesh = [("data", -1), ("fsdp", 1), ("tensor", 2)]
+    config.data.global_batch_size = 12
+    validate(config)
+    config.data.global_batch_size = 10
+    with pytest.raises(ConfigError, match=r"10 is not divisible by the 4 batch shards"):
+        validate(config)
+
+
+def test_a_tensor_axis_must_stay_inside_one_process(monkeypatch):
+    config = load_config()
+    config.mesh = [("data", 1), ("tensor", 8)]
+    monkeypatch.setattr(jax, "local_device_count", lambda: 4)
+    with pytest.raises(ConfigError, match=r"config\.mesh: the tensor axis \(8\) must divide "
+                       r"the 4 devices of each process"):
         validate(config)
 
 
@@ -68,4 +89,4 @@ def test_main_prints_one_line_and_exits_2(tmp_path):
     assert result.returncode == 2, result.stderr[-2000:]
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert errors == ["error: config.data.global_batch_size: 13 is not divisible by the 8 "
-                      "devices; use a multiple of 8"]
+                      "batch shards (devices outside the tensor axis); use a multiple of 8"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from collections.abc import Callable, Iterator
 
@@ -23,7 +24,7 @@ from tqdm import tqdm
 from flipjax.data.pipeline import EvalPreprocess, data_source, normalize_images, text_of
 from flipjax.data.tokenizer import Tokenizer
 from flipjax.models import TwoTowers
-from flipjax.train.sharding import batch_sharding, replicated
+from flipjax.train.sharding import batch_axes, batch_sharding, replicated
 
 
 def model_fingerprint(model_cfg: ml_collections.ConfigDict,
@@ -46,9 +47,10 @@ class Embedder:
     def __init__(self, graphdef: nnx.GraphDef, mesh: jax.sharding.Mesh,
                  data_cfg: ml_collections.ConfigDict, batch_size: int, fingerprint: str = ""):
         self.fingerprint = fingerprint
-        if batch_size % mesh.size:
+        shards = math.prod(mesh.shape[axis] for axis in batch_axes(mesh))
+        if batch_size % shards:
             raise ValueError(f"eval batch size {batch_size} is not divisible by the "
-                             f"{mesh.size} devices")
+                             f"{shards} batch shards")
         self.batch_size, self.sharding = batch_size, batch_sharding(mesh)
         mean, std = tuple(data_cfg.mean), tuple(data_cfg.std)
 
