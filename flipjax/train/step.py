@@ -124,14 +124,20 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
         else:
             (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
                 state["params"], batch)
-        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
-        if max_log_t is not None:
-            params["t"] = jnp.minimum(params["t"], max_log_t)
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-        params, opt_state = keep(params, state["params"]), keep(opt_state, state["opt_state"])
+
+        def apply(params: dict, opt_state: Any) -> tuple[dict, Any]:
+            updates, opt_state = tx.update(grads, opt_state, params)
+            params = optax.apply_updates(params, updates)
+            if max_log_t is not None:
+                params["t"] = jnp.minimum(params["t"], max_log_t)
+            return params, opt_state
+
+        # A branch rather than a select between old and new: the update happens in place in
+        # the donated buffers, where a select would need a copy of the whole state.
+        params, opt_state = jax.lax.cond(finite, apply, lambda p, o: (p, o),
+                                         state["params"], state["opt_state"])
         nonfinite = state["nonfinite_steps"] + (~finite).astype(jnp.int32)
         metrics.update(loss=loss, lr=schedule(state["step"]), grad_norm=grad_norm,
                        param_norm=optax.tree.norm(params), nonfinite_steps=nonfinite)
