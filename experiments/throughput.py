@@ -24,7 +24,16 @@ On a GPU (JAX and torch both on the GPU; H100/H200 dense bf16 peak 989 TFLOP/s):
     JAX_PLATFORMS=cuda,cpu python experiments/throughput.py --dtype=bfloat16 --batch=256 \
         --peak_gflops=989000 --layouts=unrolled/none,scan/dots
 
-Without open_clip installed the open_clip columns read "–". MFU uses model FLOPs (no remat
+The same script, without open_clip, makes `experiments/results/compile_time.md` (trace and
+XLA compile seconds and XLA's scratch memory of each layout):
+
+    python experiments/throughput.py --variants=B/16 --batch=8 --steps=3 --rounds=1 \
+        --layouts=unrolled/none,scan/none,unrolled/dots,scan/dots,unrolled/full,scan/full
+
+Step times are medians over `--rounds` blocks of `--steps` steps (each after an untimed step),
+each flipjax layout's blocks taken in turns with open_clip's, so a drifting machine slows both
+alike; "/ open_clip" divides the two medians of those same rounds. Without open_clip installed
+its columns read "–". MFU uses model FLOPs (no remat
 recompute) of the unrolled step, read from XLA's cost analysis of the lowered step (a scanned
 body would be counted once), for every row, since the architectures are the same.
 """
@@ -34,6 +43,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from collections.abc import Callable
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -51,7 +61,8 @@ from flipjax.train.step import TrainSetup  # noqa: E402
 
 flags.DEFINE_list("variants", ["S/16", "B/16"], "Image tower variants (text tower: same size).")
 flags.DEFINE_integer("batch", 8, "Global batch (pairs) per step, for both.")
-flags.DEFINE_integer("steps", 5, "Timed steps (median), after one warm-up step.")
+flags.DEFINE_integer("steps", 5, "Timed steps per block, after one untimed step.")
+flags.DEFINE_integer("rounds", 2, "Blocks of each implementation, taken in turns.")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype of both.")
 flags.DEFINE_list("layouts", ["unrolled/none"], "flipjax rows: layers/remat.")
 flags.DEFINE_float("peak_gflops", 156.5, "Peak GFLOP/s of this machine in --dtype, for MFU.")
@@ -89,16 +100,21 @@ def random_batch(config: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
     return {"image": rng.integers(0, 256, (FLAGS.batch, r, r, 3), dtype=np.uint8), "text": text}
 
 
-def time_steps(step, state) -> float:
-    """Median seconds per step over `--steps` steps after a warm-up step: a step that shares
-    the machine with a stray process moves the median less than the mean."""
-    state = step(state)
-    times = []
-    for _ in range(FLAGS.steps):
-        t0 = time.perf_counter()
-        state = step(state)
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
+def median_step_times(steppers: list[Callable[[], None]]) -> list[float]:
+    """Median seconds per step of each stepper (a callable that runs one step). Each runs in
+    blocks of one untimed step and `--steps` timed ones, the blocks taken in turns for
+    `--rounds` rounds: a machine whose speed drifts (a shared VM) slows every implementation
+    alike, and no timed step directly follows the other framework's, whose threads and memory
+    may still be settling (steps alternated one by one ran 12-28% slower here)."""
+    times: list[list[float]] = [[] for _ in steppers]
+    for _ in range(FLAGS.rounds):
+        for step, seconds in zip(steppers, times, strict=True):
+            step()
+            for _ in range(FLAGS.steps):
+                t0 = time.perf_counter()
+                step()
+                seconds.append(time.perf_counter() - t0)
+    return [float(np.median(t)) for t in times]
 
 
 def model_flops(variant: str, batch: dict) -> float:
@@ -113,25 +129,32 @@ def model_flops(variant: str, batch: dict) -> float:
     return lowered.cost_analysis()["flops"]
 
 
-def measure_flipjax(config: ml_collections.ConfigDict, batch: dict) -> dict[str, float]:
+def flipjax_stepper(config: ml_collections.ConfigDict, batch: dict
+                    ) -> tuple[Callable[[], None], dict[str, float]]:
+    """A callable that runs one flipjax train step, and the step's lower and compile seconds
+    and XLA scratch memory."""
     setup = TrainSetup(config, VOCAB, make_mesh(config.mesh))
     batch = to_global(batch, setup.batch_sharding)
     state = setup.init()
     t0 = time.perf_counter()
-    compiled = setup.train_step.lower(state, batch).compile()
-    compile_s = time.perf_counter() - t0
+    lowered = setup.train_step.lower(state, batch)
+    t1 = time.perf_counter()
+    compiled = lowered.compile()
+    t2 = time.perf_counter()
 
-    def step(s):
-        s, m = compiled(s, batch)
-        return jax.block_until_ready((s, m))[0]
+    def step() -> None:
+        nonlocal state
+        state, metrics = compiled(state, batch)
+        jax.block_until_ready((state, metrics))
 
-    memory = compiled.memory_analysis()
-    return {"compile_s": compile_s, "temp_gib": memory.temp_size_in_bytes / 2**30,
-            "step_s": time_steps(step, state)}
+    return step, {"lower_s": t1 - t0, "compile_s": t2 - t1,
+                  "temp_gib": compiled.memory_analysis().temp_size_in_bytes / 2**30}
 
 
-def measure_open_clip(config: ml_collections.ConfigDict, batch: dict) -> float | None:
-    """Seconds per open_clip train step on the same architecture and batch, or None."""
+def open_clip_stepper(config: ml_collections.ConfigDict, batch: dict
+                      ) -> Callable[[], None] | None:
+    """A callable that runs one open_clip train step on the same architecture and batch, or
+    None without open_clip."""
     try:
         import torch
         from open_clip.loss import ClipLoss
@@ -165,7 +188,7 @@ def measure_open_clip(config: ml_collections.ConfigDict, batch: dict) -> float |
     autocast = torch.autocast(device, dtype=torch.bfloat16,
                               enabled=FLAGS.dtype == "bfloat16")
 
-    def step(_):
+    def step() -> None:
         images = (pixels.float() / 255.0 - mean) / std
         with autocast:
             loss = loss_fn(*model(images, ids))
@@ -176,15 +199,7 @@ def measure_open_clip(config: ml_collections.ConfigDict, batch: dict) -> float |
         if device == "cuda":
             torch.cuda.synchronize()
 
-    return time_steps(step, None)
-
-
-def release_torch_memory() -> None:
-    """Hands the memory of a finished open_clip run back to the GPU for flipjax's rows."""
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    return step
 
 
 def device_name() -> str:
@@ -202,14 +217,15 @@ def main(argv: list[str]) -> None:
         versions = "open_clip not installed"
     lines = [
         f"`python experiments/throughput.py --variants={','.join(FLAGS.variants)} "
-        f"--batch={FLAGS.batch} --steps={FLAGS.steps} --dtype={FLAGS.dtype} "
+        f"--batch={FLAGS.batch} --steps={FLAGS.steps} --rounds={FLAGS.rounds} "
+        f"--dtype={FLAGS.dtype} "
         f"--layouts={','.join(FLAGS.layouts)} --peak_gflops={FLAGS.peak_gflops:g}` — "
         f"{device_name()}, jax {jax.__version__}, {versions}, {os.cpu_count()} host cores, "
         f"{FLAGS.dtype}, 224 px, 64 tokens",
         "",
-        "| towers | implementation | GFLOPs/pair (train step) | compile s | XLA temp GiB | "
-        "step ms | pairs/s | MFU | / open_clip |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| towers | implementation | GFLOPs/pair (train step) | lower s | compile s | "
+        "XLA temp GiB | step ms | pairs/s | MFU | / open_clip |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     print("\n".join(lines), flush=True)
     peak = FLAGS.peak_gflops * 1e9
@@ -217,24 +233,26 @@ def main(argv: list[str]) -> None:
         batch = random_batch(clip_shaped_config(variant))
         flops = model_flops(variant, batch)
         towers = f"{variant} + {variant.split('/')[0]} text"
-        theirs = measure_open_clip(clip_shaped_config(variant), batch)
-        if theirs is not None:
-            release_torch_memory()
-        rows = []
+        theirs = open_clip_stepper(clip_shaped_config(variant), batch)
+        rows, theirs_s = [], []
         for layout in FLAGS.layouts:
             try:
-                ours = measure_flipjax(clip_shaped_config(variant, layout), batch)
+                ours, info = flipjax_stepper(clip_shaped_config(variant, layout), batch)
+                ours_s, *paired = median_step_times([ours] + ([theirs] if theirs else []))
             except Exception as e:  # noqa: BLE001 - e.g. out of memory: report, go on
                 rows.append([f"flipjax {layout}", f"failed: {type(e).__name__}: "
-                             f"{str(e).splitlines()[0][:120]}", *["–"] * 5])
+                             f"{str(e).splitlines()[0][:120]}", *["–"] * 6])
                 print(row(towers, flops, rows[-1]), flush=True)
                 continue
-            ratio = "–" if theirs is None else f"{theirs / ours['step_s']:.2f}×"
-            rows.append([f"flipjax {layout}", f"{ours['compile_s']:.0f}",
-                         f"{ours['temp_gib']:.2f}", *rate(ours["step_s"], flops, peak), ratio])
+            theirs_s += paired
+            ratio = f"{paired[0] / ours_s:.2f}×" if paired else "–"
+            rows.append([f"flipjax {layout}", f"{info['lower_s']:.1f}", f"{info['compile_s']:.1f}",
+                         f"{info['temp_gib']:.2f}", *rate(ours_s, flops, peak), ratio])
             print(row(towers, flops, rows[-1]), flush=True)
-        if theirs is not None:
-            rows.append(["open_clip", "–", "–", *rate(theirs, flops, peak), "1.00×"])
+            del ours  # its state and executable, before the next layout's
+        if theirs_s:
+            rows.append(["open_clip", "–", "–", "–",
+                         *rate(float(np.median(theirs_s)), flops, peak), "1.00×"])
             print(row(towers, flops, rows[-1]), flush=True)
         lines += [row(towers, flops, r) for r in rows]
     if FLAGS.output:
