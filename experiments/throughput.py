@@ -16,7 +16,7 @@ open_clip needs torchvision, so on the CPU run this in a separate venv (never in
 
     python -m venv /tmp/oc && /tmp/oc/bin/pip install torch==2.14.1 torchvision==0.29.1 \
         open-clip-torch -e .
-    /tmp/oc/bin/python experiments/throughput.py --variants=S/16,B/16 --batch=8 --steps=5 \
+    /tmp/oc/bin/python experiments/throughput.py --variants=S/16,B/16 --batch=8 --steps=3 \
         --peak_gflops=156.5
 
 On a GPU (JAX and torch both on the GPU; H100/H200 dense bf16 peak 989 TFLOP/s):
@@ -105,7 +105,7 @@ def median_step_times(steppers: list[Callable[[], None]]) -> list[float]:
     blocks of one untimed step and `--steps` timed ones, the blocks taken in turns for
     `--rounds` rounds: a machine whose speed drifts (a shared VM) slows every implementation
     alike, and no timed step directly follows the other framework's, whose threads and memory
-    may still be settling (steps alternated one by one ran 12-28% slower here)."""
+    may still be settling (alternated one by one, flipjax's steps ran 20% slower here)."""
     times: list[list[float]] = [[] for _ in steppers]
     for _ in range(FLAGS.rounds):
         for step, seconds in zip(steppers, times, strict=True):
