@@ -327,10 +327,10 @@ warm-up batches, best of {FLAGS.repeats}.
 
 """ + table(header_main, rows) + f"""
 "workers" 0 = the main process (Grain: `num_workers=0`, no `mp_prefetch`; PyTorch:
-`num_workers=0`); 2 = Grain `mp_prefetch` / DataLoader worker processes. CPU s is user + system
+`num_workers=0`); n > 0 = n `mp_prefetch`/DataLoader worker processes. CPU s is user + system
 time of the process and its workers during the timed batches (psutil); images/s per core =
 images / CPU s, i.e. the rate of one fully busy core, independent of idle cores or other load.
-Worker counts include the parent's share: with 2 workers the parent only receives batches. Both
+Worker counts include the parent's share: with workers the parent only receives batches. Both
 pipelines buffer a few batches ahead (Grain: `prefetch` {2 * FLAGS.batch} records per reader,
 `mp_prefetch`'s per-worker buffer; PyTorch: `prefetch_factor` 2 per worker), which can flatter a
 short timed window slightly and equally for both. PyTorch workers use "spawn": forked ones

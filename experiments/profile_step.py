@@ -6,7 +6,9 @@ matmuls, fusions, copies and the rest.
     JAX_PLATFORMS=cuda,cpu python experiments/profile_step.py --variants=B/16 --batch=256 \\
         --dtype=bfloat16 --layouts=unrolled/none --profile_dir=/tmp/profile
 
-The trace (`perfetto_trace.json.gz` under `--profile_dir`) opens in ui.perfetto.dev.
+Without `JAX_PLATFORMS` set it profiles the CPU (as `throughput.py` defaults), where host-side
+events are summed too. The trace (`perfetto_trace.json.gz` under `--profile_dir`) opens in
+ui.perfetto.dev.
 """
 
 from __future__ import annotations

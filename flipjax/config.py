@@ -6,6 +6,7 @@ Each problem is reported as one line naming the config field and what to do abou
 from __future__ import annotations
 
 import glob
+import math
 import os
 
 import jax
@@ -18,7 +19,7 @@ from flipjax.models.two_towers import DTYPES, tower_size
 from flipjax.models.vit import POOLS as IMAGE_POOLS
 from flipjax.models.vit import POSEMBS
 from flipjax.train.losses import LOSSES
-from flipjax.train.sharding import TENSOR, check_strategy, mesh_shape
+from flipjax.train.sharding import batch_axes, check_strategy, check_tensor_groups, make_mesh
 
 LOSS_IMPLS = ("global", "sharded")
 NONFINITE = ("raise", "skip")
@@ -51,19 +52,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
     num_processes = jax.process_count()
     data, model = config.data, config.model
     try:
-        sizes = dict(zip([name for name, _ in config.mesh],
-                         mesh_shape(config.mesh, jax.device_count()), strict=True))
+        mesh = make_mesh(config.mesh)
+        check_tensor_groups(mesh.devices, mesh.axis_names)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     # Devices on a `tensor` axis share their examples: the batch splits over the other axes.
-    tensor = sizes.get(TENSOR, 1)
-    shards = jax.device_count() // tensor
-    check(jax.local_device_count() % tensor == 0, "mesh",
-          f"the tensor axis ({tensor}) must divide the {jax.local_device_count()} devices of "
-          "each process, so that its all-reduces stay inside one host")
+    shards = math.prod(mesh.shape[axis] for axis in batch_axes(mesh))
     bs = data.global_batch_size
     check(bs > 0 and bs % shards == 0, "data.global_batch_size",
-          f"{bs} is not divisible by the {shards} batch shards (devices outside the tensor "
+          f"{bs} is not divisible by the {shards} batch shards (devices outside any tensor "
           f"axis); use a multiple of {shards}")
     check(bs % num_processes == 0, "data.global_batch_size",
           f"{bs} is not divisible by the {num_processes} processes")

@@ -1,12 +1,14 @@
 import json
 import subprocess
 import sys
+import types
 
-import jax
+import numpy as np
 import pytest
 from conftest import REPO, load_config
 
 from flipjax.config import ConfigError, validate
+from flipjax.train.sharding import check_tensor_groups
 from flipjax.train.workdir import load_workdir_config
 
 
@@ -47,13 +49,13 @@ def test_a_tensor_axis_splits_no_examples():
         validate(config)
 
 
-def test_a_tensor_axis_must_stay_inside_one_process(monkeypatch):
-    config = load_config()
-    config.mesh = [("data", 1), ("tensor", 8)]
-    monkeypatch.setattr(jax, "local_device_count", lambda: 4)
-    with pytest.raises(ConfigError, match=r"config\.mesh: the tensor axis \(8\) must divide "
-                       r"the 4 devices of each process"):
-        validate(config)
+def test_a_tensor_axis_must_stay_inside_one_process():
+    """Two hosts of 4 devices: `tensor` last keeps each pair on one host; first, it spans both."""
+    host = lambda i: types.SimpleNamespace(process_index=i // 4)
+    devices = np.array([host(i) for i in range(8)], dtype=object)
+    check_tensor_groups(devices.reshape(4, 2), ("data", "tensor"))
+    with pytest.raises(ValueError, match=r"tensor axis \(2 devices\) spans processes \[0, 1\]"):
+        check_tensor_groups(devices.reshape(2, 4), ("tensor", "data"))
 
 
 def test_workdir_config_of_an_older_run_is_filled_in(tmp_path):
@@ -89,4 +91,4 @@ def test_main_prints_one_line_and_exits_2(tmp_path):
     assert result.returncode == 2, result.stderr[-2000:]
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert errors == ["error: config.data.global_batch_size: 13 is not divisible by the 8 "
-                      "batch shards (devices outside the tensor axis); use a multiple of 8"]
+                      "batch shards (devices outside any tensor axis); use a multiple of 8"]

@@ -79,6 +79,23 @@ def make_mesh(axes: Sequence[tuple[str, int]], devices: Sequence[jax.Device] | N
                 axis_types=(AxisType.Auto,) * len(names))
 
 
+def check_tensor_groups(devices: np.ndarray, axis_names: Sequence[str]) -> None:
+    """Raises ValueError unless each group of devices along the `tensor` axis of a mesh's
+    `devices` array lies in one process: such devices share the same batch rows, and each
+    process feeds only its own rows (`flipjax.data.pipeline.to_global`)."""
+    if TENSOR not in axis_names:
+        return
+    groups = np.moveaxis(devices, list(axis_names).index(TENSOR), -1)
+    groups = groups.reshape(-1, groups.shape[-1])
+    for group in groups:
+        if len({d.process_index for d in group}) > 1:
+            raise ValueError(
+                f"config.mesh: the tensor axis ({groups.shape[-1]} devices) spans processes "
+                f"{sorted({d.process_index for d in group})}; its devices share batch rows, "
+                "and each process feeds only its own, so keep each tensor group inside one "
+                "process (make `tensor` the last mesh axis and no larger than a host's devices)")
+
+
 def batch_axes(mesh: Mesh) -> tuple[str, ...]:
     """The mesh axes that split the batch: all but `tensor`, whose devices share examples."""
     return tuple(name for name in mesh.axis_names if name != TENSOR)

@@ -135,7 +135,8 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
             return params, opt_state
 
         # A branch rather than a select between old and new: the update happens in place in
-        # the donated buffers, where a select would need a copy of the whole state.
+        # the donated buffers, where a select kept the old state alive and XLA copied every
+        # leaf (S/16 on CPU: scratch 1.52 -> 1.35 GiB without those copies).
         params, opt_state = jax.lax.cond(finite, apply, lambda p, o: (p, o),
                                          state["params"], state["opt_state"])
         nonfinite = state["nonfinite_steps"] + (~finite).astype(jnp.int32)
