@@ -26,9 +26,6 @@ import jax  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 from experiments import throughput  # noqa: E402
-from flipjax.data.pipeline import to_global  # noqa: E402
-from flipjax.train.sharding import make_mesh  # noqa: E402
-from flipjax.train.step import TrainSetup  # noqa: E402
 
 flags.DEFINE_string("profile_dir", "/tmp/flipjax_profile", "Where the trace goes.")
 flags.DEFINE_integer("top", 25, "Kernels listed.")
@@ -67,17 +64,12 @@ def main(argv: list[str]) -> None:
     del argv
     variant, layout = FLAGS.variants[0], FLAGS.layouts[0]
     config = throughput.clip_shaped_config(variant, layout)
-    setup = TrainSetup(config, throughput.VOCAB, make_mesh(config.mesh))
-    batch = to_global(throughput.random_batch(config), setup.batch_sharding)
-    state = setup.init()
-    step = setup.train_step.lower(state, batch).compile()
+    step, _ = throughput.flipjax_stepper(config, throughput.random_batch(config))
     for _ in range(2):  # warm-up
-        state, metrics = step(state, batch)
-    jax.block_until_ready((state, metrics))
+        step()
     with jax.profiler.trace(FLAGS.profile_dir, create_perfetto_trace=True):
         for _ in range(FLAGS.steps):
-            state, metrics = step(state, batch)
-        jax.block_until_ready((state, metrics))
+            step()
     trace_path = max(glob.glob(os.path.join(FLAGS.profile_dir, "**", "perfetto_trace.json.gz"),
                                recursive=True), key=os.path.getmtime)
     per_name: collections.Counter = collections.Counter()

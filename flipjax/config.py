@@ -6,7 +6,6 @@ Each problem is reported as one line naming the config field and what to do abou
 from __future__ import annotations
 
 import glob
-import math
 import os
 
 import jax
@@ -19,7 +18,7 @@ from flipjax.models.two_towers import DTYPES, tower_size
 from flipjax.models.vit import POOLS as IMAGE_POOLS
 from flipjax.models.vit import POSEMBS
 from flipjax.train.losses import LOSSES
-from flipjax.train.sharding import batch_axes, check_strategy, check_tensor_groups, make_mesh
+from flipjax.train.sharding import batch_shards, check_strategy, check_tensor_groups, make_mesh
 
 LOSS_IMPLS = ("global", "sharded")
 NONFINITE = ("raise", "skip")
@@ -57,7 +56,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     except ValueError as e:
         raise ConfigError(str(e)) from None
     # Devices on a `tensor` axis share their examples: the batch splits over the other axes.
-    shards = math.prod(mesh.shape[axis] for axis in batch_axes(mesh))
+    shards = batch_shards(mesh)
     bs = data.global_batch_size
     check(bs > 0 and bs % shards == 0, "data.global_batch_size",
           f"{bs} is not divisible by the {shards} batch shards (devices outside any tensor "

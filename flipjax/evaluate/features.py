@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 from collections.abc import Callable, Iterator
 
@@ -24,7 +23,7 @@ from tqdm import tqdm
 from flipjax.data.pipeline import EvalPreprocess, data_source, normalize_images, text_of
 from flipjax.data.tokenizer import Tokenizer
 from flipjax.models import TwoTowers
-from flipjax.train.sharding import batch_axes, batch_sharding, replicated
+from flipjax.train.sharding import batch_sharding, batch_shards, replicated
 
 
 def model_fingerprint(model_cfg: ml_collections.ConfigDict,
@@ -47,7 +46,7 @@ class Embedder:
     def __init__(self, graphdef: nnx.GraphDef, mesh: jax.sharding.Mesh,
                  data_cfg: ml_collections.ConfigDict, batch_size: int, fingerprint: str = ""):
         self.fingerprint = fingerprint
-        shards = math.prod(mesh.shape[axis] for axis in batch_axes(mesh))
+        shards = batch_shards(mesh)
         if batch_size % shards:
             raise ValueError(f"eval batch size {batch_size} is not divisible by the "
                              f"{shards} batch shards")

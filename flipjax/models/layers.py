@@ -156,13 +156,9 @@ def _is_per_layer(layers: dict) -> bool:
 
 def has_stacked_layers(params: dict) -> bool:
     """Whether `params` holds scanned (stacked) encoder layers."""
-    for key, value in params.items():
-        if isinstance(value, dict):
-            if key == "encoder" and "layers" in value and not _is_per_layer(value["layers"]):
-                return True
-            if has_stacked_layers(value):
-                return True
-    return False
+    stacked = []
+    _map_encoder_layers(params, lambda layers: stacked.append(not _is_per_layer(layers)) or layers)
+    return any(stacked)
 
 
 def unstack_layers(params: dict) -> dict:

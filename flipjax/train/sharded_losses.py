@@ -16,15 +16,13 @@ sigmoid: big_vision's chunked SigLIP as a ring. The captions move one device alo
 
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from flipjax.train.losses import LossFn
-from flipjax.train.sharding import batch_axes
+from flipjax.train.sharding import batch_axes, batch_shards
 
 
 def _local_index(axes: tuple[str, ...], local_batch: int) -> jax.Array:
@@ -91,7 +89,7 @@ def make_sharded_loss(name: str, mesh: Mesh) -> LossFn:
     (a `tensor` axis holds copies), taking and returning the same values as the global
     `LOSSES[name]`."""
     axes = batch_axes(mesh)
-    num_devices = math.prod(mesh.shape[a] for a in axes)
+    num_devices = batch_shards(mesh)
 
     def loss_fn(zimg, ztxt, scale, bias):
         global_batch = zimg.shape[0]

@@ -101,6 +101,11 @@ def batch_axes(mesh: Mesh) -> tuple[str, ...]:
     return tuple(name for name in mesh.axis_names if name != TENSOR)
 
 
+def batch_shards(mesh: Mesh) -> int:
+    """How many ways the batch splits: the devices along `batch_axes`."""
+    return math.prod(mesh.shape[axis] for axis in batch_axes(mesh))
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """Leading (batch) dimension split over `batch_axes`."""
     return NamedSharding(mesh, PartitionSpec(batch_axes(mesh)))
