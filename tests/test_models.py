@@ -7,7 +7,7 @@ from conftest import load_config
 from flax import nnx
 
 from flipjax.models import make_model
-from flipjax.models.layers import stack_layers, unstack_layers
+from flipjax.models.layers import dot_product_attention, stack_layers, unstack_layers
 from flipjax.models.variants import SIZES, decode_variant
 from flipjax.models.vit import sincos2d_posemb
 from flipjax.train.sharding import make_mesh
@@ -72,6 +72,29 @@ def test_causal_text_ignores_later_tokens():
     a = jnp.array([[5, 6, 1] + [7] * (cfg.text.max_len - 3)])
     b = jnp.array([[5, 6, 1] + [9] * (cfg.text.max_len - 3)])
     np.testing.assert_allclose(model.txt(a), model.txt(b), atol=1e-6)
+
+
+@pytest.mark.parametrize("causal,tq", [(False, 7), (True, 7), (False, 1)])
+def test_attention_matches_jax_in_value_and_gradient(causal, tq):
+    """Our attention (heads-major, FlashAttention-style backward) is jax's, to float32
+    rounding: self-attention with and without a causal mask, and a MAP-head-like single
+    query over more keys."""
+    q, k, v, w = (jax.random.normal(jax.random.key(i), (2, n, 3, 8))
+                  for i, n in enumerate((tq, 9 if tq == 1 else tq, 9 if tq == 1 else tq, tq)))
+    heads_major = lambda y: y.transpose(0, 2, 1, 3)
+
+    def ours(q, k, v):
+        out = dot_product_attention(heads_major(q), heads_major(k), heads_major(v), causal)
+        return jnp.sum(heads_major(out) * w)
+
+    def theirs(q, k, v):
+        return jnp.sum(jax.nn.dot_product_attention(q, k, v, is_causal=causal) * w)
+
+    value, grads = jax.value_and_grad(ours, argnums=(0, 1, 2))(q, k, v)
+    expected, expected_grads = jax.value_and_grad(theirs, argnums=(0, 1, 2))(q, k, v)
+    np.testing.assert_allclose(value, expected, rtol=1e-5)
+    for got, want in zip(grads, expected_grads, strict=True):
+        np.testing.assert_allclose(got, want, atol=1e-5)
 
 
 def test_bf16_compute_keeps_fp32_params():
