@@ -78,6 +78,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                    mu_dtype="bfloat16", decay_regex=r".*/kernel",
                    frozen_regex="", lr_mults=[])
 
+    # True only where XLA runs on the CPU: reuse its scratch buffers' host memory across steps
+    # instead of page-faulting them back in (flipjax/train/host_memory.py).
+    c.keep_freed_host_memory = False
     # One axis of size -1 takes the remaining devices; on a pod prefer fsdp within a slice.
     c.mesh = [("data", -1), ("fsdp", 1)]
     c.sharding_rules = [(".*", "fsdp")]

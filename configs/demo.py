@@ -56,6 +56,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                    mu_dtype=None, decay_regex=r".*/kernel",
                    frozen_regex="", lr_mults=[])
 
+    # XLA:CPU's per-step scratch buffers stay in the heap instead of being page-faulted back
+    # in every step (flipjax/train/host_memory.py); for CPU runs only.
+    c.keep_freed_host_memory = True
     c.mesh = [("data", -1), ("fsdp", 1)]
     c.sharding_rules = [(".*", "fsdp")]
     c.fsdp_min_size_mb = 4.0

@@ -40,6 +40,10 @@ the median of its medians over all layouts. Without open_clip installed that row
 and "/ open_clip" reads "–". MFU uses model FLOPs (no remat
 recompute) of the unrolled step, read from XLA's cost analysis of the lowered step (a scanned
 body would be counted once), for every row, since the architectures are the same.
+
+On the CPU the process runs with glibc malloc keeping freed memory
+(`flipjax/train/host_memory.py`, what `config.keep_freed_host_memory` does for CPU training):
+otherwise XLA:CPU page-faults its whole scratch buffer back in on every step.
 """
 
 from __future__ import annotations
@@ -51,6 +55,13 @@ from collections.abc import Callable
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from flipjax.train.host_memory import keep_freed_host_memory  # noqa: E402
+
+# As configs do for CPU runs (`keep_freed_host_memory`), before numpy, torch or JAX start
+# threads; both frameworks run under it.
+KEPT_HOST_MEMORY = (os.environ["JAX_PLATFORMS"].startswith("cpu")
+                    and keep_freed_host_memory())
 
 import jax  # noqa: E402
 import ml_collections  # noqa: E402
@@ -227,7 +238,8 @@ def main(argv: list[str]) -> None:
         f"--dtype={FLAGS.dtype} "
         f"--layouts={','.join(FLAGS.layouts)} --peak_gflops={FLAGS.peak_gflops:g}` — "
         f"{device_name()}, jax {jax.__version__}, {versions}, {os.cpu_count()} host cores, "
-        f"{FLAGS.dtype}, 224 px, 64 tokens",
+        f"{FLAGS.dtype}, 224 px, 64 tokens"
+        + (", glibc malloc keeping freed memory" if KEPT_HOST_MEMORY else ""),
         "",
         "| towers | implementation | GFLOPs/pair (train step) | lower s | compile s | "
         "XLA temp GiB | step ms | pairs/s | MFU | / open_clip |",

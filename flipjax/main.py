@@ -40,6 +40,11 @@ class OwnInfoOnly(std_logging.Filter):
 
 def main(argv: list[str]) -> None:
     del argv
+    from flipjax.train.host_memory import keep_freed_host_memory
+
+    # Before JAX starts its CPU client, whose threads would keep their malloc arenas.
+    if FLAGS.config.keep_freed_host_memory and not keep_freed_host_memory():
+        logging.warning("keep_freed_host_memory: not glibc, malloc left as it is")
     import jax
 
     logging.get_absl_handler().addFilter(OwnInfoOnly())
