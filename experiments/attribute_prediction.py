@@ -13,9 +13,7 @@ experiments/results/attribute_prediction.md.
 
 from __future__ import annotations
 
-import argparse
-
-from experiments.common import evaluate, fmt, load_run, markdown_table, write
+from experiments.common import benchmark_parser, evaluate, fmt, load_run, markdown_table, write
 from flipjax.evaluate.prompts import CELEBA_ATTRIBUTES
 
 SPLITS = {"celeba": dict(train_split="train", val_split="validation", test_split="test"),
@@ -24,14 +22,8 @@ SPLITS = {"celeba": dict(train_split="train", val_split="validation", test_split
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--workdir", required=True)
-    parser.add_argument("--data_dir", required=True, help="Where celeba/lfwa are built.")
-    parser.add_argument("--datasets", default="celeba,lfwa")
-    parser.add_argument("--step", type=int, default=None)
-    parser.add_argument("--batch_size", type=int, default=256)
-    parser.add_argument("--out", default="experiments/results/attribute_prediction.md")
-    args = parser.parse_args()
+    args = benchmark_parser(__doc__, datasets="celeba,lfwa",
+                            out="experiments/results/attribute_prediction.md").parse_args()
 
     run = load_run(args.workdir, args.step)
     datasets = args.datasets.split(",")

@@ -5,6 +5,7 @@ Scripts run from the repository root as modules, e.g. `python -m experiments.syn
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import os
 from collections.abc import Sequence
@@ -25,6 +26,19 @@ class Run:
     setup: TrainSetup
     tokenizer: Tokenizer
     workdir: str
+
+
+def benchmark_parser(doc: str, *, datasets: str, out: str) -> argparse.ArgumentParser:
+    """The flags every paper-benchmark script takes: the run (workdir, step), where its
+    datasets are built and which, the feature batch size and the output file."""
+    parser = argparse.ArgumentParser(description=doc.split("\n")[0])
+    parser.add_argument("--workdir", required=True)
+    parser.add_argument("--data_dir", required=True, help="Where the datasets are built.")
+    parser.add_argument("--datasets", default=datasets)
+    parser.add_argument("--step", type=int, default=None)
+    parser.add_argument("--batch_size", type=int, default=256)
+    parser.add_argument("--out", default=out)
+    return parser
 
 
 def load_run(workdir: str, step: int | None = None) -> Run:

@@ -12,22 +12,15 @@ experiments/results/retrieval_benchmarks.md.
 
 from __future__ import annotations
 
-import argparse
-
-from experiments.common import evaluate, fmt, load_run, markdown_table, write
+from experiments.common import benchmark_parser, evaluate, fmt, load_run, markdown_table, write
 
 COLUMNS = [f"{d}_R@{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)] + ["mean_R"]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--workdir", required=True)
-    parser.add_argument("--data_dir", required=True, help="Where the datasets are built.")
-    parser.add_argument("--datasets", default="mm_celeba_hq,celeba_dialog")
+    parser = benchmark_parser(__doc__, datasets="mm_celeba_hq,celeba_dialog",
+                              out="experiments/results/retrieval_benchmarks.md")
     parser.add_argument("--split", default="test")
-    parser.add_argument("--step", type=int, default=None)
-    parser.add_argument("--batch_size", type=int, default=256)
-    parser.add_argument("--out", default="experiments/results/retrieval_benchmarks.md")
     args = parser.parse_args()
 
     run = load_run(args.workdir, args.step)
