@@ -79,8 +79,9 @@ def test_attention_matches_jax_in_value_and_gradient(causal, tq):
     """Our attention (heads-major, FlashAttention-style backward) is jax's, to float32
     rounding: self-attention with and without a causal mask, and a MAP-head-like single
     query over more keys."""
+    tk = 9 if tq == 1 else tq
     q, k, v, w = (jax.random.normal(jax.random.key(i), (2, n, 3, 8))
-                  for i, n in enumerate((tq, 9 if tq == 1 else tq, 9 if tq == 1 else tq, tq)))
+                  for i, n in enumerate((tq, tk, tk, tq)))
     heads_major = lambda y: y.transpose(0, 2, 1, 3)
 
     def ours(q, k, v):

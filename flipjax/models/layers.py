@@ -51,12 +51,16 @@ def gelu_fn(flavour: str) -> Callable[[jax.Array], jax.Array]:
     return GELU_FLAVOURS[flavour]
 
 
+def _logit_scale(q: jax.Array) -> np.float32:
+    return np.float32(q.shape[-1] ** -0.5)
+
+
 def _attention_forward(q: jax.Array, k: jax.Array, v: jax.Array, is_causal: bool
                        ) -> tuple[jax.Array, jax.Array]:
     """Softmax attention and its probabilities; logits and softmax in float32 for any input
     dtype, as `jax.nn.dot_product_attention` does."""
     logits = jnp.einsum("bnqh,bnkh->bnqk", q, k, preferred_element_type=jnp.float32)
-    logits *= np.float32(q.shape[-1] ** -0.5)
+    logits *= _logit_scale(q)
     if is_causal:  # finite, so that the softmax of a masked logit is 0 and never NaN
         keep = jnp.tril(jnp.ones(logits.shape[-2:], bool))
         logits = jnp.where(keep, logits, -0.7 * np.finfo(np.float32).max)
@@ -91,7 +95,7 @@ def _attention_bwd(is_causal, residuals, d_out):
     d_probs = jnp.einsum("bnqh,bnkh->bnqk", d_out, v, preferred_element_type=jnp.float32)
     # d softmax: P * (dP - rowsum(dP * P)), and rowsum(dP * P) = rowsum(dO * O).
     row = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), -1, keepdims=True)
-    d_logits = (probs * (d_probs - row) * np.float32(q.shape[-1] ** -0.5)).astype(q.dtype)
+    d_logits = (probs * (d_probs - row) * _logit_scale(q)).astype(q.dtype)
     dq = jnp.einsum("bnqk,bnkh->bnqh", d_logits, k)
     # dK and dV as (head_dim, k) products transposed afterwards: XLA:CPU runs these faster
     # than the same contraction written with the q axis shared.
