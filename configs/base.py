@@ -65,6 +65,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         # nnx.scan over the stacked blocks: one compiled block per tower instead of 12
         # (compile-time numbers in experiments/results/compile_time.md); export unstacks.
         scan_layers=True,
+        # "auto": cuDNN's fused attention on an NVIDIA GPU in bf16/fp16, else XLA's ("dot");
+        # see flipjax.models.layers.ATTENTION_KERNELS.
+        attention="auto",
     )
     # A Hugging Face SiglipModel/CLIPModel directory (safetensors) to start from, and which
     # towers to load from it; `t`/`b` load only with both (flipjax/export/hf_import.py).

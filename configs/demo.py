@@ -40,6 +40,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                   pool="last", causal=False, eos_id=1, proj_dim=128, proj_bias=True),
         temperature_init=10.0, bias_init=None, max_temperature=100.0,
         gelu="tanh", ln_eps=1e-6, dtype="float32", remat="none", scan_layers=False,
+        attention="auto",
     )
     # A Hugging Face SiglipModel/CLIPModel directory (safetensors) to start from, and which
     # towers to load from it; `t`/`b` load only with both (flipjax/export/hf_import.py).

@@ -31,7 +31,8 @@ flags.DEFINE_string("profile_dir", "/tmp/flipjax_profile", "Where the trace goes
 flags.DEFINE_integer("top", 25, "Kernels listed.")
 FLAGS = flags.FLAGS
 
-CATEGORIES = (("matmul", ("gemm", "nvjet", "xmma", "cutlass", "cublas", "matmul", "dot")),
+CATEGORIES = (("attention", ("sdpa", "flash", "fmha", "cudnn::fusion")),
+              ("matmul", ("gemm", "nvjet", "xmma", "cutlass", "cublas", "matmul", "dot")),
               ("copy", ("memcpy", "memset", "copy", "transpose")),
               ("fusion", ("fusion",)))
 

@@ -79,7 +79,8 @@ flags.DEFINE_integer("batch", 8, "Global batch (pairs) per step, for both.")
 flags.DEFINE_integer("steps", 5, "Timed steps per block, after one untimed step.")
 flags.DEFINE_integer("rounds", 2, "Blocks of each implementation, taken in turns.")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype of both.")
-flags.DEFINE_list("layouts", ["unrolled/none"], "flipjax rows: layers/remat.")
+flags.DEFINE_list("layouts", ["unrolled/none"], "flipjax rows: layers/remat[/attention].")
+flags.DEFINE_bool("open_clip", True, "Time open_clip too (where it is installed).")
 flags.DEFINE_float("peak_gflops", 156.5, "Peak GFLOP/s of this machine in --dtype, for MFU.")
 flags.DEFINE_string("output", None, "Also write the table (markdown) to this file.")
 FLAGS = flags.FLAGS
@@ -90,14 +91,16 @@ VOCAB = 32_000
 def clip_shaped_config(variant: str, layout: str = "unrolled/none"
                        ) -> ml_collections.ConfigDict:
     """configs/base.py with open_clip's CLIP architecture, so both sides train the same model,
-    in one `--layouts` entry."""
-    layers, remat = layout.split("/")
+    in one `--layouts` entry: `layers/remat`, optionally `/attention` (a kernel of
+    `flipjax.models.layers.ATTENTION_KERNELS`; default "auto")."""
+    layers, remat, *attention = layout.split("/")
     config = get_config(f"batch={FLAGS.batch}")
     config.mesh, config.loss_impl, config.loss = [("data", 1)], "global", "softmax"
     width = SIZES[variant.split("/")[0]].width
     model = config.model
     model.update(dtype=FLAGS.dtype, gelu="exact", ln_eps=1e-5, bias_init=None,
-                 scan_layers=layers == "scan", remat=remat)
+                 scan_layers=layers == "scan", remat=remat,
+                 attention=attention[0] if attention else "auto")
     model.image.update(variant=variant, pool="tok", pre_norm=True, proj_dim=width,
                        proj_bias=False)
     model.text.update(variant=variant.split("/")[0], pool="eos", causal=True, proj_dim=width,
@@ -137,7 +140,7 @@ def model_flops(variant: str, batch: dict) -> float:
     the step lowered for one CPU device: the GPU backend has no cost analysis of a lowered
     step, and its compiled one leaves out the cuBLAS matmuls (run with JAX_PLATFORMS=cuda,cpu
     there)."""
-    config = clip_shaped_config(variant)
+    config = clip_shaped_config(variant, "unrolled/none/dot")  # cuDNN's kernel has no cost
     setup = TrainSetup(config, VOCAB, make_mesh(config.mesh, jax.devices("cpu")[:1]))
     lowered = setup.train_step.lower(jax.eval_shape(setup.init),
                                      to_global(batch, setup.batch_sharding))
@@ -171,7 +174,9 @@ def flipjax_stepper(config: ml_collections.ConfigDict, batch: dict
 def open_clip_stepper(config: ml_collections.ConfigDict, batch: dict
                       ) -> Callable[[], None] | None:
     """A callable that runs one open_clip train step on the same architecture and batch, or
-    None without open_clip."""
+    None without open_clip (or with --noopen_clip)."""
+    if not FLAGS.open_clip:
+        return None
     try:
         import torch
         from open_clip.loss import ClipLoss

@@ -7,7 +7,13 @@ from conftest import load_config
 from flax import nnx
 
 from flipjax.models import make_model
-from flipjax.models.layers import dot_product_attention, stack_layers, unstack_layers
+from flipjax.models.layers import (
+    cudnn_attention,
+    dot_product_attention,
+    resolve_attention_kernel,
+    stack_layers,
+    unstack_layers,
+)
 from flipjax.models.variants import SIZES, decode_variant
 from flipjax.models.vit import sincos2d_posemb
 from flipjax.train.sharding import make_mesh
@@ -96,6 +102,34 @@ def test_attention_matches_jax_in_value_and_gradient(causal, tq):
     np.testing.assert_allclose(value, expected, rtol=1e-5)
     for got, want in zip(grads, expected_grads, strict=True):
         np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+@pytest.mark.parametrize("causal,tq,tk", [(False, 7, 7), (True, 7, 7), (False, 1, 9),
+                                           (False, 6, 6), (True, 6, 6), (False, 4, 5)])
+def test_padding_for_cudnn_changes_no_value_or_gradient(causal, tq, tk):
+    """The cuDNN path pads odd lengths to even ones (a masked key, a sliced-off query); run
+    through XLA here (no GPU), it gives unpadded attention's values and gradients."""
+    q, k, v, w = (jax.random.normal(jax.random.key(i), (2, n, 3, 8))
+                  for i, n in enumerate((tq, tk, tk, tq)))
+
+    def padded(q, k, v):
+        return jnp.sum(cudnn_attention(q, k, v, causal, implementation="xla") * w)
+
+    def unpadded(q, k, v):
+        return jnp.sum(jax.nn.dot_product_attention(q, k, v, is_causal=causal) * w)
+
+    value, grads = jax.value_and_grad(padded, argnums=(0, 1, 2))(q, k, v)
+    expected, expected_grads = jax.value_and_grad(unpadded, argnums=(0, 1, 2))(q, k, v)
+    np.testing.assert_allclose(value, expected, rtol=1e-5)
+    for got, want in zip(grads, expected_grads, strict=True):
+        np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_auto_attention_is_xla_off_gpu():
+    assert resolve_attention_kernel("auto", jnp.bfloat16) == "dot"  # tests run on the CPU
+    assert resolve_attention_kernel("cudnn", jnp.float32) == "cudnn"
+    with pytest.raises(ValueError, match="attention must be one of"):
+        resolve_attention_kernel("flash", jnp.float32)
 
 
 def test_bf16_compute_keeps_fp32_params():

@@ -114,7 +114,7 @@ def model_config_from_hf(path: str) -> tuple[ml_collections.ConfigDict, int]:
         # Placeholders that create `t` (and `b` for SigLIP); the import overwrites both.
         temperature_init=10.0, bias_init=-10.0 if siglip else None, max_temperature=100.0,
         gelu=acts.pop(), ln_eps=tc.layer_norm_eps, dtype="float32", remat="none",
-        scan_layers=False,
+        scan_layers=False, attention="auto",
     ))
     return model, tc.vocab_size
 

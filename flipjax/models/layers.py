@@ -51,6 +51,22 @@ def gelu_fn(flavour: str) -> Callable[[jax.Array], jax.Array]:
     return GELU_FLAVOURS[flavour]
 
 
+# Attention kernels (`config.model.attention`). "dot" is `dot_product_attention` below, plain
+# XLA that runs on every backend; "cudnn" is cuDNN's fused flash-attention kernel, on NVIDIA GPUs
+# in 16-bit compute only; "auto" picks "cudnn" where it runs, else "dot".
+ATTENTION_KERNELS = ("auto", "dot", "cudnn")
+
+
+def resolve_attention_kernel(kernel: str, dtype) -> str:
+    """The kernel "auto" stands for on this backend and compute dtype (others pass through)."""
+    if kernel not in ATTENTION_KERNELS:
+        raise ValueError(f"attention must be one of {ATTENTION_KERNELS}, got {kernel!r}")
+    if kernel != "auto":
+        return kernel
+    on_gpu_in_16_bit = jax.default_backend() == "gpu" and jnp.dtype(dtype).itemsize == 2
+    return "cudnn" if on_gpu_in_16_bit else "dot"
+
+
 def _logit_scale(q: jax.Array) -> np.float32:
     return np.float32(q.shape[-1] ** -0.5)
 
@@ -107,13 +123,36 @@ def _attention_bwd(is_causal, residuals, d_out):
 dot_product_attention.defvjp(_attention_fwd, _attention_bwd)
 
 
+def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, is_causal: bool = False, *,
+                    implementation: str = "cudnn") -> jax.Array:
+    """Multi-head softmax attention over (batch, seq, heads, head_dim) arrays with cuDNN's
+    fused kernel, which never materialises the (q, k) logits in memory.
+
+    cuDNN has no backward pass for an odd query or key length (jax raises "Unsupported
+    sequence length" at the first train step), and a ViT with a class token has an odd number
+    of tokens (197 at 224 px with 16 px patches). An odd length is therefore padded by one: a
+    zero query row, sliced off the output, and a zero key that the kernel's padding mask
+    (`key_value_seq_lengths`) hides, so every query attends to exactly its own keys.
+    `implementation="xla"` runs the same padding through XLA, which is how the CPU tests check
+    it.
+    """
+    b, tq, tk = q.shape[0], q.shape[1], k.shape[1]
+    even = lambda x: jnp.pad(x, [(0, 0), (0, x.shape[1] % 2), (0, 0), (0, 0)])
+    kv_lengths = jnp.full((b,), tk, jnp.int32) if tk % 2 else None
+    out = jax.nn.dot_product_attention(even(q), even(k), even(v), is_causal=is_causal,
+                                       key_value_seq_lengths=kv_lengths,
+                                       implementation=implementation)
+    return out[:, :tq]
+
+
 class Attention(nnx.Module):
     """Multi-head attention with separate q/k/v/out projections (1:1 with HF's layout)."""
 
-    def __init__(self, width: int, num_heads: int, *, dtype, rngs: nnx.Rngs):
+    def __init__(self, width: int, num_heads: int, *, attention: str = "auto", dtype,
+                 rngs: nnx.Rngs):
         if width % num_heads:
             raise ValueError(f"width {width} is not divisible by num_heads {num_heads}")
-        self.num_heads = num_heads
+        self.num_heads, self.kernel = num_heads, resolve_attention_kernel(attention, dtype)
         dense = functools.partial(nnx.Linear, width, width, dtype=dtype, rngs=rngs)
         self.q, self.k, self.v, self.out = dense(), dense(), dense(), dense()
 
@@ -121,12 +160,16 @@ class Attention(nnx.Module):
                  is_causal: bool = False) -> jax.Array:
         context = x if context is None else context
         b, tq, d = x.shape
-        heads = lambda y: y.reshape(b, y.shape[1], self.num_heads, d // self.num_heads
-                                    ).transpose(0, 2, 1, 3)
-        q, k, v = (constrain(heads(y), "batch", "heads", "seq", None)
+        q, k, v = (y.reshape(b, y.shape[1], self.num_heads, d // self.num_heads)
                    for y in (self.q(x), self.k(context), self.v(context)))
-        y = dot_product_attention(q, k, v, is_causal)
-        return self.out(y.transpose(0, 2, 1, 3).reshape(b, tq, d))
+        if self.kernel == "cudnn":
+            q, k, v = (constrain(y, "batch", "seq", "heads", None) for y in (q, k, v))
+            y = cudnn_attention(q, k, v, is_causal)
+        else:
+            q, k, v = (constrain(y.transpose(0, 2, 1, 3), "batch", "heads", "seq", None)
+                       for y in (q, k, v))
+            y = dot_product_attention(q, k, v, is_causal).transpose(0, 2, 1, 3)
+        return self.out(y.reshape(b, tq, d))
 
 
 class Mlp(nnx.Module):
@@ -143,9 +186,9 @@ class EncoderBlock(nnx.Module):
     """Pre-LN transformer block, as in ViT, CLIP and SigLIP."""
 
     def __init__(self, width: int, mlp_dim: int, num_heads: int, *, gelu: str, ln_eps: float,
-                 dtype, rngs: nnx.Rngs):
+                 attention: str, dtype, rngs: nnx.Rngs):
         self.norm1 = nnx.LayerNorm(width, epsilon=ln_eps, dtype=dtype, rngs=rngs)
-        self.attn = Attention(width, num_heads, dtype=dtype, rngs=rngs)
+        self.attn = Attention(width, num_heads, attention=attention, dtype=dtype, rngs=rngs)
         self.norm2 = nnx.LayerNorm(width, epsilon=ln_eps, dtype=dtype, rngs=rngs)
         self.mlp = Mlp(width, mlp_dim, gelu=gelu, dtype=dtype, rngs=rngs)
 
@@ -164,13 +207,14 @@ class Encoder(nnx.Module):
     """
 
     def __init__(self, width: int, depth: int, mlp_dim: int, num_heads: int, *, gelu: str,
-                 ln_eps: float, remat: str, scan: bool, dtype, rngs: nnx.Rngs):
+                 ln_eps: float, remat: str, scan: bool, attention: str, dtype,
+                 rngs: nnx.Rngs):
         if remat not in REMAT_POLICIES:
             raise ValueError(f"remat must be one of {sorted(REMAT_POLICIES)}, got {remat!r}")
 
         def make_block(block_rngs: nnx.Rngs) -> EncoderBlock:
             return EncoderBlock(width, mlp_dim, num_heads, gelu=gelu, ln_eps=ln_eps,
-                                dtype=dtype, rngs=block_rngs)
+                                attention=attention, dtype=dtype, rngs=block_rngs)
 
         if scan:
             self.layers = nnx.split_rngs(splits=depth)(

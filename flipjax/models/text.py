@@ -21,8 +21,8 @@ class TextTransformer(nnx.Module):
     def __init__(self, size: Size, *, vocab_size: int, max_len: int, pool: str = "last",
                  causal: bool = False, eos_id: int = 1, proj_dim: int | None = None,
                  proj_bias: bool = True, gelu: str = "tanh", ln_eps: float = 1e-6,
-                 remat: str = "none", scan_layers: bool = False, dtype=jnp.float32,
-                 rngs: nnx.Rngs):
+                 remat: str = "none", scan_layers: bool = False, attention: str = "auto",
+                 dtype=jnp.float32, rngs: nnx.Rngs):
         if pool not in POOLS:
             raise ValueError(f"text pool must be one of {POOLS}, got {pool!r}")
         d = size.width
@@ -31,8 +31,8 @@ class TextTransformer(nnx.Module):
                                          embedding_init=nnx.initializers.normal(0.02), rngs=rngs)
         self.pos_embedding = normal_param((1, max_len, d), 0.01, rngs)
         self.encoder = Encoder(d, size.depth, size.mlp_dim, size.num_heads, gelu=gelu,
-                               ln_eps=ln_eps, remat=remat, scan=scan_layers, dtype=dtype,
-                               rngs=rngs)
+                               ln_eps=ln_eps, remat=remat, scan=scan_layers,
+                               attention=attention, dtype=dtype, rngs=rngs)
         self.head = (nnx.Linear(d, proj_dim, use_bias=proj_bias, dtype=dtype, rngs=rngs)
                      if proj_dim else None)
 

@@ -56,7 +56,7 @@ def make_model(cfg: ml_collections.ConfigDict, *, vocab_size: int, seed: int = 0
     rngs = nnx.Rngs(params=seed)
     dtype = DTYPES[cfg.dtype]
     common = dict(gelu=cfg.gelu, ln_eps=cfg.ln_eps, remat=cfg.remat, scan_layers=cfg.scan_layers,
-                  dtype=dtype, rngs=rngs)
+                  attention=cfg.attention, dtype=dtype, rngs=rngs)
     img_size, patch = tower_size(cfg.image, with_patch=True)
     txt_size, _ = tower_size(cfg.text, with_patch=False)
     img = ViT(img_size, patch, image_size=cfg.image.image_size, pool=cfg.image.pool,

@@ -35,10 +35,12 @@ def sincos2d_posemb(h: int, w: int, width: int, temperature: float = 10_000.0) -
 class MAPHead(nnx.Module):
     """Multihead attention pooling: one learned query attends over all tokens (SigLIP)."""
 
-    def __init__(self, size: Size, *, gelu: str, ln_eps: float, dtype, rngs: nnx.Rngs):
+    def __init__(self, size: Size, *, gelu: str, ln_eps: float, attention: str, dtype,
+                 rngs: nnx.Rngs):
         self.probe = nnx.Param(
             nnx.initializers.xavier_uniform()(rngs.params(), (1, 1, size.width), jnp.float32))
-        self.attn = Attention(size.width, size.num_heads, dtype=dtype, rngs=rngs)
+        self.attn = Attention(size.width, size.num_heads, attention=attention, dtype=dtype,
+                              rngs=rngs)
         self.norm = nnx.LayerNorm(size.width, epsilon=ln_eps, dtype=dtype, rngs=rngs)
         self.mlp = Mlp(size.width, size.mlp_dim, gelu=gelu, dtype=dtype, rngs=rngs)
 
@@ -55,8 +57,8 @@ class ViT(nnx.Module):
     def __init__(self, size: Size, patch: int, *, image_size: int, pool: str = "map",
                  posemb: str = "learn", pre_norm: bool = False, proj_dim: int | None = None,
                  proj_bias: bool = True, gelu: str = "tanh", ln_eps: float = 1e-6,
-                 remat: str = "none", scan_layers: bool = False, dtype=jnp.float32,
-                 rngs: nnx.Rngs):
+                 remat: str = "none", scan_layers: bool = False, attention: str = "auto",
+                 dtype=jnp.float32, rngs: nnx.Rngs):
         if pool not in POOLS:
             raise ValueError(f"image pool must be one of {POOLS}, got {pool!r}")
         if posemb not in POSEMBS:
@@ -76,9 +78,10 @@ class ViT(nnx.Module):
         self.pre_norm = (nnx.LayerNorm(d, epsilon=ln_eps, dtype=dtype, rngs=rngs)
                          if pre_norm else None)
         self.encoder = Encoder(d, size.depth, size.mlp_dim, size.num_heads, gelu=gelu,
-                               ln_eps=ln_eps, remat=remat, scan=scan_layers, dtype=dtype,
-                               rngs=rngs)
-        self.map_head = (MAPHead(size, gelu=gelu, ln_eps=ln_eps, dtype=dtype, rngs=rngs)
+                               ln_eps=ln_eps, remat=remat, scan=scan_layers,
+                               attention=attention, dtype=dtype, rngs=rngs)
+        self.map_head = (MAPHead(size, gelu=gelu, ln_eps=ln_eps, attention=attention,
+                                 dtype=dtype, rngs=rngs)
                          if pool == "map" else None)
         self.head = (nnx.Linear(d, proj_dim, use_bias=proj_bias, dtype=dtype, rngs=rngs)
                      if proj_dim else None)

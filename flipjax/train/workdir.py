@@ -19,13 +19,15 @@ from flipjax.train.step import TrainSetup
 
 def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
     """The config a run saved as WORKDIR/config.json, with fields added since filled in:
-    runs saved before `model.remat` named a policy stored a bool, and had no `scan_layers`."""
+    runs saved before `model.remat` named a policy stored a bool, and had no `scan_layers`
+    (nor `attention`)."""
     with open(os.path.join(workdir, "config.json")) as f:
         saved = json.load(f)
     model = saved["model"]
     if isinstance(model.get("remat"), bool):
         model["remat"] = "full" if model["remat"] else "none"
     model.setdefault("scan_layers", False)
+    model.setdefault("attention", "auto")
     return ml_collections.ConfigDict(saved)
 
 
