@@ -66,7 +66,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         # (compile-time numbers in experiments/results/compile_time.md); export unstacks.
         scan_layers=True,
         # "auto": cuDNN's fused attention on an NVIDIA GPU in bf16/fp16, else XLA's ("dot");
-        # see flipjax.models.layers.ATTENTION_KERNELS.
+        # see flipjax.models.layers.ATTENTION_IMPLEMENTATIONS.
         attention="auto",
     )
     # A Hugging Face SiglipModel/CLIPModel directory (safetensors) to start from, and which

@@ -92,7 +92,7 @@ def clip_shaped_config(variant: str, layout: str = "unrolled/none"
                        ) -> ml_collections.ConfigDict:
     """configs/base.py with open_clip's CLIP architecture, so both sides train the same model,
     in one `--layouts` entry: `layers/remat`, optionally `/attention` (a kernel of
-    `flipjax.models.layers.ATTENTION_KERNELS`; default "auto")."""
+    `flipjax.models.layers.ATTENTION_IMPLEMENTATIONS`, or "auto", the default)."""
     layers, remat, *attention = layout.split("/")
     config = get_config(f"batch={FLAGS.batch}")
     config.mesh, config.loss_impl, config.loss = [("data", 1)], "global", "softmax"
@@ -140,7 +140,8 @@ def model_flops(variant: str, batch: dict) -> float:
     the step lowered for one CPU device: the GPU backend has no cost analysis of a lowered
     step, and its compiled one leaves out the cuBLAS matmuls (run with JAX_PLATFORMS=cuda,cpu
     there)."""
-    config = clip_shaped_config(variant, "unrolled/none/dot")  # cuDNN's kernel has no cost
+    # "dot": cuDNN's kernel has no CPU lowering, nor a cost analysis.
+    config = clip_shaped_config(variant, "unrolled/none/dot")
     setup = TrainSetup(config, VOCAB, make_mesh(config.mesh, jax.devices("cpu")[:1]))
     lowered = setup.train_step.lower(jax.eval_shape(setup.init),
                                      to_global(batch, setup.batch_sharding))

@@ -12,7 +12,11 @@ import jax
 import ml_collections
 
 from flipjax.models import embedding_dims
-from flipjax.models.layers import REMAT_POLICIES
+from flipjax.models.layers import (
+    ATTENTION_IMPLEMENTATIONS,
+    REMAT_POLICIES,
+    cudnn_attention_runs_here,
+)
 from flipjax.models.text import POOLS as TEXT_POOLS
 from flipjax.models.two_towers import DTYPES, tower_size
 from flipjax.models.vit import POOLS as IMAGE_POOLS
@@ -81,6 +85,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
     check(model.dtype in DTYPES, "model.dtype", f"{model.dtype!r} is not one of {sorted(DTYPES)}")
     check(model.remat in REMAT_POLICIES, "model.remat",
           f"{model.remat!r} is not one of {sorted(REMAT_POLICIES)}")
+    attention = model.get("attention", "auto")
+    check(attention in ("auto", *ATTENTION_IMPLEMENTATIONS), "model.attention",
+          f"{attention!r} is not 'auto' or one of {sorted(ATTENTION_IMPLEMENTATIONS)}")
+    check(attention != "cudnn" or cudnn_attention_runs_here(DTYPES[model.dtype]),
+          "model.attention", "'cudnn' needs a CUDA GPU of compute capability 8.0+ and "
+          f"model.dtype bfloat16 or float16 (here: {jax.devices()[0].device_kind}, "
+          f"{model.dtype}); use 'auto'")
     mu_dtype = config.optim.get("mu_dtype")
     check(mu_dtype in (None, *DTYPES), "optim.mu_dtype",
           f"{mu_dtype!r} is not None or one of {sorted(DTYPES)}")

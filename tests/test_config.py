@@ -22,6 +22,8 @@ from flipjax.train.workdir import load_workdir_config
     ("model.text.proj_dim", 48, r"config\.model\.text\.proj_dim: the towers' embeddings differ"),
     ("mesh", [("data", 3), ("fsdp", -1)], r"config\.mesh"),
     ("model.remat", "some", r"config\.model\.remat: 'some' is not one of"),
+    ("model.attention", "flash", r"config\.model\.attention: 'flash' is not 'auto' or"),
+    ("model.attention", "cudnn", r"config\.model\.attention: 'cudnn' needs a CUDA GPU"),
     ("optim.mu_dtype", "float16", r"config\.optim\.mu_dtype: 'float16'"),
     ("sharding_rules", [(".*", "shard")], r"config\.sharding_rules: unknown strategy 'shard'"),
     ("sharding_rules", [(".*", (3,))], r"config\.sharding_rules: '\.\*' has dims"),
@@ -62,10 +64,11 @@ def test_workdir_config_of_an_older_run_is_filled_in(tmp_path):
     config = load_config()
     saved = json.loads(config.to_json())
     saved["model"]["remat"] = True  # runs before remat named a policy
-    del saved["model"]["scan_layers"]
+    del saved["model"]["scan_layers"], saved["model"]["attention"]
     (tmp_path / "config.json").write_text(json.dumps(saved))
     loaded = load_workdir_config(str(tmp_path))
     assert loaded.model.remat == "full" and loaded.model.scan_layers is False
+    assert loaded.model.attention == "auto"
 
 
 def test_missing_dataset_and_tokenizer_are_reported(tmp_path):

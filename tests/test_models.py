@@ -10,7 +10,7 @@ from flipjax.models import make_model
 from flipjax.models.layers import (
     cudnn_attention,
     dot_product_attention,
-    resolve_attention_kernel,
+    resolve_attention,
     stack_layers,
     unstack_layers,
 )
@@ -105,7 +105,8 @@ def test_attention_matches_jax_in_value_and_gradient(causal, tq):
 
 
 @pytest.mark.parametrize("causal,tq,tk", [(False, 7, 7), (True, 7, 7), (False, 1, 9),
-                                           (False, 6, 6), (True, 6, 6), (False, 4, 5)])
+                                           (False, 6, 6), (True, 6, 6), (False, 4, 5),
+                                           (False, 1, 8)])
 def test_padding_for_cudnn_changes_no_value_or_gradient(causal, tq, tk):
     """The cuDNN path pads odd lengths to even ones (a masked key, a sliced-off query); run
     through XLA here (no GPU), it gives unpadded attention's values and gradients."""
@@ -126,10 +127,10 @@ def test_padding_for_cudnn_changes_no_value_or_gradient(causal, tq, tk):
 
 
 def test_auto_attention_is_xla_off_gpu():
-    assert resolve_attention_kernel("auto", jnp.bfloat16) == "dot"  # tests run on the CPU
-    assert resolve_attention_kernel("cudnn", jnp.float32) == "cudnn"
-    with pytest.raises(ValueError, match="attention must be one of"):
-        resolve_attention_kernel("flash", jnp.float32)
+    assert resolve_attention("auto", jnp.bfloat16) == "dot"  # tests run on the CPU
+    assert resolve_attention("cudnn", jnp.float32) == "cudnn"
+    with pytest.raises(ValueError, match="attention must be 'auto' or one of"):
+        resolve_attention("flash", jnp.float32)
 
 
 def test_bf16_compute_keeps_fp32_params():

@@ -51,22 +51,6 @@ def gelu_fn(flavour: str) -> Callable[[jax.Array], jax.Array]:
     return GELU_FLAVOURS[flavour]
 
 
-# Attention kernels (`config.model.attention`). "dot" is `dot_product_attention` below, plain
-# XLA that runs on every backend; "cudnn" is cuDNN's fused flash-attention kernel, on NVIDIA GPUs
-# in 16-bit compute only; "auto" picks "cudnn" where it runs, else "dot".
-ATTENTION_KERNELS = ("auto", "dot", "cudnn")
-
-
-def resolve_attention_kernel(kernel: str, dtype) -> str:
-    """The kernel "auto" stands for on this backend and compute dtype (others pass through)."""
-    if kernel not in ATTENTION_KERNELS:
-        raise ValueError(f"attention must be one of {ATTENTION_KERNELS}, got {kernel!r}")
-    if kernel != "auto":
-        return kernel
-    on_gpu_in_16_bit = jax.default_backend() == "gpu" and jnp.dtype(dtype).itemsize == 2
-    return "cudnn" if on_gpu_in_16_bit else "dot"
-
-
 def _logit_scale(q: jax.Array) -> np.float32:
     return np.float32(q.shape[-1] ** -0.5)
 
@@ -123,15 +107,25 @@ def _attention_bwd(is_causal, residuals, d_out):
 dot_product_attention.defvjp(_attention_fwd, _attention_bwd)
 
 
+def heads_major_attention(q: jax.Array, k: jax.Array, v: jax.Array, is_causal: bool = False
+                          ) -> jax.Array:
+    """`dot_product_attention` for (batch, seq, heads, head_dim) arrays: transposed to heads
+    major and back, the heads-major copies pinned to the "heads" sharding."""
+    heads_major = lambda y: constrain(y.transpose(0, 2, 1, 3), "batch", "heads", "seq", None)
+    out = dot_product_attention(heads_major(q), heads_major(k), heads_major(v), is_causal)
+    return out.transpose(0, 2, 1, 3)
+
+
 def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, is_causal: bool = False, *,
                     implementation: str = "cudnn") -> jax.Array:
     """Multi-head softmax attention over (batch, seq, heads, head_dim) arrays with cuDNN's
-    fused kernel, which never materialises the (q, k) logits in memory.
+    fused kernel, which keeps neither the (q, k) logits nor the probabilities in memory.
 
-    cuDNN has no backward pass for an odd query or key length (jax raises "Unsupported
-    sequence length" at the first train step), and a ViT with a class token has an odd number
-    of tokens (197 at 224 px with 16 px patches). An odd length is therefore padded by one: a
-    zero query row, sliced off the output, and a zero key that the kernel's padding mask
+    cuDNN's fused backward refused the image tower's 197 tokens on an H200 with jax 0.11.2
+    (`NotImplementedError: Unsupported sequence length Q 197, KV 197`,
+    experiments/results/throughput_h200.md): it wants even lengths, and a ViT with a class
+    token has an odd number of tokens. An odd length is therefore padded by one: a zero query
+    row, sliced off the output, and a zero key that the kernel's padding mask
     (`key_value_seq_lengths`) hides, so every query attends to exactly its own keys.
     `implementation="xla"` runs the same padding through XLA, which is how the CPU tests check
     it.
@@ -145,6 +139,36 @@ def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, is_causal: bool = 
     return out[:, :tq]
 
 
+# The implementations `config.model.attention` names, each over (batch, seq, heads, head_dim)
+# arrays. "dot" is plain XLA and runs on every backend; "cudnn" is cuDNN's fused
+# flash-attention kernel, for NVIDIA GPUs from Ampere on in 16-bit compute. The config may also
+# say "auto": "cudnn" where it runs, else "dot".
+ATTENTION_IMPLEMENTATIONS: dict[str, Callable[..., jax.Array]] = {
+    "dot": heads_major_attention,
+    "cudnn": cudnn_attention,
+}
+
+
+def cudnn_attention_runs_here(dtype: jnp.dtype | type) -> bool:
+    """Whether the default device is a CUDA GPU that cuDNN's fused attention supports (compute
+    capability 8.0+) and `dtype` is 16-bit."""
+    device = jax.devices()[0]
+    return (device.platform == "gpu" and "cuda" in device.client.platform_version.lower()
+            and float(getattr(device, "compute_capability", 0)) >= 8.0
+            and jnp.dtype(dtype).itemsize == 2)
+
+
+def resolve_attention(name: str, dtype: jnp.dtype | type) -> str:
+    """The implementation "auto" stands for on this device and compute dtype; other names of
+    `ATTENTION_IMPLEMENTATIONS` pass through."""
+    if name == "auto":
+        return "cudnn" if cudnn_attention_runs_here(dtype) else "dot"
+    if name not in ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(f"attention must be 'auto' or one of {sorted(ATTENTION_IMPLEMENTATIONS)}"
+                         f", got {name!r}")
+    return name
+
+
 class Attention(nnx.Module):
     """Multi-head attention with separate q/k/v/out projections (1:1 with HF's layout)."""
 
@@ -152,7 +176,8 @@ class Attention(nnx.Module):
                  rngs: nnx.Rngs):
         if width % num_heads:
             raise ValueError(f"width {width} is not divisible by num_heads {num_heads}")
-        self.num_heads, self.kernel = num_heads, resolve_attention_kernel(attention, dtype)
+        self.num_heads = num_heads
+        self.implementation = resolve_attention(attention, dtype)
         dense = functools.partial(nnx.Linear, width, width, dtype=dtype, rngs=rngs)
         self.q, self.k, self.v, self.out = dense(), dense(), dense(), dense()
 
@@ -160,15 +185,10 @@ class Attention(nnx.Module):
                  is_causal: bool = False) -> jax.Array:
         context = x if context is None else context
         b, tq, d = x.shape
-        q, k, v = (y.reshape(b, y.shape[1], self.num_heads, d // self.num_heads)
+        q, k, v = (constrain(y.reshape(b, y.shape[1], self.num_heads, d // self.num_heads),
+                             "batch", "seq", "heads", None)
                    for y in (self.q(x), self.k(context), self.v(context)))
-        if self.kernel == "cudnn":
-            q, k, v = (constrain(y, "batch", "seq", "heads", None) for y in (q, k, v))
-            y = cudnn_attention(q, k, v, is_causal)
-        else:
-            q, k, v = (constrain(y.transpose(0, 2, 1, 3), "batch", "heads", "seq", None)
-                       for y in (q, k, v))
-            y = dot_product_attention(q, k, v, is_causal).transpose(0, 2, 1, 3)
+        y = ATTENTION_IMPLEMENTATIONS[self.implementation](q, k, v, is_causal)
         return self.out(y.reshape(b, tq, d))
 
 
