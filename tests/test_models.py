@@ -1,3 +1,5 @@
+import functools
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -8,8 +10,8 @@ from flax import nnx
 
 from flipjax.models import make_model
 from flipjax.models.layers import (
+    ATTENTION_IMPLEMENTATIONS,
     cudnn_attention,
-    dot_product_attention,
     resolve_attention,
     stack_layers,
     unstack_layers,
@@ -80,47 +82,33 @@ def test_causal_text_ignores_later_tokens():
     np.testing.assert_allclose(model.txt(a), model.txt(b), atol=1e-6)
 
 
-@pytest.mark.parametrize("causal,tq", [(False, 7), (True, 7), (False, 1)])
-def test_attention_matches_jax_in_value_and_gradient(causal, tq):
-    """Our attention (heads-major, FlashAttention-style backward) is jax's, to float32
-    rounding: self-attention with and without a causal mask, and a MAP-head-like single
-    query over more keys."""
-    tk = 9 if tq == 1 else tq
+# The (batch, seq, heads, head_dim) attentions the model can run, as the CPU can run them:
+# "cudnn" pads odd lengths to even ones (a masked key, a sliced-off query), here through XLA.
+ATTENTIONS_ON_CPU = {
+    "dot": ATTENTION_IMPLEMENTATIONS["dot"],
+    "cudnn padding": functools.partial(cudnn_attention, implementation="xla"),
+}
+
+
+@pytest.mark.parametrize("attention", sorted(ATTENTIONS_ON_CPU))
+@pytest.mark.parametrize("causal,tq,tk", [(False, 7, 7), (True, 7, 7), (False, 1, 9),
+                                           (False, 6, 6), (True, 6, 6), (False, 4, 5),
+                                           (False, 1, 8)])
+def test_attention_matches_jax_in_value_and_gradient(attention, causal, tq, tk):
+    """Our attention (heads-major, FlashAttention-style backward) and the cuDNN path's padding
+    are jax's attention, to float32 rounding: self-attention with and without a causal mask,
+    odd and even lengths, and MAP-head-like single queries over more keys."""
     q, k, v, w = (jax.random.normal(jax.random.key(i), (2, n, 3, 8))
                   for i, n in enumerate((tq, tk, tk, tq)))
-    heads_major = lambda y: y.transpose(0, 2, 1, 3)
 
     def ours(q, k, v):
-        out = dot_product_attention(heads_major(q), heads_major(k), heads_major(v), causal)
-        return jnp.sum(heads_major(out) * w)
+        return jnp.sum(ATTENTIONS_ON_CPU[attention](q, k, v, causal) * w)
 
     def theirs(q, k, v):
         return jnp.sum(jax.nn.dot_product_attention(q, k, v, is_causal=causal) * w)
 
     value, grads = jax.value_and_grad(ours, argnums=(0, 1, 2))(q, k, v)
     expected, expected_grads = jax.value_and_grad(theirs, argnums=(0, 1, 2))(q, k, v)
-    np.testing.assert_allclose(value, expected, rtol=1e-5)
-    for got, want in zip(grads, expected_grads, strict=True):
-        np.testing.assert_allclose(got, want, atol=1e-5)
-
-
-@pytest.mark.parametrize("causal,tq,tk", [(False, 7, 7), (True, 7, 7), (False, 1, 9),
-                                           (False, 6, 6), (True, 6, 6), (False, 4, 5),
-                                           (False, 1, 8)])
-def test_padding_for_cudnn_changes_no_value_or_gradient(causal, tq, tk):
-    """The cuDNN path pads odd lengths to even ones (a masked key, a sliced-off query); run
-    through XLA here (no GPU), it gives unpadded attention's values and gradients."""
-    q, k, v, w = (jax.random.normal(jax.random.key(i), (2, n, 3, 8))
-                  for i, n in enumerate((tq, tk, tk, tq)))
-
-    def padded(q, k, v):
-        return jnp.sum(cudnn_attention(q, k, v, causal, implementation="xla") * w)
-
-    def unpadded(q, k, v):
-        return jnp.sum(jax.nn.dot_product_attention(q, k, v, is_causal=causal) * w)
-
-    value, grads = jax.value_and_grad(padded, argnums=(0, 1, 2))(q, k, v)
-    expected, expected_grads = jax.value_and_grad(unpadded, argnums=(0, 1, 2))(q, k, v)
     np.testing.assert_allclose(value, expected, rtol=1e-5)
     for got, want in zip(grads, expected_grads, strict=True):
         np.testing.assert_allclose(got, want, atol=1e-5)
