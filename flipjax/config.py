@@ -5,7 +5,6 @@ Each problem is reported as one line naming the config field and what to do abou
 
 from __future__ import annotations
 
-import glob
 import os
 
 import jax
@@ -21,6 +20,7 @@ from flipjax.models.text import POOLS as TEXT_POOLS
 from flipjax.models.two_towers import DTYPES, tower_size
 from flipjax.models.vit import POOLS as IMAGE_POOLS
 from flipjax.models.vit import POSEMBS
+from flipjax.storage import storage_path
 from flipjax.train.losses import LOSSES
 from flipjax.train.sharding import batch_shards, check_strategy, check_tensor_groups, make_mesh
 
@@ -33,14 +33,13 @@ class ConfigError(ValueError):
 
 
 def dataset_dir_exists(data_cfg: ml_collections.ConfigDict) -> bool:
-    pattern = os.path.join(data_cfg.data_dir, data_cfg.name,
-                           data_cfg.builder_config or "*", "*", "dataset_info.json")
-    matches = glob.glob(pattern)
-    if data_cfg.builder_config:
-        return bool(matches)
+    root = storage_path(data_cfg.data_dir) / data_cfg.name
+    if not root.exists():
+        return False
+    if any(root.glob(f"{data_cfg.builder_config or '*'}/*/dataset_info.json")):
+        return True
     # A default-config dataset lives at DATA_DIR/NAME/VERSION or DATA_DIR/NAME/CONFIG/VERSION.
-    return bool(matches or glob.glob(os.path.join(data_cfg.data_dir, data_cfg.name, "*",
-                                                  "dataset_info.json")))
+    return not data_cfg.builder_config and any(root.glob("*/dataset_info.json"))
 
 
 def check(condition: bool, field: str, message: str) -> None:
@@ -134,7 +133,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
               f"`python -m tfds_builders build {data.name} --data_dir={data.data_dir} "
               "--manual_dir=...` or set config.data.data_dir")
     if not config.tokenizer.train_if_missing:
-        check(os.path.exists(config.tokenizer.path), "tokenizer.path",
+        check(storage_path(config.tokenizer.path).exists(), "tokenizer.path",
               f"{config.tokenizer.path!r} does not exist; train it with `python -m "
               f"flipjax.data.tokenizer --dataset={data.name} --data_dir={data.data_dir} "
               f"--output={config.tokenizer.path}`")
@@ -151,7 +150,7 @@ def prepare(config: ml_collections.ConfigDict) -> None:
 
         tfds_builders.build(data.name, data.data_dir, manual_dir=data.manual_dir,
                             num_workers=os.cpu_count() or 1, config=data.builder_config)
-    if config.tokenizer.train_if_missing and not os.path.exists(config.tokenizer.path):
+    if config.tokenizer.train_if_missing and not storage_path(config.tokenizer.path).exists():
         texts = dataset_texts(data.name, data.data_dir, data.train_split, data.text_key,
                               data.builder_config)
         train_sentencepiece(texts, config.tokenizer.path, config.tokenizer.vocab_size)

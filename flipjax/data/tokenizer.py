@@ -13,11 +13,12 @@ Train one with:
 from __future__ import annotations
 
 import io
-import os
 from collections.abc import Iterable, Sequence
 
 import numpy as np
 import sentencepiece as spm
+
+from flipjax.storage import storage_path, write_bytes_whole
 
 PAD_ID, EOS_ID, UNK_ID = 0, 1, 2
 
@@ -40,11 +41,7 @@ def train_sentencepiece(texts: Iterable[str], output_path: str, vocab_size: int,
         model_type=model_type, normalization_rule_name="nmt_nfkc_cf", character_coverage=1.0,
         pad_id=PAD_ID, eos_id=EOS_ID, unk_id=UNK_ID, bos_id=-1, hard_vocab_limit=False,
         input_sentence_size=2_000_000, shuffle_input_sentence=True, minloglevel=2)
-    os.makedirs(os.path.dirname(os.path.abspath(output_path)), exist_ok=True)
-    tmp = output_path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(model.getvalue())
-    os.replace(tmp, output_path)
+    write_bytes_whole(storage_path(output_path), model.getvalue())
     return output_path
 
 
@@ -52,12 +49,13 @@ class Tokenizer:
     """Turns captions into fixed-length int32 ids (pieces, EOS, EOS padding)."""
 
     def __init__(self, model_path: str, max_len: int):
-        if not os.path.exists(model_path):
+        path = storage_path(model_path)
+        if not path.exists():
             raise FileNotFoundError(
                 f"tokenizer model {model_path!r} does not exist; train one with "
                 "`python -m flipjax.data.tokenizer --dataset=... --output=...`")
         self.model_path, self.max_len = model_path, max_len
-        self.sp = spm.SentencePieceProcessor(model_file=model_path)
+        self.sp = spm.SentencePieceProcessor(model_proto=path.read_bytes())
         if self.sp.eos_id() != EOS_ID or self.sp.pad_id() != PAD_ID:
             raise ValueError(f"tokenizer {model_path!r} must have pad={PAD_ID}, eos={EOS_ID}")
 

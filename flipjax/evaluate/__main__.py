@@ -10,7 +10,6 @@ so re-running with other probe settings embeds nothing again.
 from __future__ import annotations
 
 import json
-import os
 
 import jax
 import ml_collections
@@ -18,6 +17,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from flipjax.evaluate import make_evaluators
+from flipjax.storage import storage_path, write_bytes_whole
 from flipjax.train.workdir import load_workdir_config, restore_params
 
 config_flags.DEFINE_config_file("config", None, "Config file (default WORKDIR/config.json).")
@@ -32,7 +32,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
     """Runs every evaluator on a checkpoint; returns (step, {"NAME/metric": value})."""
     params, step, setup, tokenizer = restore_params(config, workdir, step)
     evaluators = make_evaluators(config, tokenizer, setup.graphdef, setup.mesh,
-                                 cache_dir=os.path.join(workdir, "features"))
+                                 cache_dir=str(storage_path(workdir) / "features"))
     results = {}
     for name, evaluator in evaluators.items():
         results.update({f"{name}/{k}": v for k, v in evaluator.run(params, step=step).items()})
@@ -44,9 +44,9 @@ def main(argv: list[str]) -> None:
     config = FLAGS.config or load_workdir_config(FLAGS.workdir)
     step, results = evaluate_checkpoint(config, FLAGS.workdir, FLAGS.step)
     if jax.process_index() == 0:
-        path = os.path.join(FLAGS.workdir, f"eval_step_{step}.json")
-        with open(path, "w") as f:
-            json.dump({"step": step, "results": results}, f, indent=2, sort_keys=True)
+        path = storage_path(FLAGS.workdir) / f"eval_step_{step}.json"
+        write_bytes_whole(path, json.dumps({"step": step, "results": results}, indent=2,
+                                           sort_keys=True).encode())
         logging.info("wrote %s", path)
         print(json.dumps({k: round(v, 3) for k, v in sorted(results.items())}, indent=2))
 

@@ -9,20 +9,23 @@ tail padded by repeating the last row, so one compiled function serves them all.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
-import os
 from collections.abc import Callable, Iterator
 
 import grain
 import jax
 import ml_collections
 import numpy as np
+from etils import epath
 from flax import nnx
+from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from flipjax.data.pipeline import EvalPreprocess, data_source, normalize_images, text_of
 from flipjax.data.tokenizer import Tokenizer
 from flipjax.models import TwoTowers
+from flipjax.storage import storage_path, write_bytes_whole
 from flipjax.train.sharding import batch_sharding, batch_shards, replicated
 
 
@@ -125,11 +128,11 @@ def label_array(values: list) -> np.ndarray:
 
 
 def feature_cache_path(cache_dir: str, data_cfg: ml_collections.ConfigDict, split: str,
-                       label_key: str, step: int, fingerprint: str) -> str:
+                       label_key: str, step: int, fingerprint: str) -> epath.Path:
     dataset = data_cfg.name + (f"-{data_cfg.builder_config}" if data_cfg.builder_config else "")
     split_name = split.replace("/", "_").replace("[", "_").replace("]", "").replace(":", "-")
-    return os.path.join(cache_dir, f"{dataset}_{split_name}_{label_key}_step{step}_"
-                                   f"{fingerprint}.npz")
+    return storage_path(cache_dir) / (f"{dataset}_{split_name}_{label_key}_step{step}_"
+                                      f"{fingerprint}.npz")
 
 
 def image_features(embedder: Embedder, params: dict, data_cfg: ml_collections.ConfigDict,
@@ -145,8 +148,8 @@ def image_features(embedder: Embedder, params: dict, data_cfg: ml_collections.Co
     if cache_dir is not None and step is not None:
         path = feature_cache_path(cache_dir, data_cfg, split, label_key, step,
                                   embedder.fingerprint)
-        if os.path.exists(path):
-            with np.load(path) as f:
+        if cached_everywhere(path):
+            with np.load(io.BytesIO(path.read_bytes())) as f:
                 return {"features": f["features"], "labels": f["labels"]}
     feats, labels = [], []
     for recs in iterate_records(data_cfg, split, embedder.batch_size, f"features {split}"):
@@ -154,8 +157,17 @@ def image_features(embedder: Embedder, params: dict, data_cfg: ml_collections.Co
         labels += [r[label_key] for r in recs]
     out = {"features": np.concatenate(feats), "labels": label_array(labels)}
     if path is not None and jax.process_index() == 0:
-        os.makedirs(cache_dir, exist_ok=True)
-        tmp = path + ".tmp.npz"
-        np.savez(tmp, **out)
-        os.replace(tmp, path)
+        npz = io.BytesIO()
+        np.savez(npz, **out)
+        write_bytes_whole(path, npz.getvalue())
     return out
+
+
+def cached_everywhere(path: epath.Path) -> bool:
+    """Whether the cache file exists, as process 0 sees it: every process must take the same
+    branch, since embedding runs jitted over all of them, and the others may look before process
+    0's write of the same step (another evaluator of that split) has landed."""
+    exists = path.exists()
+    if jax.process_count() > 1:
+        exists = bool(multihost_utils.broadcast_one_to_all(np.asarray(exists)))
+    return exists

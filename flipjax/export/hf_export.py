@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 
 import jax
 import ml_collections
@@ -39,6 +38,7 @@ from flipjax.export.mapping import CLIP, HF_ACT, SIGLIP, flatten, rename_table
 from flipjax.models.layers import unstack_layers
 from flipjax.models.two_towers import embedding_dims, tower_size
 from flipjax.models.vit import sincos2d_posemb
+from flipjax.storage import storage_path
 from flipjax.train.workdir import load_workdir_config, restore_params
 
 
@@ -172,8 +172,7 @@ def fast_tokenizer(spm_path: str, max_len: int) -> PreTrainedTokenizerFast:
     """Our SentencePiece model as a `tokenizers` tokenizer that appends EOS and pads with EOS,
     i.e. `padding="max_length", truncation=True` gives flipjax's `Tokenizer.encode` ids."""
     proto = sp_pb2.ModelProto()
-    with open(spm_path, "rb") as f:
-        proto.ParseFromString(f.read())
+    proto.ParseFromString(storage_path(spm_path).read_bytes())
     # The converter builds BPE from a {piece: id} dict (merges ranked by score), unigram from
     # a [(piece, score)] list.
     if proto.trainer_spec.model_type == sp_pb2.TrainerSpec.BPE:
@@ -203,17 +202,17 @@ def export_processor(output: str, arch: str, spm_path: str, max_len: int, image_
     processor = processor_cls(image_processor=image_processor,
                               tokenizer=fast_tokenizer(spm_path, max_len))
     processor.save_pretrained(output)
-    shutil.copyfile(spm_path, os.path.join(output, "spiece.model"))  # the source of truth
+    with open(os.path.join(output, "spiece.model"), "wb") as f:  # the source of truth
+        f.write(storage_path(spm_path).read_bytes())
     return processor
 
 
 def _eval_lines(workdir: str) -> list[str]:
     """Retrieval results (keys like 'retrieval/i2t_R@1') from the last metrics line with any."""
-    path = os.path.join(workdir, "metrics.jsonl")
-    if not os.path.exists(path):
+    path = storage_path(workdir) / "metrics.jsonl"
+    if not path.exists():
         return []
-    with open(path) as f:
-        records = [json.loads(line) for line in f if line.strip()]
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     for record in reversed(records):
         results = {k: v for k, v in record.items() if "R@" in k}
         if results:

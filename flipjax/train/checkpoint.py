@@ -7,7 +7,6 @@ iterator with the model makes a resumed run see exactly the batches an uninterru
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import grain
@@ -15,11 +14,13 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
+from flipjax.storage import storage_path
+
 
 def make_manager(workdir: str, cfg: ml_collections.ConfigDict) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(
         max_to_keep=cfg.keep, enable_async_checkpointing=cfg.async_save, create=True)
-    return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
+    return ocp.CheckpointManager(storage_path(workdir) / "checkpoints",
                                  item_names=("state", "iter"), options=options)
 
 

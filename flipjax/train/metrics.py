@@ -5,36 +5,37 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Mapping
 
 import jax
+from etils import epath
 from tensorboardX import SummaryWriter
 
+from flipjax.storage import storage_path, write_bytes_whole
 
-def truncate_jsonl(path: str, last_step: int) -> None:
-    """Drops lines logged after `last_step`, so a run resumed from that step's checkpoint
-    leaves one line per step, as an uninterrupted run would."""
-    if not os.path.exists(path):
-        return
-    with open(path) as f:
-        kept = [line for line in f if line.strip() and json.loads(line)["step"] <= last_step]
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.writelines(kept)
-    os.replace(tmp, path)
+
+def lines_up_to(path: epath.Path, last_step: int) -> list[str]:
+    """The lines of a metrics.jsonl logged at or before `last_step`, so a run resumed from that
+    step's checkpoint leaves one line per step, as an uninterrupted run would."""
+    if not path.exists():
+        return []
+    return [line for line in path.read_text().splitlines(keepends=True)
+            if line.strip() and json.loads(line)["step"] <= last_step]
 
 
 class MetricWriter:
+    """The jsonl is rewritten whole at every logged step (a few hundred KB over a long run),
+    since an object store such as GCS cannot append."""
+
     def __init__(self, workdir: str, resumed_step: int):
         self.enabled = jax.process_index() == 0
         if not self.enabled:
             return
-        os.makedirs(workdir, exist_ok=True)
-        self.jsonl_path = os.path.join(workdir, "metrics.jsonl")
-        truncate_jsonl(self.jsonl_path, resumed_step)
-        self.jsonl = open(self.jsonl_path, "a")  # noqa: SIM115 - kept open for the run
-        self.tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"))
+        root = storage_path(workdir)
+        self.jsonl_path = root / "metrics.jsonl"
+        self.lines = lines_up_to(self.jsonl_path, resumed_step)
+        write_bytes_whole(self.jsonl_path, "".join(self.lines).encode())
+        self.tensorboard = SummaryWriter(str(root / "tensorboard"))
 
     def write(self, step: int, metrics: Mapping[str, float]) -> None:
         if not self.enabled:
@@ -43,10 +44,9 @@ class MetricWriter:
         for name, value in clean.items():
             if math.isfinite(value):
                 self.tensorboard.add_scalar(name, value, step)
-        self.jsonl.write(json.dumps({"step": step, **clean}) + "\n")
-        self.jsonl.flush()
+        self.lines.append(json.dumps({"step": step, **clean}) + "\n")
+        write_bytes_whole(self.jsonl_path, "".join(self.lines).encode())
 
     def close(self) -> None:
         if self.enabled:
-            self.jsonl.close()
             self.tensorboard.close()

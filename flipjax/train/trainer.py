@@ -8,7 +8,6 @@ exactly the batches and losses an uninterrupted run would have.
 from __future__ import annotations
 
 import json
-import os
 import time
 
 import jax
@@ -21,6 +20,7 @@ from flipjax.data.pipeline import make_train_dataset, to_global
 from flipjax.data.tokenizer import Tokenizer
 from flipjax.evaluate import make_evaluators
 from flipjax.export.hf_import import load_into_params
+from flipjax.storage import storage_path, write_bytes_whole
 from flipjax.train import checkpoint
 from flipjax.train.metrics import MetricWriter
 from flipjax.train.preemption import PreemptedError, PreemptionWatch
@@ -54,7 +54,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     arrives, and FloatingPointError on a non-finite loss when `config.nonfinite == "raise"`."""
     validate(config)
     prepare(config)
-    os.makedirs(workdir, exist_ok=True)
+    root = storage_path(workdir)
+    root.mkdir(parents=True, exist_ok=True)
 
     # Mesh, model, optimizer, shardings.
     mesh = make_mesh(config.mesh)
@@ -85,11 +86,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             state["params"] = jax.device_put(params, setup.state_shardings["params"])
     # Written once the state exists, so a resume that fails leaves the run's config as it was.
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json(indent=2))
+        write_bytes_whole(root / "config.json", config.to_json(indent=2).encode())
     writer = MetricWriter(workdir, start)
     evaluators = make_evaluators(config, tokenizer, setup.graphdef, mesh,
-                                 cache_dir=os.path.join(workdir, "features"))
+                                 cache_dir=str(root / "features"))
 
     # The loop.
     total = config.total_steps

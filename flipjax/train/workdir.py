@@ -7,11 +7,11 @@ the experiment scripts.
 from __future__ import annotations
 
 import json
-import os
 
 import ml_collections
 
 from flipjax.data.tokenizer import Tokenizer
+from flipjax.storage import storage_path
 from flipjax.train import checkpoint
 from flipjax.train.sharding import make_mesh
 from flipjax.train.step import TrainSetup
@@ -21,8 +21,7 @@ def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
     """The config a run saved as WORKDIR/config.json, with fields added since filled in:
     runs saved before `model.remat` named a policy stored a bool, and had no `scan_layers`
     (nor `attention`)."""
-    with open(os.path.join(workdir, "config.json")) as f:
-        saved = json.load(f)
+    saved = json.loads((storage_path(workdir) / "config.json").read_text())
     model = saved["model"]
     if isinstance(model.get("remat"), bool):
         model["remat"] = "full" if model["remat"] else "none"

@@ -1,0 +1,30 @@
+"""Where runs, datasets and tokenizers live: a local path, or a URL such as `gs://BUCKET/...`.
+
+Everything flipjax reads or writes outside the dataset itself goes through `etils.epath`, as
+Orbax and TFDS do, so a workdir, `data.data_dir` or `tokenizer.path` on Cloud Storage works
+like a local one (`pip install "flipjax[gcs]"`: gcsfs for epath, google-cloud-storage for
+TensorBoard's writer). Object stores have no append and no atomic rename, so files are written
+whole: to a temporary name, then moved over the old one.
+"""
+
+from __future__ import annotations
+
+import os
+
+from etils import epath
+
+
+def storage_path(path: str | os.PathLike) -> epath.Path:
+    """`path` as an `epath.Path`: a URL as it is, a local path made absolute (Orbax wants
+    absolute directories; `os.path.abspath("gs://b/run")` would be a local folder "gs:")."""
+    text = os.fspath(path)
+    return epath.Path(text if "://" in text else os.path.abspath(text))
+
+
+def write_bytes_whole(path: epath.Path, data: bytes) -> None:
+    """Writes `data` to a temporary file beside `path`, then moves it over `path`, so a reader
+    (or a crash) never sees a partly written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    tmp.replace(path)

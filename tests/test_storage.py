@@ -1,0 +1,36 @@
+"""Runs, datasets and tokenizers may live at URLs (gs://...): paths keep their scheme all the
+way to Orbax, and local ones behave as before."""
+
+import ml_collections
+
+from flipjax.storage import storage_path, write_bytes_whole
+from flipjax.train import checkpoint
+
+
+def test_urls_keep_their_scheme_and_local_paths_become_absolute(tmp_path, monkeypatch):
+    assert str(storage_path("gs://bucket/run") / "checkpoints") == "gs://bucket/run/checkpoints"
+    monkeypatch.chdir(tmp_path)
+    assert str(storage_path("run")) == str(tmp_path / "run")
+
+
+def test_a_gs_workdir_reaches_orbax_as_a_gs_directory(monkeypatch, tmp_path):
+    seen = {}
+
+    def manager(directory, **kwargs):
+        seen["directory"] = str(directory)
+
+    monkeypatch.setattr(checkpoint.ocp, "CheckpointManager", manager)
+    monkeypatch.chdir(tmp_path)
+    cfg = ml_collections.ConfigDict(dict(keep=2, async_save=True))
+    checkpoint.make_manager("gs://bucket/run", cfg)
+    assert seen["directory"] == "gs://bucket/run/checkpoints"
+    checkpoint.make_manager("local_run", cfg)
+    assert seen["directory"] == str(tmp_path / "local_run" / "checkpoints")
+
+
+def test_write_bytes_whole_replaces_and_leaves_no_temporary(tmp_path):
+    path = storage_path(tmp_path / "sub" / "metrics.jsonl")
+    write_bytes_whole(path, b"one\n")
+    write_bytes_whole(path, b"one\ntwo\n")
+    assert path.read_bytes() == b"one\ntwo\n"
+    assert sorted(p.name for p in path.parent.iterdir()) == ["metrics.jsonl"]
