@@ -120,10 +120,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
     check(img_dim == txt_dim, "model.text.proj_dim",
           f"the towers' embeddings differ in size (image {img_dim}, text {txt_dim}); set "
           "model.image.proj_dim and/or model.text.proj_dim to the same value")
-    check(config.total_steps > 0, "total_steps", "must be positive")
+    for field, value in (("total_steps", config.total_steps),
+                         ("log_every_steps", config.log_every_steps),
+                         ("checkpoint.every_steps", config.checkpoint.every_steps)):
+        check(value > 0, field, f"{value} must be positive")
     for name, eval_cfg in config.evals.items():
         check(eval_cfg.type in EVALUATORS, f"evals.{name}.type",
               f"unknown evaluator {eval_cfg.type!r}; use one of {sorted(EVALUATORS)}")
+        check(eval_cfg.every_steps > 0, f"evals.{name}.every_steps",
+              f"{eval_cfg.every_steps} must be positive")
         ebs = eval_cfg.get("batch_size", 256)
         check(ebs % shards == 0, f"evals.{name}.batch_size",
               f"{ebs} is not divisible by the {shards} batch shards")

@@ -28,6 +28,9 @@ from flipjax.train.workdir import load_workdir_config
     ("sharding_rules", [(".*", "shard")], r"config\.sharding_rules: unknown strategy 'shard'"),
     ("sharding_rules", [(".*", (3,))], r"config\.sharding_rules: '\.\*' has dims"),
     ("sharding_rules", [(".*", (None, "tensr"))], r"config\.sharding_rules: .*\['tensr'\]"),
+    ("log_every_steps", 0, r"config\.log_every_steps: 0 must be positive"),
+    ("checkpoint.every_steps", 0, r"config\.checkpoint\.every_steps: 0 must be positive"),
+    ("evals.retrieval.every_steps", 0, r"config\.evals\.retrieval\.every_steps: 0 must be"),
 ])
 def test_validation_names_the_field(field, value, message):
     config = load_config()

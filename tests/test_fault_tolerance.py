@@ -15,7 +15,10 @@ import numpy as np
 import pytest
 from conftest import REPO
 
+from flipjax.data.pipeline import make_train_dataset
+from flipjax.data.tokenizer import Tokenizer
 from flipjax.train import checkpoint
+from flipjax.train.optimizer import make_schedule
 from flipjax.train.preemption import PREEMPTED_EXIT_CODE
 from flipjax.train.sharding import make_mesh
 from flipjax.train.step import TrainSetup
@@ -134,6 +137,34 @@ def test_nonfinite_skip_keeps_params_and_counts(tiny_config, tmp_path):
     assert int(state["step"]) == 3 and int(state["nonfinite_steps"]) == 3
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(jax.device_get(state["params"])))
     np.testing.assert_allclose(state["params"]["t"], np.log(np.float32(1e38)), rtol=1e-6)
+    # No update was applied, so the optimizer's schedule never advanced: every step logs the
+    # rate of step 0, not the warmup's rising values.
+    schedule = make_schedule(config.optim, config.total_steps)
+    assert schedule(2) > schedule(0)
+    logged = [json.loads(line)["train/lr"] for line in open(tmp_path / "metrics.jsonl")]
+    np.testing.assert_allclose(logged, [schedule(0)] * 3)
+
+
+def test_raise_resumes_past_nonfinite_steps_its_checkpoint_counts(tiny_config, tmp_path):
+    """A checkpoint counting a skipped step (a "skip" run, or a preemption save before the
+    check) resumes under nonfinite="raise": only new non-finite steps stop training."""
+    config = tiny_config
+    config.total_steps, config.checkpoint.every_steps = 3, 1
+    config.evals = ml_collections.ConfigDict()
+    config.model.image.depth = config.model.text.depth = 1
+    tokenizer = Tokenizer(config.tokenizer.path, config.tokenizer.max_len)
+    setup = TrainSetup(config, tokenizer.vocab_size, make_mesh(config.mesh))
+    state = setup.init()
+    state["step"] = state["step"] + 1
+    state["nonfinite_steps"] = state["nonfinite_steps"] + 1
+    data_iter = iter(make_train_dataset(config.data, tokenizer, seed=config.seed))
+    next(data_iter)
+    manager = checkpoint.make_manager(str(tmp_path), config.checkpoint)
+    checkpoint.save(manager, 1, state, data_iter)
+    manager.wait_until_finished()
+    manager.close()
+    metrics = train_and_evaluate(config, str(tmp_path))
+    assert metrics["train/nonfinite_steps"] == 1 and np.isfinite(metrics["train/loss"])
 
 
 def test_resume_with_another_layer_layout_fails_clearly_and_keeps_config(tiny_config, tmp_path):

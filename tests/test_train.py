@@ -48,6 +48,18 @@ def test_training_lowers_loss_and_beats_chance(tiny_config, tmp_path):
     assert os.path.isdir(tmp_path / "tensorboard")
 
 
+def test_evals_run_at_their_own_interval(tiny_config, tmp_path):
+    """An eval interval that is no multiple of the logging interval still runs (and logs)."""
+    tiny_config.total_steps, tiny_config.log_every_steps = 7, 2
+    tiny_config.checkpoint.every_steps = 100
+    tiny_config.evals = {"retrieval": {**tiny_config.evals.retrieval, "every_steps": 3}}
+    tiny_config.model.image.depth = tiny_config.model.text.depth = 1
+    train_and_evaluate(tiny_config, str(tmp_path))
+    _, rows = read_losses(tmp_path)
+    assert [r["step"] for r in rows] == [2, 3, 4, 6, 7]
+    assert [r["step"] for r in rows if "retrieval/i2t_R@1" in r] == [3, 6, 7]
+
+
 def test_restore_gives_identical_next_batches_and_losses(tiny_config, tmp_path):
     config = tiny_config
     mesh = make_mesh(config.mesh)

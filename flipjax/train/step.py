@@ -140,7 +140,9 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
         params, opt_state = jax.lax.cond(finite, apply, lambda p, o: (p, o),
                                          state["params"], state["opt_state"])
         nonfinite = state["nonfinite_steps"] + (~finite).astype(jnp.int32)
-        metrics.update(loss=loss, lr=schedule(state["step"]), grad_norm=grad_norm,
+        # The rate this step applied: the optimizer's own count, which skipped steps don't advance.
+        applied_lr = schedule(state["step"] - state["nonfinite_steps"])
+        metrics.update(loss=loss, lr=applied_lr, grad_norm=grad_norm,
                        param_norm=optax.tree.norm(params), nonfinite_steps=nonfinite)
         return {"step": state["step"] + 1, "params": params, "opt_state": opt_state,
                 "nonfinite_steps": nonfinite}, metrics

@@ -97,6 +97,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     progress = tqdm(total=total, initial=start, desc="train", dynamic_ncols=True,
                     disable=None if jax.process_index() == 0 else True)
     last_time, last_step = time.perf_counter(), start
+    # Non-finite steps are counted over the run's whole life (checkpointed): "raise" is about new
+    # ones, not those a resumed checkpoint already counts (from a "skip" run, or a preemption
+    # save that came before the check).
+    known_nonfinite = int(jax.device_get(state["nonfinite_steps"]))
     prev_nonfinite, preempted_at = None, None
     with PreemptionWatch() as preemption:
         for step in range(start + 1, total + 1):
@@ -104,22 +108,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 batch = to_global(next(data_iter), setup.batch_sharding)
                 state, step_metrics = setup.train_step(state, batch)
             # Checked one step behind, so the host never waits for the step it just queued.
-            if config.nonfinite == "raise" and prev_nonfinite is not None and int(prev_nonfinite):
+            if (config.nonfinite == "raise" and prev_nonfinite is not None
+                    and int(prev_nonfinite) > known_nonfinite):
                 raise FloatingPointError(non_finite_message(step - 1))
             prev_nonfinite = step_metrics["nonfinite_steps"]
             progress.update(1)
             due_save = step % config.checkpoint.every_steps == 0 or step == total
-            if step % config.log_every_steps == 0 or step == total or due_save:
+            due_evals = ({n for n, e in config.evals.items() if step % e.every_steps == 0}
+                         if step < total else set(config.evals))
+            if step % config.log_every_steps == 0 or step == total or due_save or due_evals:
                 values = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
-                if config.nonfinite == "raise" and values["nonfinite_steps"]:
+                if config.nonfinite == "raise" and values["nonfinite_steps"] > known_nonfinite:
                     raise FloatingPointError(non_finite_message(step))
                 seconds = (time.perf_counter() - last_time) / (step - last_step)
                 values.update(step_time_s=seconds,
                               images_per_s=config.data.global_batch_size / seconds)
                 metrics = {f"train/{k}": v for k, v in values.items()}
-                due_evals = {n for n, e in config.evals.items() if step % e.every_steps == 0}
-                if step == total:
-                    due_evals = set(config.evals)
                 metrics.update(evaluate_all(evaluators, state["params"], step, due_evals))
                 writer.write(step, metrics)
                 progress.set_postfix(loss=f"{values['loss']:.3f}", lr=f"{values['lr']:.2e}")
