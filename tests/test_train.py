@@ -11,8 +11,10 @@ import time
 
 import jax
 import numpy as np
+import pytest
 from conftest import REPO
 
+from flipjax.config import ConfigError
 from flipjax.data.pipeline import make_train_dataset, to_global
 from flipjax.data.tokenizer import Tokenizer
 from flipjax.train import checkpoint
@@ -58,6 +60,20 @@ def test_evals_run_at_their_own_interval(tiny_config, tmp_path):
     _, rows = read_losses(tmp_path)
     assert [r["step"] for r in rows] == [2, 3, 4, 6, 7]
     assert [r["step"] for r in rows if "retrieval/i2t_R@1" in r] == [3, 6, 7]
+
+
+def test_resume_with_another_batch_size_fails_clearly(tiny_config, tmp_path):
+    """The iterator's checkpoint counts batches: resumed with twice the batch it would skip
+    half an epoch of records without a word."""
+    tiny_config.total_steps, tiny_config.checkpoint.every_steps = 2, 2
+    tiny_config.evals = {}
+    tiny_config.model.image.depth = tiny_config.model.text.depth = 1
+    train_and_evaluate(tiny_config, str(tmp_path))
+    batch = tiny_config.data.global_batch_size
+    tiny_config.data.global_batch_size, tiny_config.total_steps = 2 * batch, 4
+    with pytest.raises(ConfigError, match=rf"config\.data\.global_batch_size: {2 * batch} "
+                                          rf"differs from {batch} in .*config\.json"):
+        train_and_evaluate(tiny_config, str(tmp_path))
 
 
 def test_restore_gives_identical_next_batches_and_losses(tiny_config, tmp_path):

@@ -7,15 +7,17 @@ exactly the batches and losses an uninterrupted run would have.
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 
 import jax
 import ml_collections
 from absl import logging
+from etils import epath
 from tqdm import tqdm
 
-from flipjax.config import prepare, validate
+from flipjax.config import check, prepare, validate
 from flipjax.data.pipeline import make_train_dataset, to_global
 from flipjax.data.tokenizer import Tokenizer
 from flipjax.evaluate import make_evaluators
@@ -38,6 +40,28 @@ def evaluate_all(evaluators: dict, params: dict, step: int, due: set[str] | None
     if results:
         logging.info("step %d eval: %s", step, json.dumps(results))
     return results
+
+
+# What the data iterator's checkpointed position means: a count of global batches over the
+# seeded shuffle of one split.
+DATA_ORDER_FIELDS = ("seed", "data.name", "data.builder_config", "data.train_split",
+                     "data.global_batch_size")
+
+
+def check_same_data_order(config: ml_collections.ConfigDict, saved_path: epath.Path) -> None:
+    """Raises ConfigError when a resumed run would read another record order than the one its
+    checkpoint's iterator position counts in (it would silently skip or repeat records)."""
+    if not saved_path.exists():
+        return
+    saved = json.loads(saved_path.read_text())
+    for field in DATA_ORDER_FIELDS:
+        keys = field.split(".")
+        old, new = (functools.reduce(lambda node, key: node.get(key), keys, cfg)
+                    for cfg in (saved, config))
+        check(old == new, field,
+              f"{new!r} differs from {old!r} in {saved_path}: the checkpoint's data position "
+              "counts batches of that record order, so resuming with another would skip or "
+              "repeat records. Resume with the saved value, or use a new workdir")
 
 
 def non_finite_message(step: int) -> str:
@@ -67,6 +91,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     manager = checkpoint.make_manager(workdir, config.checkpoint)
     start = manager.latest_step() or 0
     if start:
+        check_same_data_order(config, root / "config.json")
         abstract = checkpoint.abstract_with_shardings(setup.abstract_state,
                                                       setup.state_shardings)
         try:
