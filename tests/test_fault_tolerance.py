@@ -34,21 +34,24 @@ def wait_for(predicate, proc, what, timeout=300):
     raise AssertionError(f"{what} did not happen (exit code {proc.poll()})")
 
 
-def test_sigterm_saves_current_step_and_exits(tiny_data, tmp_path):
+def test_sigterm_to_the_process_group_saves_current_step_and_exits(tiny_data, tmp_path):
+    """As a VM shutdown delivers it: to every process, Grain's input workers included, which
+    must keep feeding the main process until it has saved."""
     data_dir, tokenizer_path = tiny_data
     workdir, log_path = tmp_path / "run", tmp_path / "run.log"
     cmd = [sys.executable, "-m", "flipjax.main", "--config=configs/demo.py:tiny",
            f"--workdir={workdir}", f"--config.data.data_dir={data_dir}",
            f"--config.tokenizer.path={tokenizer_path}", "--config.total_steps=1000",
            "--config.checkpoint.every_steps=1000", "--config.model.image.depth=1",
-           "--config.model.text.depth=1"]
+           "--config.model.text.depth=1", "--config.data.num_workers=2"]
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
     metrics_path = workdir / "metrics.jsonl"
     wait_for(lambda: metrics_path.exists() and len(metrics_path.read_text().splitlines()) >= 3,
              proc, "three logged steps")
-    proc.send_signal(signal.SIGTERM)
+    os.killpg(proc.pid, signal.SIGTERM)
     assert proc.wait(timeout=120) == PREEMPTED_EXIT_CODE, log_path.read_text()[-3000:]
     assert "preempted: saved a checkpoint at step" in log_path.read_text()
     logged = [json.loads(line)["step"] for line in metrics_path.read_text().splitlines()]
