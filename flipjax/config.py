@@ -9,6 +9,7 @@ import os
 
 import jax
 import ml_collections
+from jax.experimental import multihost_utils
 
 from flipjax.models import embedding_dims
 from flipjax.models.layers import (
@@ -146,16 +147,23 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
 def prepare(config: ml_collections.ConfigDict) -> None:
     """Builds the dataset and trains the tokenizer if the config asks for it and they're
-    missing (the demo config does; pod configs point at prepared data)."""
+    missing (the demo config does; pod configs point at prepared data).
+
+    With several processes only process 0 does it and the others wait: they share the storage
+    (as multi-host runs must), where concurrent writers of one file would race, and tokenizers
+    trained on each host could differ."""
     from flipjax.data.tokenizer import dataset_texts, train_sentencepiece
 
     data = config.data
-    if data.build_if_missing and not dataset_dir_exists(data):
-        import tfds_builders
+    if jax.process_index() == 0:
+        if data.build_if_missing and not dataset_dir_exists(data):
+            import tfds_builders
 
-        tfds_builders.build(data.name, data.data_dir, manual_dir=data.manual_dir,
-                            num_workers=os.cpu_count() or 1, config=data.builder_config)
-    if config.tokenizer.train_if_missing and not storage_path(config.tokenizer.path).exists():
-        texts = dataset_texts(data.name, data.data_dir, data.train_split, data.text_key,
-                              data.builder_config)
-        train_sentencepiece(texts, config.tokenizer.path, config.tokenizer.vocab_size)
+            tfds_builders.build(data.name, data.data_dir, manual_dir=data.manual_dir,
+                                num_workers=os.cpu_count() or 1, config=data.builder_config)
+        if config.tokenizer.train_if_missing and not storage_path(config.tokenizer.path).exists():
+            texts = dataset_texts(data.name, data.data_dir, data.train_split, data.text_key,
+                                  data.builder_config)
+            train_sentencepiece(texts, config.tokenizer.path, config.tokenizer.vocab_size)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("flipjax.config.prepare")

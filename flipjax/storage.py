@@ -3,13 +3,15 @@
 Everything flipjax reads or writes outside the dataset itself goes through `etils.epath`, as
 Orbax and TFDS do, so a workdir, `data.data_dir` or `tokenizer.path` on Cloud Storage works
 like a local one (`pip install "flipjax[gcs]"`: gcsfs for epath, google-cloud-storage for
-TensorBoard's writer). Object stores have no append and no atomic rename, so files are written
-whole: to a temporary name, then moved over the old one.
+TensorBoard's writer). As in Orbax, epath reads local paths under /gs/, /s3/ and /az/ as URLs.
+Object stores have no append (gcsfs silently overwrites) and no atomic rename, so files there
+are written whole: to a temporary name, then moved over the old one.
 """
 
 from __future__ import annotations
 
 import os
+import uuid
 
 from etils import epath
 
@@ -21,10 +23,16 @@ def storage_path(path: str | os.PathLike) -> epath.Path:
     return epath.Path(text if "://" in text else os.path.abspath(text))
 
 
+def is_url(path: epath.Path) -> bool:
+    """Whether `path` is on an object store rather than a local file system."""
+    return "://" in str(path)
+
+
 def write_bytes_whole(path: epath.Path, data: bytes) -> None:
-    """Writes `data` to a temporary file beside `path`, then moves it over `path`, so a reader
-    (or a crash) never sees a partly written file."""
+    """Writes `data` to a temporary file beside `path` (named uniquely, so that two writers of
+    the same file don't collide), then moves it over `path`: a reader, or a crash, never sees a
+    partly written file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.tmp-{uuid.uuid4().hex[:12]}")
     tmp.write_bytes(data)
     tmp.replace(path)

@@ -1,10 +1,12 @@
 """Runs, datasets and tokenizers may live at URLs (gs://...): paths keep their scheme all the
 way to Orbax, and local ones behave as before."""
 
+import json
+
 import ml_collections
 
 from flipjax.storage import storage_path, write_bytes_whole
-from flipjax.train import checkpoint
+from flipjax.train import checkpoint, metrics
 
 
 def test_urls_keep_their_scheme_and_local_paths_become_absolute(tmp_path, monkeypatch):
@@ -34,3 +36,30 @@ def test_write_bytes_whole_replaces_and_leaves_no_temporary(tmp_path):
     write_bytes_whole(path, b"one\ntwo\n")
     assert path.read_bytes() == b"one\ntwo\n"
     assert sorted(p.name for p in path.parent.iterdir()) == ["metrics.jsonl"]
+
+
+def test_metrics_at_a_url_are_written_whole_at_intervals_and_at_close(tmp_path, monkeypatch):
+    """An object store cannot append: there the jsonl is rewritten whole, not every step. A
+    local workdir appends, and a resume drops the lines after its checkpoint either way."""
+    jsonl = tmp_path / "metrics.jsonl"
+    steps = lambda: [json.loads(line)["step"] for line in jsonl.read_text().splitlines()]
+    monkeypatch.setattr(metrics, "is_url", lambda path: True)
+    monkeypatch.setattr(metrics, "URL_REWRITE_SECONDS", 3600.0)
+    writer = metrics.MetricWriter(str(tmp_path), resumed_step=0)
+    writer.write(1, {"train/loss": 1.0})
+    writer.write(2, {"train/loss": 0.5})
+    assert steps() == []  # the interval has not passed
+    writer.close()
+    assert steps() == [1, 2]
+    monkeypatch.setattr(metrics, "URL_REWRITE_SECONDS", 0.0)
+    writer = metrics.MetricWriter(str(tmp_path), resumed_step=1)
+    writer.write(2, {"train/loss": 0.25})
+    assert steps() == [1, 2]
+    writer.close()
+    monkeypatch.undo()
+    writer = metrics.MetricWriter(str(tmp_path), resumed_step=1)
+    assert steps() == [1]
+    writer.write(2, {"train/loss": 0.125})
+    assert steps() == [1, 2]
+    assert json.loads(jsonl.read_text().splitlines()[1])["train/loss"] == 0.125
+    writer.close()

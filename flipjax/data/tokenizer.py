@@ -114,7 +114,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     path = train_sentencepiece(dataset_texts(args.dataset, args.data_dir, args.split,
                                              args.text_key, args.builder_config),
                                args.output, args.vocab_size, args.model_type)
-    print(f"wrote {path} ({spm.SentencePieceProcessor(model_file=path).get_piece_size()} pieces)")
+    print(f"wrote {path} ({Tokenizer(path, max_len=1).vocab_size} pieces)")
 
 
 if __name__ == "__main__":

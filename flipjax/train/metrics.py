@@ -5,27 +5,32 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from collections.abc import Mapping
 
 import jax
 from etils import epath
 from tensorboardX import SummaryWriter
 
-from flipjax.storage import storage_path, write_bytes_whole
+from flipjax.storage import is_url, storage_path, write_bytes_whole
+
+# How often a metrics.jsonl on an object store is rewritten (and at close).
+URL_REWRITE_SECONDS = 30.0
 
 
 def lines_up_to(path: epath.Path, last_step: int) -> list[str]:
-    """The lines of a metrics.jsonl logged at or before `last_step`, so a run resumed from that
-    step's checkpoint leaves one line per step, as an uninterrupted run would."""
+    """The complete lines of a metrics.jsonl logged at or before `last_step`, so a run resumed
+    from that step's checkpoint leaves one line per step, as an uninterrupted run would."""
     if not path.exists():
         return []
     return [line for line in path.read_text().splitlines(keepends=True)
-            if line.strip() and json.loads(line)["step"] <= last_step]
+            if line.endswith("\n") and json.loads(line)["step"] <= last_step]
 
 
 class MetricWriter:
-    """The jsonl is rewritten whole at every logged step (a few hundred KB over a long run),
-    since an object store such as GCS cannot append."""
+    """A local metrics.jsonl gets one appended line per logged step. An object store cannot
+    append, so at a URL the file is rewritten whole, at most every `URL_REWRITE_SECONDS` and at
+    close: rewriting at every step would upload a quadratically growing total."""
 
     def __init__(self, workdir: str, resumed_step: int):
         self.enabled = jax.process_index() == 0
@@ -34,8 +39,14 @@ class MetricWriter:
         root = storage_path(workdir)
         self.jsonl_path = root / "metrics.jsonl"
         self.lines = lines_up_to(self.jsonl_path, resumed_step)
-        write_bytes_whole(self.jsonl_path, "".join(self.lines).encode())
+        self.rewrite_whole = is_url(root)
+        self._rewrite()
+        self.jsonl = None if self.rewrite_whole else self.jsonl_path.open("a")
         self.tensorboard = SummaryWriter(str(root / "tensorboard"))
+
+    def _rewrite(self) -> None:
+        write_bytes_whole(self.jsonl_path, "".join(self.lines).encode())
+        self.rewritten_at = time.monotonic()
 
     def write(self, step: int, metrics: Mapping[str, float]) -> None:
         if not self.enabled:
@@ -44,9 +55,20 @@ class MetricWriter:
         for name, value in clean.items():
             if math.isfinite(value):
                 self.tensorboard.add_scalar(name, value, step)
-        self.lines.append(json.dumps({"step": step, **clean}) + "\n")
-        write_bytes_whole(self.jsonl_path, "".join(self.lines).encode())
+        line = json.dumps({"step": step, **clean}) + "\n"
+        if self.jsonl is not None:
+            self.jsonl.write(line)
+            self.jsonl.flush()
+        else:
+            self.lines.append(line)
+            if time.monotonic() - self.rewritten_at >= URL_REWRITE_SECONDS:
+                self._rewrite()
 
     def close(self) -> None:
-        if self.enabled:
-            self.tensorboard.close()
+        if not self.enabled:
+            return
+        if self.jsonl is not None:
+            self.jsonl.close()
+        else:
+            self._rewrite()
+        self.tensorboard.close()

@@ -7,6 +7,7 @@ exactly the batches and losses an uninterrupted run would have.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import time
@@ -127,7 +128,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     # save that came before the check).
     known_nonfinite = int(jax.device_get(state["nonfinite_steps"]))
     prev_nonfinite, preempted_at = None, None
-    with PreemptionWatch() as preemption:
+    # closing: a URL workdir's metrics.jsonl is written out on errors too.
+    with PreemptionWatch() as preemption, contextlib.closing(writer):
         for step in range(start + 1, total + 1):
             with jax.profiler.StepTraceAnnotation("train", step_num=step):
                 batch = to_global(next(data_iter), setup.batch_sharding)
@@ -160,14 +162,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             if due_save:
                 checkpoint.save(manager, step, state, data_iter)
             if preemption.reached(step):
-                if not due_save:
+                if not due_save:  # so not checked above
+                    if (config.nonfinite == "raise"
+                            and int(step_metrics["nonfinite_steps"]) > known_nonfinite):
+                        raise FloatingPointError(non_finite_message(step))
                     checkpoint.save(manager, step, state, data_iter)
                 preempted_at = step
                 break
     progress.close()
     manager.wait_until_finished()
     manager.close()
-    writer.close()
     if preempted_at is not None:
         raise PreemptedError(preempted_at)
     return metrics
