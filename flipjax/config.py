@@ -9,6 +9,7 @@ import os
 
 import jax
 import ml_collections
+import numpy as np
 from jax.experimental import multihost_utils
 
 from flipjax.models import embedding_dims
@@ -149,21 +150,34 @@ def prepare(config: ml_collections.ConfigDict) -> None:
     """Builds the dataset and trains the tokenizer if the config asks for it and they're
     missing (the demo config does; pod configs point at prepared data).
 
-    With several processes only process 0 does it and the others wait: they share the storage
-    (as multi-host runs must), where concurrent writers of one file would race, and tokenizers
-    trained on each host could differ."""
+    With several processes only process 0 does it and the others wait for its outcome: they
+    share the storage (as multi-host runs must, data_dir included), where concurrent writers of
+    one file would race, and tokenizers trained on each host could differ."""
+    failure = None
+    if jax.process_index() == 0:
+        try:
+            _build_missing(config)
+        except Exception as e:  # told to the other processes first, so that none waits forever
+            failure = e
+    if jax.process_count() > 1:
+        ok = bool(multihost_utils.broadcast_one_to_all(np.asarray(failure is None)))
+        if not ok and failure is None:
+            raise RuntimeError("process 0 failed to build the dataset or train the tokenizer; "
+                               "its log has the error")
+    if failure is not None:
+        raise failure
+
+
+def _build_missing(config: ml_collections.ConfigDict) -> None:
     from flipjax.data.tokenizer import dataset_texts, train_sentencepiece
 
     data = config.data
-    if jax.process_index() == 0:
-        if data.build_if_missing and not dataset_dir_exists(data):
-            import tfds_builders
+    if data.build_if_missing and not dataset_dir_exists(data):
+        import tfds_builders
 
-            tfds_builders.build(data.name, data.data_dir, manual_dir=data.manual_dir,
-                                num_workers=os.cpu_count() or 1, config=data.builder_config)
-        if config.tokenizer.train_if_missing and not storage_path(config.tokenizer.path).exists():
-            texts = dataset_texts(data.name, data.data_dir, data.train_split, data.text_key,
-                                  data.builder_config)
-            train_sentencepiece(texts, config.tokenizer.path, config.tokenizer.vocab_size)
-    if jax.process_count() > 1:
-        multihost_utils.sync_global_devices("flipjax.config.prepare")
+        tfds_builders.build(data.name, data.data_dir, manual_dir=data.manual_dir,
+                            num_workers=os.cpu_count() or 1, config=data.builder_config)
+    if config.tokenizer.train_if_missing and not storage_path(config.tokenizer.path).exists():
+        texts = dataset_texts(data.name, data.data_dir, data.train_split, data.text_key,
+                              data.builder_config)
+        train_sentencepiece(texts, config.tokenizer.path, config.tokenizer.vocab_size)

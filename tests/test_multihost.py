@@ -89,14 +89,14 @@ def main_command(workdir, tiny_data, extra=()):
             "--config.log_every_steps=1", "--config.checkpoint.every_steps=1000", *extra]
 
 
-def start_main(workdir, tiny_data, count, port, tag):
+def start_main(workdir, tiny_data, count, port, tag, config_args=()):
     flags = f"--xla_force_host_platform_device_count={8 // count}"
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": flags}
     procs = []
     for index in range(count):
-        extra = ([] if count == 1 else
-                 ["--distributed", f"--coordinator_address=127.0.0.1:{port}",
-                  f"--num_processes={count}", f"--process_id={index}"])
+        extra = list(config_args) + ([] if count == 1 else
+                                     ["--distributed", f"--coordinator_address=127.0.0.1:{port}",
+                                      f"--num_processes={count}", f"--process_id={index}"])
         with open(f"{workdir}.{tag}{index}.log", "w") as log:
             procs.append(subprocess.Popen(main_command(workdir, tiny_data, extra), cwd=REPO,
                                           env=env, stdout=log, stderr=subprocess.STDOUT))
@@ -141,3 +141,15 @@ def test_two_process_main_preempted_then_resumed_matches_one_process(tiny_data, 
     assert sorted(got) == sorted(expected) == list(range(1, 41))
     np.testing.assert_allclose([got[s] for s in range(1, 41)],
                                [expected[s] for s in range(1, 41)], rtol=1e-5)
+
+
+def test_a_failed_prepare_on_process_0_stops_every_process(tiny_data, tmp_path):
+    """Only process 0 builds missing data; when that fails the others learn it and exit
+    instead of waiting for it in a collective."""
+    workdir = str(tmp_path / "run")
+    procs = start_main(workdir, tiny_data, 2, free_port(), "prep", [
+        "--config.data.build_if_missing=True", "--config.data.name=no_such_dataset"])
+    codes = [p.wait(timeout=300) for p in procs]
+    log1 = open(f"{workdir}.prep1.log").read()
+    assert all(code not in (0, None) for code in codes), codes
+    assert "process 0 failed to build the dataset or train the tokenizer" in log1, log1[-3000:]

@@ -25,7 +25,7 @@ from flipjax.train.trainer import train_and_evaluate
 
 def read_losses(workdir):
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        rows = [json.loads(line) for line in f]
+        rows = [json.loads(line) for line in f if line.endswith("\n")]  # complete lines
     return {r["step"]: r["train/loss"] for r in rows}, rows
 
 

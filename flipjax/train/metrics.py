@@ -24,7 +24,7 @@ def lines_up_to(path: epath.Path, last_step: int) -> list[str]:
     if not path.exists():
         return []
     return [line for line in path.read_text().splitlines(keepends=True)
-            if line.endswith("\n") and json.loads(line)["step"] <= last_step]
+            if line.strip() and line.endswith("\n") and json.loads(line)["step"] <= last_step]
 
 
 class MetricWriter:
@@ -39,9 +39,8 @@ class MetricWriter:
         root = storage_path(workdir)
         self.jsonl_path = root / "metrics.jsonl"
         self.lines = lines_up_to(self.jsonl_path, resumed_step)
-        self.rewrite_whole = is_url(root)
         self._rewrite()
-        self.jsonl = None if self.rewrite_whole else self.jsonl_path.open("a")
+        self.jsonl = None if is_url(root) else self.jsonl_path.open("a")
         self.tensorboard = SummaryWriter(str(root / "tensorboard"))
 
     def _rewrite(self) -> None:
@@ -64,11 +63,17 @@ class MetricWriter:
             if time.monotonic() - self.rewritten_at >= URL_REWRITE_SECONDS:
                 self._rewrite()
 
+    def flush(self) -> None:
+        """Writes out every line so far (a URL's are otherwise held for up to
+        `URL_REWRITE_SECONDS`): called at each checkpoint, since a run resumed from it will not
+        log those steps again."""
+        if self.enabled and self.jsonl is None:
+            self._rewrite()
+
     def close(self) -> None:
         if not self.enabled:
             return
+        self.flush()
         if self.jsonl is not None:
             self.jsonl.close()
-        else:
-            self._rewrite()
         self.tensorboard.close()

@@ -113,7 +113,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     # Written once the state exists, so a resume that fails leaves the run's config as it was.
     if jax.process_index() == 0:
         write_bytes_whole(root / "config.json", config.to_json(indent=2).encode())
-    writer = MetricWriter(workdir, start)
     evaluators = make_evaluators(config, tokenizer, setup.graphdef, mesh,
                                  cache_dir=str(root / "features"))
 
@@ -129,7 +128,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     known_nonfinite = int(jax.device_get(state["nonfinite_steps"]))
     prev_nonfinite, preempted_at = None, None
     # closing: a URL workdir's metrics.jsonl is written out on errors too.
-    with PreemptionWatch() as preemption, contextlib.closing(writer):
+    with (PreemptionWatch() as preemption,
+          contextlib.closing(MetricWriter(workdir, start)) as writer):
         for step in range(start + 1, total + 1):
             with jax.profiler.StepTraceAnnotation("train", step_num=step):
                 batch = to_global(next(data_iter), setup.batch_sharding)
@@ -161,12 +161,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 last_time, last_step = time.perf_counter(), step
             if due_save:
                 checkpoint.save(manager, step, state, data_iter)
+                writer.flush()  # the lines up to a checkpoint are never logged again
             if preemption.reached(step):
                 if not due_save:  # so not checked above
                     if (config.nonfinite == "raise"
                             and int(step_metrics["nonfinite_steps"]) > known_nonfinite):
                         raise FloatingPointError(non_finite_message(step))
                     checkpoint.save(manager, step, state, data_iter)
+                    writer.flush()
                 preempted_at = step
                 break
     progress.close()
