@@ -29,8 +29,9 @@ def lines_up_to(path: epath.Path, last_step: int) -> list[str]:
 
 class MetricWriter:
     """A local metrics.jsonl gets one appended line per logged step. An object store cannot
-    append, so at a URL the file is rewritten whole, at most every `URL_REWRITE_SECONDS` and at
-    close: rewriting at every step would upload a quadratically growing total."""
+    append, so at a URL the file is rewritten whole, at most every `URL_REWRITE_SECONDS`, at
+    each checkpoint (`flush`) and at close: rewriting at every step would upload a
+    quadratically growing total."""
 
     def __init__(self, workdir: str, resumed_step: int):
         self.enabled = jax.process_index() == 0
@@ -38,13 +39,15 @@ class MetricWriter:
             return
         root = storage_path(workdir)
         self.jsonl_path = root / "metrics.jsonl"
-        self.lines = lines_up_to(self.jsonl_path, resumed_step)
-        self._rewrite()
+        lines = lines_up_to(self.jsonl_path, resumed_step)
+        self._rewrite(lines)
+        # Locally an open file to append to; at a URL every line, for the next rewrite.
         self.jsonl = None if is_url(root) else self.jsonl_path.open("a")
+        self.lines = lines if self.jsonl is None else None
         self.tensorboard = SummaryWriter(str(root / "tensorboard"))
 
-    def _rewrite(self) -> None:
-        write_bytes_whole(self.jsonl_path, "".join(self.lines).encode())
+    def _rewrite(self, lines: list[str]) -> None:
+        write_bytes_whole(self.jsonl_path, "".join(lines).encode())
         self.rewritten_at = time.monotonic()
 
     def write(self, step: int, metrics: Mapping[str, float]) -> None:
@@ -61,14 +64,14 @@ class MetricWriter:
         else:
             self.lines.append(line)
             if time.monotonic() - self.rewritten_at >= URL_REWRITE_SECONDS:
-                self._rewrite()
+                self._rewrite(self.lines)
 
     def flush(self) -> None:
         """Writes out every line so far (a URL's are otherwise held for up to
         `URL_REWRITE_SECONDS`): called at each checkpoint, since a run resumed from it will not
         log those steps again."""
         if self.enabled and self.jsonl is None:
-            self._rewrite()
+            self._rewrite(self.lines)
 
     def close(self) -> None:
         if not self.enabled:

@@ -15,7 +15,6 @@ import time
 import jax
 import ml_collections
 from absl import logging
-from etils import epath
 from tqdm import tqdm
 
 from flipjax.config import check, prepare, validate
@@ -29,6 +28,7 @@ from flipjax.train.metrics import MetricWriter
 from flipjax.train.preemption import PreemptedError, PreemptionWatch
 from flipjax.train.sharding import make_mesh
 from flipjax.train.step import TrainSetup
+from flipjax.train.workdir import load_workdir_config
 
 
 def evaluate_all(evaluators: dict, params: dict, step: int, due: set[str] | None = None
@@ -49,20 +49,20 @@ DATA_ORDER_FIELDS = ("seed", "data.name", "data.builder_config", "data.train_spl
                      "data.global_batch_size")
 
 
-def check_same_data_order(config: ml_collections.ConfigDict, saved_path: epath.Path) -> None:
+def check_same_data_order(config: ml_collections.ConfigDict, workdir: str) -> None:
     """Raises ConfigError when a resumed run would read another record order than the one its
     checkpoint's iterator position counts in (it would silently skip or repeat records)."""
-    if not saved_path.exists():
+    if not (storage_path(workdir) / "config.json").exists():
         return
-    saved = json.loads(saved_path.read_text())
+    saved = load_workdir_config(workdir)
     for field in DATA_ORDER_FIELDS:
         keys = field.split(".")
         old, new = (functools.reduce(lambda node, key: node.get(key), keys, cfg)
                     for cfg in (saved, config))
         check(old == new, field,
-              f"{new!r} differs from {old!r} in {saved_path}: the checkpoint's data position "
-              "counts batches of that record order, so resuming with another would skip or "
-              "repeat records. Resume with the saved value, or use a new workdir")
+              f"{new!r} differs from {old!r} in {workdir}/config.json: the checkpoint's data "
+              "position counts batches of that record order, so resuming with another would "
+              "skip or repeat records. Resume with the saved value, or use a new workdir")
 
 
 def non_finite_message(step: int) -> str:
@@ -92,7 +92,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     manager = checkpoint.make_manager(workdir, config.checkpoint)
     start = manager.latest_step() or 0
     if start:
-        check_same_data_order(config, root / "config.json")
+        check_same_data_order(config, workdir)
         abstract = checkpoint.abstract_with_shardings(setup.abstract_state,
                                                       setup.state_shardings)
         try:
@@ -126,6 +126,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     # ones, not those a resumed checkpoint already counts (from a "skip" run, or a preemption
     # save that came before the check).
     known_nonfinite = int(jax.device_get(state["nonfinite_steps"]))
+
+    def stop_if_nonfinite(nonfinite_steps: jax.Array | float, at_step: int) -> None:
+        if config.nonfinite == "raise" and int(nonfinite_steps) > known_nonfinite:
+            raise FloatingPointError(non_finite_message(at_step))
+
     prev_nonfinite, preempted_at = None, None
     # closing: a URL workdir's metrics.jsonl is written out on errors too.
     with (PreemptionWatch() as preemption,
@@ -135,18 +140,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 batch = to_global(next(data_iter), setup.batch_sharding)
                 state, step_metrics = setup.train_step(state, batch)
             # Checked one step behind, so the host never waits for the step it just queued.
-            if (config.nonfinite == "raise" and prev_nonfinite is not None
-                    and int(prev_nonfinite) > known_nonfinite):
-                raise FloatingPointError(non_finite_message(step - 1))
+            if prev_nonfinite is not None:
+                stop_if_nonfinite(prev_nonfinite, step - 1)
             prev_nonfinite = step_metrics["nonfinite_steps"]
             progress.update(1)
-            due_save = step % config.checkpoint.every_steps == 0 or step == total
+            preempted = preemption.reached(step)
+            # A saved step is logged (and so checked) first.
+            due_save = step % config.checkpoint.every_steps == 0 or step == total or preempted
             due_evals = ({n for n, e in config.evals.items() if step % e.every_steps == 0}
                          if step < total else set(config.evals))
-            if step % config.log_every_steps == 0 or step == total or due_save or due_evals:
+            if step % config.log_every_steps == 0 or due_save or due_evals:
                 values = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
-                if config.nonfinite == "raise" and values["nonfinite_steps"] > known_nonfinite:
-                    raise FloatingPointError(non_finite_message(step))
+                stop_if_nonfinite(values["nonfinite_steps"], step)
                 seconds = (time.perf_counter() - last_time) / (step - last_step)
                 values.update(step_time_s=seconds,
                               images_per_s=config.data.global_batch_size / seconds)
@@ -162,13 +167,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             if due_save:
                 checkpoint.save(manager, step, state, data_iter)
                 writer.flush()  # the lines up to a checkpoint are never logged again
-            if preemption.reached(step):
-                if not due_save:  # so not checked above
-                    if (config.nonfinite == "raise"
-                            and int(step_metrics["nonfinite_steps"]) > known_nonfinite):
-                        raise FloatingPointError(non_finite_message(step))
-                    checkpoint.save(manager, step, state, data_iter)
-                    writer.flush()
+            if preempted:
                 preempted_at = step
                 break
     progress.close()
