@@ -11,6 +11,7 @@ from flax import nnx
 from flipjax.models import make_model
 from flipjax.models.layers import (
     ATTENTION_IMPLEMENTATIONS,
+    Encoder,
     cudnn_attention,
     resolve_attention,
     stack_layers,
@@ -112,6 +113,57 @@ def test_attention_matches_jax_in_value_and_gradient(attention, causal, tq, tk):
     np.testing.assert_allclose(value, expected, rtol=1e-5)
     for got, want in zip(grads, expected_grads, strict=True):
         np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+@pytest.mark.parametrize("attention", sorted(ATTENTIONS_ON_CPU))
+@pytest.mark.parametrize("causal,tq,tk,num_keys", [(False, 8, 8, 7), (True, 8, 8, 7),
+                                                    (False, 1, 9, 6)])
+def test_attention_ignores_padding_keys(attention, causal, tq, tk, num_keys):
+    """Keys past `num_keys` are padding: the output and the real keys' gradients are those of
+    attention over the real keys alone, and the padding gets no gradient."""
+    q, k, v, w = (jax.random.normal(jax.random.key(i), (2, n, 3, 8))
+                  for i, n in enumerate((tq, tk, tk, tq)))
+
+    def ours(q, k, v):
+        return jnp.sum(ATTENTIONS_ON_CPU[attention](q, k, v, causal, num_keys) * w)
+
+    def theirs(q, k, v):
+        return jnp.sum(jax.nn.dot_product_attention(q, k[:, :num_keys], v[:, :num_keys],
+                                                    is_causal=causal) * w)
+
+    value, (dq, dk, dv) = jax.value_and_grad(ours, argnums=(0, 1, 2))(q, k, v)
+    expected, (want_dq, want_dk, want_dv) = jax.value_and_grad(theirs, argnums=(0, 1, 2))(q, k, v)
+    np.testing.assert_allclose(value, expected, rtol=1e-5)
+    np.testing.assert_allclose(dq, want_dq, atol=1e-5)
+    for got, want in ((dk, want_dk), (dv, want_dv)):
+        np.testing.assert_allclose(got[:, :num_keys], want[:, :num_keys], atol=1e-5)
+        np.testing.assert_array_equal(got[:, num_keys:], 0.0)
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_encoder_pads_odd_lengths_once_for_even_length_kernels(monkeypatch, scan):
+    """With an even-length kernel ("cudnn", here its padding run through XLA) the encoder pads
+    197-style odd token counts once and masks the pad in every layer: values and gradients
+    are those of the unpadded "dot" encoder with the same weights."""
+    monkeypatch.setitem(ATTENTION_IMPLEMENTATIONS, "cudnn",
+                        functools.partial(cudnn_attention, implementation="xla"))
+    x = jax.random.normal(jax.random.key(0), (2, 7, 16))
+
+    def encoder(attention: str) -> Encoder:
+        return Encoder(16, 2, 32, 2, gelu="tanh", ln_eps=1e-6, remat="none", scan=scan,
+                       attention=attention, dtype=jnp.float32, rngs=nnx.Rngs(0))
+
+    def loss_and_grads(attention: str):
+        model = encoder(attention)
+        assert model.needs_even_length == (attention == "cudnn")
+        loss = lambda m, x: jnp.sum(jnp.sin(m(x)))
+        return nnx.value_and_grad(loss, argnums=(0, 1))(model, x)
+
+    (value, (grads, dx)), (want, (want_grads, want_dx)) = map(loss_and_grads, ("cudnn", "dot"))
+    np.testing.assert_allclose(value, want, rtol=1e-5)
+    np.testing.assert_allclose(dx, want_dx, atol=1e-5)
+    for got, expected in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads), strict=True):
+        np.testing.assert_allclose(got, expected, atol=1e-5)
 
 
 def test_auto_attention_is_xla_off_gpu():

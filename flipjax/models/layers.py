@@ -55,23 +55,27 @@ def _logit_scale(q: jax.Array) -> np.float32:
     return np.float32(q.shape[-1] ** -0.5)
 
 
-def _attention_forward(q: jax.Array, k: jax.Array, v: jax.Array, is_causal: bool
-                       ) -> tuple[jax.Array, jax.Array]:
+def _attention_forward(q: jax.Array, k: jax.Array, v: jax.Array, is_causal: bool,
+                       num_keys: int | None) -> tuple[jax.Array, jax.Array]:
     """Softmax attention and its probabilities; logits and softmax in float32 for any input
     dtype, as `jax.nn.dot_product_attention` does."""
     logits = jnp.einsum("bnqh,bnkh->bnqk", q, k, preferred_element_type=jnp.float32)
     logits *= _logit_scale(q)
-    if is_causal:  # finite, so that the softmax of a masked logit is 0 and never NaN
-        keep = jnp.tril(jnp.ones(logits.shape[-2:], bool))
+    tq, tk = logits.shape[-2:]
+    keep = jnp.tril(jnp.ones((tq, tk), bool)) if is_causal else np.ones((tq, tk), bool)
+    if num_keys is not None:
+        keep &= np.arange(tk) < num_keys
+    if is_causal or num_keys is not None:  # finite: a masked logit's softmax is 0, never NaN
         logits = jnp.where(keep, logits, -0.7 * np.finfo(np.float32).max)
     probs = jax.nn.softmax(logits, axis=-1)
     return jnp.einsum("bnqk,bnkh->bnqh", probs.astype(v.dtype), v), probs
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, is_causal: bool = False
-                          ) -> jax.Array:
-    """Multi-head softmax attention over heads-major arrays (batch, heads, seq, head_dim).
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, is_causal: bool = False,
+                          num_keys: int | None = None) -> jax.Array:
+    """Multi-head softmax attention over heads-major arrays (batch, heads, seq, head_dim),
+    attending to the first `num_keys` keys (all by default; later ones are padding).
 
     Why not `jax.nn.dot_product_attention`: its arrays are (batch, seq, heads, head_dim), so
     every batched matmul has batch dimensions that are not leading, and its gradient is
@@ -81,16 +85,16 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, is_causal: b
     attention's forward + backward at batch 8 from 118 to 53 ms
     (`experiments/results/throughput.md`); the numbers are the same to float32 rounding.
     """
-    return _attention_forward(q, k, v, is_causal)[0]
+    return _attention_forward(q, k, v, is_causal, num_keys)[0]
 
 
-def _attention_fwd(q, k, v, is_causal):
-    out, probs = _attention_forward(q, k, v, is_causal)
+def _attention_fwd(q, k, v, is_causal, num_keys):
+    out, probs = _attention_forward(q, k, v, is_causal, num_keys)
     return out, (q, k, v, out, probs)
 
 
-def _attention_bwd(is_causal, residuals, d_out):
-    del is_causal  # masked probabilities are 0, so their gradient is too
+def _attention_bwd(is_causal, num_keys, residuals, d_out):
+    del is_causal, num_keys  # masked probabilities are 0, so their gradient is too
     q, k, v, out, probs = residuals
     d_probs = jnp.einsum("bnqh,bnkh->bnqk", d_out, v, preferred_element_type=jnp.float32)
     # d softmax: P * (dP - rowsum(dP * P)), and rowsum(dP * P) = rowsum(dO * O).
@@ -107,46 +111,52 @@ def _attention_bwd(is_causal, residuals, d_out):
 dot_product_attention.defvjp(_attention_fwd, _attention_bwd)
 
 
-def heads_major_attention(q: jax.Array, k: jax.Array, v: jax.Array, is_causal: bool = False
-                          ) -> jax.Array:
+def heads_major_attention(q: jax.Array, k: jax.Array, v: jax.Array, is_causal: bool = False,
+                          num_keys: int | None = None) -> jax.Array:
     """`dot_product_attention` for (batch, seq, heads, head_dim) arrays: transposed to heads
     major and back, the heads-major copies pinned to the "heads" sharding."""
     heads_major = lambda y: constrain(y.transpose(0, 2, 1, 3), "batch", "heads", "seq", None)
-    out = dot_product_attention(heads_major(q), heads_major(k), heads_major(v), is_causal)
+    out = dot_product_attention(heads_major(q), heads_major(k), heads_major(v), is_causal,
+                                num_keys)
     return out.transpose(0, 2, 1, 3)
 
 
-def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, is_causal: bool = False, *,
-                    implementation: str = "cudnn") -> jax.Array:
+def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, is_causal: bool = False,
+                    num_keys: int | None = None, *, implementation: str = "cudnn") -> jax.Array:
     """Multi-head softmax attention over (batch, seq, heads, head_dim) arrays with cuDNN's
-    fused kernel, which keeps neither the (q, k) logits nor the probabilities in memory.
+    fused kernel, which keeps neither the (q, k) logits nor the probabilities in memory. Only
+    the first `num_keys` keys (all by default) are attended to; later ones are padding.
 
     cuDNN's fused backward refused the image tower's 197 tokens on an H200 with jax 0.11.2
     (`NotImplementedError: Unsupported sequence length Q 197, KV 197`,
     experiments/results/throughput_h200.md): it wants even lengths, and a ViT with a class
-    token has an odd number of tokens. An odd length is therefore padded by one: a zero query
-    row, sliced off the output, and a zero key that the kernel's padding mask
-    (`key_value_seq_lengths`) hides, so every query attends to exactly its own keys.
-    `implementation="xla"` runs the same padding through XLA, which is how the CPU tests check
-    it.
+    token has an odd number of tokens. `Encoder` therefore pads its tokens once for all its
+    layers (`needs_even_length`); an odd length that still arrives here (a MAP head's single
+    query) is padded by one: a zero query row, sliced off the output, and a zero key that the
+    kernel's padding mask (`key_value_seq_lengths`) hides, so every query attends to exactly
+    its own keys. `implementation="xla"` runs the same padding through XLA, which is how the
+    CPU tests check it.
     """
     b, tq, tk = q.shape[0], q.shape[1], k.shape[1]
+    num_keys = tk if num_keys is None else num_keys
     even = lambda x: jnp.pad(x, [(0, 0), (0, x.shape[1] % 2), (0, 0), (0, 0)])
-    kv_lengths = jnp.full((b,), tk, jnp.int32) if tk % 2 else None
+    kv_lengths = (jnp.full((b,), num_keys, jnp.int32) if num_keys < tk + tk % 2 else None)
     out = jax.nn.dot_product_attention(even(q), even(k), even(v), is_causal=is_causal,
                                        key_value_seq_lengths=kv_lengths,
                                        implementation=implementation)
     return out[:, :tq]
 
 
-# The implementations `config.model.attention` names, each over (batch, seq, heads, head_dim)
-# arrays. "dot" is plain XLA and runs on every backend; "cudnn" is cuDNN's fused
-# flash-attention kernel, for NVIDIA GPUs from Ampere on in 16-bit compute. The config may also
-# say "auto": "cudnn" where it runs, else "dot".
+# The implementations `config.model.attention` names, each `(q, k, v, is_causal, num_keys)`
+# over (batch, seq, heads, head_dim) arrays. "dot" is plain XLA and runs on every backend;
+# "cudnn" is cuDNN's fused flash-attention kernel, for NVIDIA GPUs from Ampere on in 16-bit
+# compute. The config may also say "auto": "cudnn" where it runs, else "dot".
 ATTENTION_IMPLEMENTATIONS: dict[str, Callable[..., jax.Array]] = {
     "dot": heads_major_attention,
     "cudnn": cudnn_attention,
 }
+# The implementations that run only on even sequence lengths (padding odd ones themselves).
+EVEN_LENGTH_ATTENTIONS = frozenset({"cudnn"})
 
 
 def cudnn_attention_runs_here(dtype: jnp.dtype | type) -> bool:
@@ -182,13 +192,15 @@ class Attention(nnx.Module):
         self.q, self.k, self.v, self.out = dense(), dense(), dense(), dense()
 
     def __call__(self, x: jax.Array, context: jax.Array | None = None, *,
-                 is_causal: bool = False) -> jax.Array:
+                 is_causal: bool = False, num_keys: int | None = None) -> jax.Array:
+        """`num_keys`: attend to the first that many tokens of `context` only (default all);
+        the rest are padding."""
         context = x if context is None else context
         b, tq, d = x.shape
         q, k, v = (constrain(y.reshape(b, y.shape[1], self.num_heads, d // self.num_heads),
                              "batch", "seq", "heads", None)
                    for y in (self.q(x), self.k(context), self.v(context)))
-        y = ATTENTION_IMPLEMENTATIONS[self.implementation](q, k, v, is_causal)
+        y = ATTENTION_IMPLEMENTATIONS[self.implementation](q, k, v, is_causal, num_keys)
         return self.out(y.reshape(b, tq, d))
 
 
@@ -212,8 +224,9 @@ class EncoderBlock(nnx.Module):
         self.norm2 = nnx.LayerNorm(width, epsilon=ln_eps, dtype=dtype, rngs=rngs)
         self.mlp = Mlp(width, mlp_dim, gelu=gelu, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x: jax.Array, *, is_causal: bool = False) -> jax.Array:
-        x = x + self.attn(self.norm1(x), is_causal=is_causal)
+    def __call__(self, x: jax.Array, *, is_causal: bool = False, num_keys: int | None = None
+                 ) -> jax.Array:
+        x = x + self.attn(self.norm1(x), is_causal=is_causal, num_keys=num_keys)
         return constrain(x + self.mlp(self.norm2(x)), "batch", "seq", "embed")
 
 
@@ -224,6 +237,11 @@ class Encoder(nnx.Module):
     stacked (every leaf of `layers` gains a leading depth axis) and runs them with `nnx.scan`, so
     XLA compiles one block instead of `depth` copies; `unstack_layers` turns such params into
     the per-layer layout (`layers/{i}/...`) that export and the unscanned model use.
+
+    An attention kernel that needs even lengths (cuDNN's) gets its odd-length input (a ViT's
+    197 tokens) padded once here, a masked zero token carried through every layer and sliced
+    off at the end, rather than once per layer: on an H100 each layer's pads and slices of
+    q, k, v and the output were memory-bound copies of the whole activation.
     """
 
     def __init__(self, width: int, depth: int, mlp_dim: int, num_heads: int, *, gelu: str,
@@ -243,10 +261,16 @@ class Encoder(nnx.Module):
             self.layers = nnx.List([make_block(rngs) for _ in range(depth)])
         self.encoder_norm = nnx.LayerNorm(width, epsilon=ln_eps, dtype=dtype, rngs=rngs)
         self.remat, self.scan = remat, scan
+        self.needs_even_length = resolve_attention(attention, dtype) in EVEN_LENGTH_ATTENTIONS
 
     def __call__(self, x: jax.Array, *, is_causal: bool = False) -> jax.Array:
+        num_tokens = x.shape[1]
+        padded = self.needs_even_length and num_tokens % 2
+        if padded:
+            x = jnp.pad(x, [(0, 0), (0, 1), (0, 0)])
+
         def apply(block: EncoderBlock, y: jax.Array) -> jax.Array:
-            return block(y, is_causal=is_causal)
+            return block(y, is_causal=is_causal, num_keys=num_tokens if padded else None)
 
         if self.remat != "none":
             apply = nnx.remat(apply, policy=REMAT_POLICIES[self.remat])
@@ -255,7 +279,7 @@ class Encoder(nnx.Module):
         else:
             for block in self.layers:
                 x = apply(block, x)
-        return self.encoder_norm(x)
+        return self.encoder_norm(x[:, :num_tokens])
 
 
 def _map_encoder_layers(params: dict, convert: Callable[[dict], dict]) -> dict:
