@@ -1,7 +1,7 @@
 """Where one train step's device time goes: traces `--steps` steps of the CLIP-shaped model of
-`experiments/throughput.py` (its flags: first `--variants` and `--layouts` entry, `--batch`,
-`--dtype`) with `jax.profiler` and prints the kernels that take the most time, grouped into
-matmuls, fusions, copies and the rest.
+`experiments/throughput.py` (its flags: first `--variants`, `--layouts` and
+`--compile_options` entry, `--batch`, `--dtype`) with `jax.profiler` and prints the kernels
+that take the most time, grouped into matmuls, fusions, copies and the rest.
 
     JAX_PLATFORMS=cuda,cpu python experiments/profile_step.py --variants=B/16 --batch=256 \\
         --dtype=bfloat16 --layouts=unrolled/none --profile_dir=/tmp/profile
@@ -65,12 +65,11 @@ def main(argv: list[str]) -> None:
     del argv
     variant, layout = FLAGS.variants[0], FLAGS.layouts[0]
     config = throughput.clip_shaped_config(variant, layout)
-    step, _ = throughput.flipjax_stepper(config, throughput.random_batch(config))
-    for _ in range(2):  # warm-up
-        step()
+    run, _ = throughput.flipjax_stepper(config, throughput.random_batch(config),
+                                        FLAGS.compile_options[0])
+    run(2)  # warm-up
     with jax.profiler.trace(FLAGS.profile_dir, create_perfetto_trace=True):
-        for _ in range(FLAGS.steps):
-            step()
+        run(FLAGS.steps)
     trace_path = max(glob.glob(os.path.join(FLAGS.profile_dir, "**", "perfetto_trace.json.gz"),
                                recursive=True), key=os.path.getmtime)
     per_name: collections.Counter = collections.Counter()

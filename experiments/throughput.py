@@ -48,6 +48,7 @@ otherwise XLA:CPU page-faults its whole scratch buffer back in on every step.
 
 from __future__ import annotations
 
+import itertools
 import os
 import sys
 import time
@@ -80,6 +81,11 @@ flags.DEFINE_integer("steps", 5, "Timed steps per block, after one untimed step.
 flags.DEFINE_integer("rounds", 2, "Blocks of each implementation, taken in turns.")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype of both.")
 flags.DEFINE_list("layouts", ["unrolled/none"], "flipjax rows: layers/remat[/attention].")
+flags.DEFINE_multi_string(
+    "compile_options", [""],
+    "XLA option sets to compile each flipjax layout with, one row each: space-separated "
+    "name=value pairs of XLA's debug options (the XLA_FLAGS names without the dashes), '' for "
+    "the defaults.")
 flags.DEFINE_bool("open_clip", True, "Time open_clip too (where it is installed).")
 flags.DEFINE_float("peak_gflops", 156.5, "Peak GFLOP/s of this machine in --dtype, for MFU.")
 flags.DEFINE_string("output", None, "Also write the table (markdown) to this file.")
@@ -118,20 +124,22 @@ def random_batch(config: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
     return {"image": rng.integers(0, 256, (FLAGS.batch, r, r, 3), dtype=np.uint8), "text": text}
 
 
-def median_step_times(steppers: list[Callable[[], None]]) -> list[float]:
-    """Median seconds per step of each stepper (a callable that runs one step). Each runs in
-    blocks of one untimed step and `--steps` timed ones, the blocks taken in turns for
-    `--rounds` rounds: a machine whose speed drifts (a shared VM) slows every implementation
-    alike, and no timed step directly follows the other framework's, whose threads and memory
-    may still be settling (alternated one by one, flipjax's steps ran 20% slower here)."""
+def median_step_times(steppers: list[Callable[[int], None]]) -> list[float]:
+    """Median seconds per step of each stepper (a callable that runs n steps and waits for the
+    last). Each runs in blocks of one untimed step and `--steps` timed ones, the blocks taken
+    in turns for `--rounds` rounds: a machine whose speed drifts (a shared VM) slows every
+    implementation alike, and no timed step directly follows the other framework's, whose
+    threads and memory may still be settling (alternated one by one, flipjax's steps ran 20%
+    slower here). A block's steps are dispatched back to back, waiting only for the last, as a
+    training loop runs them: waiting for each step would leave the accelerator idle while the
+    host dispatches the next."""
     times: list[list[float]] = [[] for _ in steppers]
     for _ in range(FLAGS.rounds):
-        for step, seconds in zip(steppers, times, strict=True):
-            step()
-            for _ in range(FLAGS.steps):
-                t0 = time.perf_counter()
-                step()
-                seconds.append(time.perf_counter() - t0)
+        for run, seconds in zip(steppers, times, strict=True):
+            run(1)
+            t0 = time.perf_counter()
+            run(FLAGS.steps)
+            seconds.append((time.perf_counter() - t0) / FLAGS.steps)
     return [float(np.median(t)) for t in times]
 
 
@@ -148,33 +156,42 @@ def model_flops(variant: str, batch: dict) -> float:
     return lowered.cost_analysis()["flops"]
 
 
-def flipjax_stepper(config: ml_collections.ConfigDict, batch: dict
-                    ) -> tuple[Callable[[], None], dict[str, float]]:
-    """A callable that runs one flipjax train step, and the step's lower and compile seconds
-    and XLA scratch memory."""
+def parse_compile_options(text: str) -> dict[str, str | bool]:
+    """XLA options from "name=value name=value": XLA takes booleans only as Python bools, every
+    other value as text."""
+    options = dict(option.split("=", 1) for option in text.split())
+    return {name: {"true": True, "false": False}.get(value.lower(), value)
+            for name, value in options.items()}
+
+
+def flipjax_stepper(config: ml_collections.ConfigDict, batch: dict, compile_options: str = ""
+                    ) -> tuple[Callable[[int], None], dict[str, float]]:
+    """A callable that runs n flipjax train steps, and the step's lower and compile seconds
+    and XLA scratch memory. `compile_options`: XLA options, as `--compile_options` gives them."""
     setup = TrainSetup(config, VOCAB, make_mesh(config.mesh))
     batch = to_global(batch, setup.batch_sharding)
     state = setup.init()
     t0 = time.perf_counter()
     lowered = setup.train_step.lower(state, batch)
     t1 = time.perf_counter()
-    compiled = lowered.compile()
+    compiled = lowered.compile(parse_compile_options(compile_options))
     t2 = time.perf_counter()
 
-    def step() -> None:
+    def run(steps: int) -> None:
         nonlocal state
-        state, metrics = compiled(state, batch)
-        jax.block_until_ready(state)
-        if int(metrics["nonfinite_steps"]):  # a skipped update is cheaper: not a fair time
+        for _ in range(steps):
+            state, _ = compiled(state, batch)
+        # The lifetime count: a skipped update is cheaper, so not a fair time.
+        if int(state["nonfinite_steps"]):
             raise FloatingPointError(f"{config.model.image.variant}: non-finite train step")
 
-    return step, {"lower_s": t1 - t0, "compile_s": t2 - t1,
+    return run, {"lower_s": t1 - t0, "compile_s": t2 - t1,
                   "temp_gib": compiled.memory_analysis().temp_size_in_bytes / 2**30}
 
 
 def open_clip_stepper(config: ml_collections.ConfigDict, batch: dict
-                      ) -> Callable[[], None] | None:
-    """A callable that runs one open_clip train step on the same architecture and batch, or
+                      ) -> Callable[[int], None] | None:
+    """A callable that runs n open_clip train steps on the same architecture and batch, or
     None without open_clip (or with --noopen_clip)."""
     if not FLAGS.open_clip:
         return None
@@ -211,18 +228,19 @@ def open_clip_stepper(config: ml_collections.ConfigDict, batch: dict
     autocast = torch.autocast(device, dtype=torch.bfloat16,
                               enabled=FLAGS.dtype == "bfloat16")
 
-    def step() -> None:
-        images = (pixels.float() / 255.0 - mean) / std
-        with autocast:
-            loss = loss_fn(*model(images, ids))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), optim.grad_clip_norm)
-        opt.step()
+    def run(steps: int) -> None:
+        for _ in range(steps):
+            images = (pixels.float() / 255.0 - mean) / std
+            with autocast:
+                loss = loss_fn(*model(images, ids))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), optim.grad_clip_norm)
+            opt.step()
         if device == "cuda":
             torch.cuda.synchronize()
 
-    return step
+    return run
 
 
 def device_name() -> str:
@@ -242,7 +260,8 @@ def main(argv: list[str]) -> None:
         f"`python experiments/throughput.py --variants={','.join(FLAGS.variants)} "
         f"--batch={FLAGS.batch} --steps={FLAGS.steps} --rounds={FLAGS.rounds} "
         f"--dtype={FLAGS.dtype} "
-        f"--layouts={','.join(FLAGS.layouts)} --peak_gflops={FLAGS.peak_gflops:g}` — "
+        f"--layouts={','.join(FLAGS.layouts)} --peak_gflops={FLAGS.peak_gflops:g}"
+        + "".join(f" --compile_options='{o}'" for o in FLAGS.compile_options if o) + "` — "
         f"{device_name()}, jax {jax.__version__}, {versions}, {os.cpu_count()} host cores, "
         f"{FLAGS.dtype}, 224 px, 64 tokens"
         + (", glibc malloc keeping freed memory" if KEPT_HOST_MEMORY else ""),
@@ -259,12 +278,17 @@ def main(argv: list[str]) -> None:
         towers = f"{variant} + {variant.split('/')[0]} text"
         theirs = open_clip_stepper(clip_shaped_config(variant), batch)
         rows, theirs_s = [], []
-        for layout in FLAGS.layouts:
-            ours, info = flipjax_stepper(clip_shaped_config(variant, layout), batch)
+        for layout, options in itertools.product(FLAGS.layouts, FLAGS.compile_options):
+            name = f"flipjax {layout}" + (f" `{options}`" if options else "")
+            try:
+                ours, info = flipjax_stepper(clip_shaped_config(variant, layout), batch, options)
+            except jax.errors.JaxRuntimeError as e:  # an XLA option this build lacks: go on
+                print(f"| {towers} | {name} | {str(e).splitlines()[0][:120]} |", flush=True)
+                continue
             ours_s, *paired = median_step_times([ours] + ([theirs] if theirs else []))
             theirs_s += paired
             ratio = f"{paired[0] / ours_s:.2f}×" if paired else "–"
-            rows.append([f"flipjax {layout}", f"{info['lower_s']:.1f}", f"{info['compile_s']:.1f}",
+            rows.append([name, f"{info['lower_s']:.1f}", f"{info['compile_s']:.1f}",
                          f"{info['temp_gib']:.2f}", *rate(ours_s, flops, peak), ratio])
             print(row(towers, flops, rows[-1]), flush=True)
             del ours  # its state and executable, before the next layout's
