@@ -29,6 +29,7 @@ from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 import numpy as np
+from etils import epath
 from PIL import Image, UnidentifiedImageError
 
 # Reason codes for skipped records, shared by all builders. They are the keys of the skip
@@ -342,10 +343,10 @@ def normalize_image(data: bytes, max_short_side: int | None, max_pixels: int = D
 
 
 def read_file(path: str) -> bytes:
-    """Reads an image file; Skip(MISSING_IMAGE) when it is absent or not a file."""
+    """Reads an image file, local or at a URL such as gs:// (through etils.epath, as the rest of
+    the conversion reads manual_dir); Skip(MISSING_IMAGE) when it is absent or not a file."""
     try:
-        with open(path, "rb") as f:
-            return f.read()
+        return epath.Path(path).read_bytes()
     except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as e:
         raise Skip(MISSING_IMAGE, str(e)) from None
 
