@@ -168,11 +168,12 @@ def export_model(params: dict, model_cfg: ml_collections.ConfigDict, output: str
     return model
 
 
-def fast_tokenizer(spm_path: str, max_len: int) -> PreTrainedTokenizerFast:
-    """Our SentencePiece model as a `tokenizers` tokenizer that appends EOS and pads with EOS,
-    i.e. `padding="max_length", truncation=True` gives flipjax's `Tokenizer.encode` ids."""
+def fast_tokenizer(spm_model: bytes, max_len: int) -> PreTrainedTokenizerFast:
+    """Our SentencePiece model (the .model file's bytes) as a `tokenizers` tokenizer that
+    appends EOS and pads with EOS, i.e. `padding="max_length", truncation=True` gives
+    flipjax's `Tokenizer.encode` ids."""
     proto = sp_pb2.ModelProto()
-    proto.ParseFromString(storage_path(spm_path).read_bytes())
+    proto.ParseFromString(spm_model)
     # The converter builds BPE from a {piece: id} dict (merges ranked by score), unigram from
     # a [(piece, score)] list.
     if proto.trainer_spec.model_type == sp_pb2.TrainerSpec.BPE:
@@ -198,12 +199,13 @@ def export_processor(output: str, arch: str, spm_path: str, max_len: int, image_
         do_center_crop=True, crop_size={"height": image_size, "width": image_size},
         do_rescale=True, rescale_factor=1 / 255, do_normalize=True, image_mean=list(mean),
         image_std=list(std), do_convert_rgb=True)
+    spm_model = storage_path(spm_path).read_bytes()
     processor_cls = SiglipProcessor if arch == SIGLIP else CLIPProcessor
     processor = processor_cls(image_processor=image_processor,
-                              tokenizer=fast_tokenizer(spm_path, max_len))
+                              tokenizer=fast_tokenizer(spm_model, max_len))
     processor.save_pretrained(output)
     with open(os.path.join(output, "spiece.model"), "wb") as f:  # the source of truth
-        f.write(storage_path(spm_path).read_bytes())
+        f.write(spm_model)
     return processor
 
 
