@@ -125,14 +125,12 @@ def random_batch(config: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
 
 
 def median_step_times(steppers: list[Callable[[int], None]]) -> list[float]:
-    """Median seconds per step of each stepper (a callable that runs n steps and waits for the
-    last). Each runs in blocks of one untimed step and `--steps` timed ones, the blocks taken
+    """Seconds per step of each stepper (a callable that runs n steps and waits for the last):
+    the median over rounds of a block's mean. Each runs in blocks of one untimed step and `--steps` timed ones, the blocks taken
     in turns for `--rounds` rounds: a machine whose speed drifts (a shared VM) slows every
     implementation alike, and no timed step directly follows the other framework's, whose
     threads and memory may still be settling (alternated one by one, flipjax's steps ran 20%
-    slower here). A block's steps are dispatched back to back, waiting only for the last, as a
-    training loop runs them: waiting for each step would leave the accelerator idle while the
-    host dispatches the next."""
+    slower here)."""
     times: list[list[float]] = [[] for _ in steppers]
     for _ in range(FLAGS.rounds):
         for run, seconds in zip(steppers, times, strict=True):
@@ -177,10 +175,20 @@ def flipjax_stepper(config: ml_collections.ConfigDict, batch: dict, compile_opti
     compiled = lowered.compile(parse_compile_options(compile_options))
     t2 = time.perf_counter()
 
+    # On an accelerator, steps are dispatched back to back, as the training loop does: waiting
+    # for each would leave the device idle while the host dispatches the next. On the CPU the
+    # host is the device, and a few steps dispatched back to back measured the heap's growth,
+    # not training: each step allocates while the previous one's buffers are alive, and the
+    # first five such S/16 steps (batch 8, 2 cores) ran up to 1.6x slower than the later ones,
+    # which run as fast as steps waited for one by one.
+    wait_each = jax.default_backend() == "cpu"
+
     def run(steps: int) -> None:
         nonlocal state
         for _ in range(steps):
             state, _ = compiled(state, batch)
+            if wait_each:
+                jax.block_until_ready(state)
         # The lifetime count: a skipped update is cheaper, so not a fair time.
         if int(state["nonfinite_steps"]):
             raise FloatingPointError(f"{config.model.image.variant}: non-finite train step")
