@@ -79,8 +79,9 @@ def main(argv: list[str]) -> None:
     per_category: collections.Counter = collections.Counter()
     for name, us in per_name.items():
         per_category[category(name)] += us
-    print(f"{variant} {layout}, batch {FLAGS.batch}, {FLAGS.dtype}: {total / 1e3:.1f} ms of "
-          f"device kernels per step ({trace_path})")
+    options = f" `{FLAGS.compile_options[0]}`" if FLAGS.compile_options[0] else ""
+    print(f"{variant} {layout}{options}, batch {FLAGS.batch}, {FLAGS.dtype}: "
+          f"{total / 1e3:.1f} ms of device kernels per step ({trace_path})")
     for name, us in per_category.most_common():
         print(f"  {name:8s} {us / 1e3:8.1f} ms  {100 * us / total:5.1f}%")
     print(f"top {FLAGS.top} kernels (ms per step):")

@@ -126,11 +126,11 @@ def random_batch(config: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
 
 def median_step_times(steppers: list[Callable[[int], None]]) -> list[float]:
     """Seconds per step of each stepper (a callable that runs n steps and waits for the last):
-    the median over rounds of a block's mean. Each runs in blocks of one untimed step and `--steps` timed ones, the blocks taken
-    in turns for `--rounds` rounds: a machine whose speed drifts (a shared VM) slows every
-    implementation alike, and no timed step directly follows the other framework's, whose
-    threads and memory may still be settling (alternated one by one, flipjax's steps ran 20%
-    slower here)."""
+    the median over rounds of a block's mean. Each runs in blocks of one untimed step and
+    `--steps` timed ones, the blocks taken in turns for `--rounds` rounds: a machine whose
+    speed drifts (a shared VM) slows every implementation alike, and no timed step directly
+    follows the other framework's, whose threads and memory may still be settling (alternated
+    one by one, flipjax's steps ran 20% slower here)."""
     times: list[list[float]] = [[] for _ in steppers]
     for _ in range(FLAGS.rounds):
         for run, seconds in zip(steppers, times, strict=True):
@@ -179,7 +179,7 @@ def flipjax_stepper(config: ml_collections.ConfigDict, batch: dict, compile_opti
     # for each would leave the device idle while the host dispatches the next. On the CPU the
     # host is the device, and a few steps dispatched back to back measured the heap's growth,
     # not training: each step allocates while the previous one's buffers are alive, and the
-    # first five such S/16 steps (batch 8, 2 cores) ran up to 1.6x slower than the later ones,
+    # first five such S/16 steps (batch 8, 2 cores) ran up to 1.7x slower than later ones,
     # which run as fast as steps waited for one by one.
     wait_each = jax.default_backend() == "cpu"
 
@@ -269,7 +269,8 @@ def main(argv: list[str]) -> None:
         f"--batch={FLAGS.batch} --steps={FLAGS.steps} --rounds={FLAGS.rounds} "
         f"--dtype={FLAGS.dtype} "
         f"--layouts={','.join(FLAGS.layouts)} --peak_gflops={FLAGS.peak_gflops:g}"
-        + "".join(f" --compile_options='{o}'" for o in FLAGS.compile_options if o) + "` — "
+        + ("".join(f" --compile_options='{o}'" for o in FLAGS.compile_options)
+           if FLAGS.compile_options != [""] else "") + "` — "
         f"{device_name()}, jax {jax.__version__}, {versions}, {os.cpu_count()} host cores, "
         f"{FLAGS.dtype}, 224 px, 64 tokens"
         + (", glibc malloc keeping freed memory" if KEPT_HOST_MEMORY else ""),
@@ -290,7 +291,10 @@ def main(argv: list[str]) -> None:
             name = f"flipjax {layout}" + (f" `{options}`" if options else "")
             try:
                 ours, info = flipjax_stepper(clip_shaped_config(variant, layout), batch, options)
-            except jax.errors.JaxRuntimeError as e:  # an XLA option this build lacks: go on
+            except jax.errors.JaxRuntimeError as e:
+                if not options:
+                    raise
+                # An option this XLA lacks, or one that breaks the compile: say so, go on.
                 print(f"| {towers} | {name} | {str(e).splitlines()[0][:120]} |", flush=True)
                 continue
             ours_s, *paired = median_step_times([ours] + ([theirs] if theirs else []))

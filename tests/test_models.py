@@ -140,26 +140,29 @@ def test_attention_ignores_padding_keys(attention, causal, tq, tk, num_keys):
         np.testing.assert_array_equal(got[:, num_keys:], 0.0)
 
 
-@pytest.mark.parametrize("scan", [False, True])
-def test_encoder_pads_odd_lengths_once_for_even_length_kernels(monkeypatch, scan):
+@pytest.mark.parametrize("scan,remat", [(False, "none"), (True, "dots")])
+def test_encoder_pads_odd_lengths_once_for_even_length_kernels(monkeypatch, scan, remat):
     """With an even-length kernel ("cudnn", here its padding run through XLA) the encoder pads
-    197-style odd token counts once and masks the pad in every layer: values and gradients
-    are those of the unpadded "dot" encoder with the same weights."""
-    monkeypatch.setitem(ATTENTION_IMPLEMENTATIONS, "cudnn",
-                        functools.partial(cudnn_attention, implementation="xla"))
+    an odd token count (a ViT's 197) once: every layer gets the padded length and the number
+    of real keys, and values and gradients are those of the unpadded "dot" encoder with the
+    same weights."""
+    seen = set()
+
+    def cudnn_through_xla(q, k, v, is_causal, num_keys):
+        seen.add((q.shape[1], k.shape[1], num_keys))
+        return cudnn_attention(q, k, v, is_causal, num_keys, implementation="xla")
+
+    monkeypatch.setitem(ATTENTION_IMPLEMENTATIONS, "cudnn", cudnn_through_xla)
     x = jax.random.normal(jax.random.key(0), (2, 7, 16))
 
-    def encoder(attention: str) -> Encoder:
-        return Encoder(16, 2, 32, 2, gelu="tanh", ln_eps=1e-6, remat="none", scan=scan,
-                       attention=attention, dtype=jnp.float32, rngs=nnx.Rngs(0))
-
     def loss_and_grads(attention: str):
-        model = encoder(attention)
-        assert model.needs_even_length == (attention == "cudnn")
+        model = Encoder(16, 2, 32, 2, gelu="tanh", ln_eps=1e-6, remat=remat, scan=scan,
+                        attention=attention, dtype=jnp.float32, rngs=nnx.Rngs(0))
         loss = lambda m, x: jnp.sum(jnp.sin(m(x)))
         return nnx.value_and_grad(loss, argnums=(0, 1))(model, x)
 
     (value, (grads, dx)), (want, (want_grads, want_dx)) = map(loss_and_grads, ("cudnn", "dot"))
+    assert seen == {(8, 8, 7)}
     np.testing.assert_allclose(value, want, rtol=1e-5)
     np.testing.assert_allclose(dx, want_dx, atol=1e-5)
     for got, expected in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads), strict=True):

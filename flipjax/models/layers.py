@@ -249,6 +249,7 @@ class Encoder(nnx.Module):
                  rngs: nnx.Rngs):
         if remat not in REMAT_POLICIES:
             raise ValueError(f"remat must be one of {sorted(REMAT_POLICIES)}, got {remat!r}")
+        attention = resolve_attention(attention, dtype)  # once, for every block and the padding
 
         def make_block(block_rngs: nnx.Rngs) -> EncoderBlock:
             return EncoderBlock(width, mlp_dim, num_heads, gelu=gelu, ln_eps=ln_eps,
@@ -261,11 +262,11 @@ class Encoder(nnx.Module):
             self.layers = nnx.List([make_block(rngs) for _ in range(depth)])
         self.encoder_norm = nnx.LayerNorm(width, epsilon=ln_eps, dtype=dtype, rngs=rngs)
         self.remat, self.scan = remat, scan
-        self.needs_even_length = resolve_attention(attention, dtype) in EVEN_LENGTH_ATTENTIONS
+        self.needs_even_length = attention in EVEN_LENGTH_ATTENTIONS
 
     def __call__(self, x: jax.Array, *, is_causal: bool = False) -> jax.Array:
         num_tokens = x.shape[1]
-        padded = self.needs_even_length and num_tokens % 2
+        padded = self.needs_even_length and num_tokens % 2 == 1
         if padded:
             x = jnp.pad(x, [(0, 0), (0, 1), (0, 0)])
 
