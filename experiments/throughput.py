@@ -33,11 +33,12 @@ The same script, without open_clip, gives the table of `experiments/results/comp
     python experiments/throughput.py --variants=B/16 --batch=8 --steps=3 --rounds=1 \
         --layouts=unrolled/none,scan/none,unrolled/dots,scan/dots,unrolled/full,scan/full
 
-Step times are medians over `--rounds` blocks of `--steps` steps (each after an untimed step),
-each flipjax layout's blocks taken in turns with open_clip's, so a drifting machine slows both
-alike; "/ open_clip" divides the two medians of those same rounds, and the open_clip row gives
-the median of its medians over all layouts. Without open_clip installed that row is left out
-and "/ open_clip" reads "–". MFU uses model FLOPs (no remat
+Step times are medians over `--rounds` blocks of the mean time of `--steps` steps (each block
+after an untimed step; on an accelerator a block's steps are dispatched back to back, on the
+CPU each is waited for), each flipjax layout's blocks taken in turns with open_clip's, so a
+drifting machine slows both alike; "/ open_clip" divides the two medians of those same rounds,
+and the open_clip row gives the median of its medians over all layouts. Without open_clip
+installed that row is left out and "/ open_clip" reads "–". MFU uses model FLOPs (no remat
 recompute) of the unrolled step, read from XLA's cost analysis of the lowered step (a scanned
 body would be counted once), for every row, since the architectures are the same.
 

@@ -9,8 +9,6 @@ import os
 
 import jax
 import ml_collections
-import numpy as np
-from jax.experimental import multihost_utils
 
 from flipjax.models import embedding_dims
 from flipjax.models.layers import (
@@ -24,7 +22,13 @@ from flipjax.models.vit import POOLS as IMAGE_POOLS
 from flipjax.models.vit import POSEMBS
 from flipjax.storage import storage_path
 from flipjax.train.losses import LOSSES
-from flipjax.train.sharding import batch_shards, check_strategy, check_tensor_groups, make_mesh
+from flipjax.train.sharding import (
+    batch_shards,
+    check_strategy,
+    check_tensor_groups,
+    make_mesh,
+    process0_flag,
+)
 
 LOSS_IMPLS = ("global", "sharded")
 NONFINITE = ("raise", "skip")
@@ -159,11 +163,9 @@ def prepare(config: ml_collections.ConfigDict) -> None:
             _build_missing(config)
         except Exception as e:  # told to the other processes first, so that none waits forever
             failure = e
-    if jax.process_count() > 1:
-        ok = bool(multihost_utils.broadcast_one_to_all(np.asarray(failure is None)))
-        if not ok and failure is None:
-            raise RuntimeError("process 0 failed to build the dataset or train the tokenizer; "
-                               "its log has the error")
+    if not process0_flag(failure is None) and failure is None:
+        raise RuntimeError("process 0 failed to build the dataset or train the tokenizer; "
+                           "its log has the error")
     if failure is not None:
         raise failure
 

@@ -16,16 +16,15 @@ import uuid
 from etils import epath
 
 
+def is_url(path: str | os.PathLike) -> bool:
+    """Whether `path` is on an object store rather than a local file system."""
+    return "://" in os.fspath(path)
+
+
 def storage_path(path: str | os.PathLike) -> epath.Path:
     """`path` as an `epath.Path`: a URL as it is, a local path made absolute (Orbax wants
     absolute directories; `os.path.abspath("gs://b/run")` would be a local folder "gs:")."""
-    text = os.fspath(path)
-    return epath.Path(text if "://" in text else os.path.abspath(text))
-
-
-def is_url(path: epath.Path) -> bool:
-    """Whether `path` is on an object store rather than a local file system."""
-    return "://" in str(path)
+    return epath.Path(path if is_url(path) else os.path.abspath(path))
 
 
 def write_bytes_whole(path: epath.Path, data: bytes) -> None:

@@ -19,14 +19,13 @@ import ml_collections
 import numpy as np
 from etils import epath
 from flax import nnx
-from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from flipjax.data.pipeline import EvalPreprocess, data_source, normalize_images, text_of
 from flipjax.data.tokenizer import Tokenizer
 from flipjax.models import TwoTowers
 from flipjax.storage import storage_path, write_bytes_whole
-from flipjax.train.sharding import batch_sharding, batch_shards, replicated
+from flipjax.train.sharding import batch_sharding, batch_shards, process0_flag, replicated
 
 
 def model_fingerprint(model_cfg: ml_collections.ConfigDict,
@@ -148,7 +147,10 @@ def image_features(embedder: Embedder, params: dict, data_cfg: ml_collections.Co
     if cache_dir is not None and step is not None:
         path = feature_cache_path(cache_dir, data_cfg, split, label_key, step,
                                   embedder.fingerprint)
-        if cached_everywhere(path):
+        # Process 0's view for all: each must take the same branch (embedding is jitted over
+        # all of them), and the others may look before process 0's write of this step (another
+        # evaluator of the split) has landed.
+        if process0_flag(path.exists()):
             with np.load(io.BytesIO(path.read_bytes())) as f:
                 return {"features": f["features"], "labels": f["labels"]}
     feats, labels = [], []
@@ -161,13 +163,3 @@ def image_features(embedder: Embedder, params: dict, data_cfg: ml_collections.Co
         np.savez(npz, **out)
         write_bytes_whole(path, npz.getvalue())
     return out
-
-
-def cached_everywhere(path: epath.Path) -> bool:
-    """Whether the cache file exists, as process 0 sees it: every process must take the same
-    branch, since embedding runs jitted over all of them, and the others may look before process
-    0's write of the same step (another evaluator of that split) has landed."""
-    exists = path.exists()
-    if jax.process_count() > 1:
-        exists = bool(multihost_utils.broadcast_one_to_all(np.asarray(exists)))
-    return exists

@@ -140,7 +140,7 @@ def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, is_causal: bool = 
     b, tq, tk = q.shape[0], q.shape[1], k.shape[1]
     num_keys = tk if num_keys is None else num_keys
     even = lambda x: jnp.pad(x, [(0, 0), (0, x.shape[1] % 2), (0, 0), (0, 0)])
-    kv_lengths = (jnp.full((b,), num_keys, jnp.int32) if num_keys < tk + tk % 2 else None)
+    kv_lengths = jnp.full((b,), num_keys, jnp.int32) if num_keys < tk + tk % 2 else None
     out = jax.nn.dot_product_attention(even(q), even(k), even(v), is_causal=is_causal,
                                        key_value_seq_lengths=kv_lengths,
                                        implementation=implementation)

@@ -30,6 +30,7 @@ from typing import Any
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from flipjax.train.tree_names import leaf_names
@@ -128,6 +129,15 @@ def activation_rules(mesh: Mesh) -> list[tuple[str, Any]]:
     tensor = TENSOR if TENSOR in mesh.axis_names else None
     return [("batch", batch_axes(mesh)), ("seq", None), ("embed", None), ("heads", tensor),
             ("mlp", tensor)]
+
+
+def process0_flag(flag: bool) -> bool:
+    """Process 0's `flag`, on every process: for decisions (build or wait, embed or read a
+    cache) that every process must take alike, since the jitted work and collectives after them
+    run on all of them."""
+    if jax.process_count() == 1:
+        return flag
+    return bool(multihost_utils.broadcast_one_to_all(np.asarray(flag)))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
