@@ -169,6 +169,46 @@ def test_encoder_pads_odd_lengths_once_for_even_length_kernels(monkeypatch, scan
         np.testing.assert_allclose(got, expected, atol=1e-5)
 
 
+@pytest.mark.parametrize("scan,remat,depth", [(False, "none", 3), (True, "dots", 3),
+                                               (True, "none", 1)])
+@pytest.mark.parametrize("attention", ["dot", "cudnn"])
+@pytest.mark.parametrize("causal,position", [(False, 0), (True, 0), (False, -1), (True, -1),
+                                             (True, 3)])
+def test_encoder_at_one_position_is_that_row_of_the_full_encoder(
+        monkeypatch, scan, remat, depth, attention, causal, position):
+    """Asked for one token's output, the encoder runs its last block for that query alone
+    (the spy sees a single query besides the full ones) and still gives that token's row of the
+    full output, in value, input gradient and every parameter gradient: with and without a
+    causal mask, scanned or not, and through the cuDNN path's padding to even lengths."""
+    queries = set()
+    implementation = {"dot": ATTENTION_IMPLEMENTATIONS["dot"],
+                      "cudnn": functools.partial(cudnn_attention, implementation="xla")}[attention]
+
+    def spy(q, k, v, is_causal, num_keys):
+        queries.add(q.shape[1])
+        return implementation(q, k, v, is_causal, num_keys)
+
+    monkeypatch.setitem(ATTENTION_IMPLEMENTATIONS, attention, spy)
+    model = Encoder(16, depth, 32, 2, gelu="tanh", ln_eps=1e-6, remat=remat, scan=scan,
+                    attention=attention, dtype=jnp.float32, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(0), (2, 7, 16))
+
+    def at_position(m, x):
+        return jnp.sum(jnp.sin(m(x, is_causal=causal, position=position)))
+
+    def row_of_full(m, x):
+        return jnp.sum(jnp.sin(m(x, is_causal=causal)[:, position]))
+
+    value, (grads, dx) = nnx.value_and_grad(at_position, argnums=(0, 1))(model, x)
+    tokens = 8 if attention == "cudnn" else 7
+    assert 1 in queries and queries <= {tokens, 1}
+    want, (want_grads, want_dx) = nnx.value_and_grad(row_of_full, argnums=(0, 1))(model, x)
+    np.testing.assert_allclose(value, want, rtol=1e-5)
+    np.testing.assert_allclose(dx, want_dx, atol=1e-5)
+    for got, expected in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads), strict=True):
+        np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
 def test_auto_attention_is_xla_off_gpu():
     assert resolve_attention("auto", jnp.bfloat16) == "dot"  # tests run on the CPU
     assert resolve_attention("cudnn", jnp.float32) == "cudnn"

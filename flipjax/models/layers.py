@@ -224,9 +224,19 @@ class EncoderBlock(nnx.Module):
         self.norm2 = nnx.LayerNorm(width, epsilon=ln_eps, dtype=dtype, rngs=rngs)
         self.mlp = Mlp(width, mlp_dim, gelu=gelu, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x: jax.Array, *, is_causal: bool = False, num_keys: int | None = None
-                 ) -> jax.Array:
-        x = x + self.attn(self.norm1(x), is_causal=is_causal, num_keys=num_keys)
+    def __call__(self, x: jax.Array, *, is_causal: bool = False, num_keys: int | None = None,
+                 position: int | None = None) -> jax.Array:
+        """`position`: the block's output at that token only, (B, 1, width). Its attention
+        still reads every token as a key, but only that token is a query and goes through the
+        MLP."""
+        h = self.norm1(x)
+        if position is None:
+            x = x + self.attn(h, is_causal=is_causal, num_keys=num_keys)
+        else:
+            if is_causal:  # a single query at `position` sees exactly the keys up to it
+                num_keys, is_causal = position + 1, False
+            query = lambda y: y[:, position:position + 1]
+            x = query(x) + self.attn(query(h), context=h, num_keys=num_keys)
         return constrain(x + self.mlp(self.norm2(x)), "batch", "seq", "embed")
 
 
@@ -242,6 +252,11 @@ class Encoder(nnx.Module):
     197 tokens) padded once here, a masked zero token carried through every layer and sliced
     off at the end, rather than once per layer: on an H100 each layer's pads and slices of
     q, k, v and the output were memory-bound copies of the whole activation.
+
+    A tower that pools one token at a fixed position (a class token, the last text token)
+    asks for that token alone (`position`): then the last block computes its queries,
+    attention rows and MLP for that token only, since no other token's output is read. For a
+    ViT that skips ~85% of the last block, ~7% of the tower's FLOPs at depth 12.
     """
 
     def __init__(self, width: int, depth: int, mlp_dim: int, num_heads: int, *, gelu: str,
@@ -264,23 +279,46 @@ class Encoder(nnx.Module):
         self.remat, self.scan = remat, scan
         self.needs_even_length = attention in EVEN_LENGTH_ATTENTIONS
 
-    def __call__(self, x: jax.Array, *, is_causal: bool = False) -> jax.Array:
+    def __call__(self, x: jax.Array, *, is_causal: bool = False, position: int | None = None
+                 ) -> jax.Array:
+        """Every token's output (B, N, width), or with `position` (an index into the N tokens,
+        negative counting from the end) that token's output alone, (B, width)."""
         num_tokens = x.shape[1]
         padded = self.needs_even_length and num_tokens % 2 == 1
         if padded:
             x = jnp.pad(x, [(0, 0), (0, 1), (0, 0)])
+        num_keys = num_tokens if padded else None
 
         def apply(block: EncoderBlock, y: jax.Array) -> jax.Array:
-            return block(y, is_causal=is_causal, num_keys=num_tokens if padded else None)
+            return block(y, is_causal=is_causal, num_keys=num_keys)
+
+        def apply_at_position(block: EncoderBlock, y: jax.Array) -> jax.Array:
+            return block(y, is_causal=is_causal, num_keys=num_keys,
+                         position=position % num_tokens)
 
         if self.remat != "none":
             apply = nnx.remat(apply, policy=REMAT_POLICIES[self.remat])
-        if self.scan:
-            x = nnx.scan(apply, in_axes=(0, nnx.Carry), out_axes=nnx.Carry)(self.layers, x)
-        else:
-            for block in self.layers:
-                x = apply(block, x)
-        return self.encoder_norm(x[:, :num_tokens])
+            apply_at_position = nnx.remat(apply_at_position, policy=REMAT_POLICIES[self.remat])
+
+        def apply_all(layers: nnx.Module, y: jax.Array) -> jax.Array:
+            if self.scan:
+                return nnx.scan(apply, in_axes=(0, nnx.Carry), out_axes=nnx.Carry)(layers, y)
+            for block in layers:
+                y = apply(block, y)
+            return y
+
+        if position is None:
+            return self.encoder_norm(apply_all(self.layers, x)[:, :num_tokens])
+        layers, last = (split_last(self.layers) if self.scan
+                        else (self.layers[:-1], self.layers[-1]))
+        return self.encoder_norm(apply_at_position(last, apply_all(layers, x)))[:, 0]
+
+
+def split_last(stacked: nnx.Module) -> tuple[nnx.Module, nnx.Module]:
+    """Scanned (stacked) layers as all but the last, still stacked, and the last on its own."""
+    graphdef, state = nnx.split(stacked)
+    return (nnx.merge(graphdef, jax.tree.map(lambda a: a[:-1], state)),
+            nnx.merge(graphdef, jax.tree.map(lambda a: a[-1], state)))
 
 
 def _map_encoder_layers(params: dict, convert: Callable[[dict], dict]) -> dict:

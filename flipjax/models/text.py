@@ -15,6 +15,7 @@ from flipjax.models.layers import Encoder, normal_param
 from flipjax.models.variants import Size
 
 POOLS = ("last", "first", "mean", "eos")
+FIXED_POSITIONS = {"last": -1, "first": 0}  # the pools that read one token at a known index
 
 
 class TextTransformer(nnx.Module):
@@ -36,20 +37,18 @@ class TextTransformer(nnx.Module):
         self.head = (nnx.Linear(d, proj_dim, use_bias=proj_bias, dtype=dtype, rngs=rngs)
                      if proj_dim else None)
 
-    def tokens(self, ids: jax.Array) -> jax.Array:
+    def tokens(self, ids: jax.Array, position: int | None = None) -> jax.Array:
+        """Encoded tokens (B, L, width), or only the one at `position` (B, width)."""
         x = self.token_embedding(ids)
         x = x + self.pos_embedding[:, : ids.shape[1]].astype(x.dtype)
-        return self.encoder(x, is_causal=self.causal)
+        return self.encoder(x, is_causal=self.causal, position=position)
 
     def __call__(self, ids: jax.Array) -> jax.Array:
-        x = self.tokens(ids)
-        if self.pool == "last":
-            x = x[:, -1]
-        elif self.pool == "first":
-            x = x[:, 0]
+        if self.pool in FIXED_POSITIONS:  # the encoder computes that token's output alone
+            x = self.tokens(ids, FIXED_POSITIONS[self.pool])
         elif self.pool == "mean":
-            x = jnp.mean(x, axis=1)
+            x = jnp.mean(self.tokens(ids), axis=1)
         else:
             first_eos = jnp.argmax(ids == self.eos_id, axis=1)
-            x = jnp.take_along_axis(x, first_eos[:, None, None], axis=1)[:, 0]
+            x = jnp.take_along_axis(self.tokens(ids), first_eos[:, None, None], axis=1)[:, 0]
         return self.head(x) if self.head is not None else x
