@@ -172,14 +172,15 @@ def test_encoder_pads_odd_lengths_once_for_even_length_kernels(monkeypatch, scan
 @pytest.mark.parametrize("scan,remat,depth", [(False, "none", 3), (True, "dots", 3),
                                                (True, "none", 1)])
 @pytest.mark.parametrize("attention", ["dot", "cudnn"])
-@pytest.mark.parametrize("causal,position", [(False, 0), (True, 0), (False, -1), (True, -1),
-                                             (True, 3)])
+@pytest.mark.parametrize("causal,position", [(False, -1), (True, 3), (True, (2, 6)),
+                                             (False, (6, 0))])
 def test_encoder_at_one_position_is_that_row_of_the_full_encoder(
         monkeypatch, scan, remat, depth, attention, causal, position):
     """Asked for one token's output, the encoder runs its last block for that query alone
     (the spy sees a single query besides the full ones) and still gives that token's row of the
-    full output, in value, input gradient and every parameter gradient: with and without a
-    causal mask, scanned or not, and through the cuDNN path's padding to even lengths."""
+    full output, in value, input gradient and every parameter gradient: at a fixed index or
+    one per example (a caption's EOS), with and without a causal mask, scanned or not, and
+    through the cuDNN path's padding to even lengths."""
     queries = set()
     implementation = {"dot": ATTENTION_IMPLEMENTATIONS["dot"],
                       "cudnn": functools.partial(cudnn_attention, implementation="xla")}[attention]
@@ -193,11 +194,17 @@ def test_encoder_at_one_position_is_that_row_of_the_full_encoder(
                     attention=attention, dtype=jnp.float32, rngs=nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(0), (2, 7, 16))
 
+    per_example = isinstance(position, tuple)
+    position = jnp.array(position) if per_example else position
+
     def at_position(m, x):
         return jnp.sum(jnp.sin(m(x, is_causal=causal, position=position)))
 
     def row_of_full(m, x):
-        return jnp.sum(jnp.sin(m(x, is_causal=causal)[:, position]))
+        tokens = m(x, is_causal=causal)
+        row = (jnp.take_along_axis(tokens, position[:, None, None], axis=1)[:, 0]
+               if per_example else tokens[:, position])
+        return jnp.sum(jnp.sin(row))
 
     value, (grads, dx) = nnx.value_and_grad(at_position, argnums=(0, 1))(model, x)
     tokens = 8 if attention == "cudnn" else 7

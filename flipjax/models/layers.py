@@ -55,8 +55,13 @@ def _logit_scale(q: jax.Array) -> np.float32:
     return np.float32(q.shape[-1] ** -0.5)
 
 
-def _attention_forward(q: jax.Array, k: jax.Array, v: jax.Array, is_causal: bool,
-                       num_keys: int | None) -> tuple[jax.Array, jax.Array]:
+# How many keys are real: for every example (an int), per example (an int array (batch,)),
+# or all of them (None); the keys after them are padding or masked.
+NumKeys = int | jax.Array | None
+
+
+def _attention_forward(q: jax.Array, k: jax.Array, v: jax.Array, num_keys: NumKeys,
+                       is_causal: bool) -> tuple[jax.Array, jax.Array]:
     """Softmax attention and its probabilities; logits and softmax in float32 for any input
     dtype, as `jax.nn.dot_product_attention` does."""
     logits = jnp.einsum("bnqh,bnkh->bnqk", q, k, preferred_element_type=jnp.float32)
@@ -64,16 +69,15 @@ def _attention_forward(q: jax.Array, k: jax.Array, v: jax.Array, is_causal: bool
     tq, tk = logits.shape[-2:]
     keep = jnp.tril(jnp.ones((tq, tk), bool)) if is_causal else np.ones((tq, tk), bool)
     if num_keys is not None:
-        keep &= np.arange(tk) < num_keys
+        keep = keep & (np.arange(tk) < jnp.reshape(num_keys, (-1, 1, 1, 1)))
     if is_causal or num_keys is not None:  # finite: a masked logit's softmax is 0, never NaN
         logits = jnp.where(keep, logits, -0.7 * np.finfo(np.float32).max)
     probs = jax.nn.softmax(logits, axis=-1)
     return jnp.einsum("bnqk,bnkh->bnqh", probs.astype(v.dtype), v), probs
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, is_causal: bool = False,
-                          num_keys: int | None = None) -> jax.Array:
+                          num_keys: NumKeys = None) -> jax.Array:
     """Multi-head softmax attention over heads-major arrays (batch, heads, seq, head_dim),
     attending to the first `num_keys` keys (all by default; later ones are padding).
 
@@ -85,16 +89,22 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, is_causal: b
     attention's forward + backward at batch 8 from 118 to 53 ms
     (`experiments/results/throughput.md`); the numbers are the same to float32 rounding.
     """
-    return _attention_forward(q, k, v, is_causal, num_keys)[0]
+    return _attention(q, k, v, num_keys, is_causal)
 
 
-def _attention_fwd(q, k, v, is_causal, num_keys):
-    out, probs = _attention_forward(q, k, v, is_causal, num_keys)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _attention(q: jax.Array, k: jax.Array, v: jax.Array, num_keys: NumKeys,
+               is_causal: bool) -> jax.Array:
+    return _attention_forward(q, k, v, num_keys, is_causal)[0]
+
+
+def _attention_fwd(q, k, v, num_keys, is_causal):
+    out, probs = _attention_forward(q, k, v, num_keys, is_causal)
     return out, (q, k, v, out, probs)
 
 
-def _attention_bwd(is_causal, num_keys, residuals, d_out):
-    del is_causal, num_keys  # masked probabilities are 0, so their gradient is too
+def _attention_bwd(is_causal, residuals, d_out):
+    del is_causal  # masked probabilities are 0, so their gradient is too
     q, k, v, out, probs = residuals
     d_probs = jnp.einsum("bnqh,bnkh->bnqk", d_out, v, preferred_element_type=jnp.float32)
     # d softmax: P * (dP - rowsum(dP * P)), and rowsum(dP * P) = rowsum(dO * O).
@@ -105,14 +115,14 @@ def _attention_bwd(is_causal, num_keys, residuals, d_out):
     # than the same contraction written with the q axis shared.
     dk = jnp.einsum("bnqh,bnqk->bnhk", q, d_logits).swapaxes(-1, -2)
     dv = jnp.einsum("bnqh,bnqk->bnhk", d_out, probs.astype(d_out.dtype)).swapaxes(-1, -2)
-    return dq, dk, dv
+    return dq, dk, dv, None  # no gradient for `num_keys`
 
 
-dot_product_attention.defvjp(_attention_fwd, _attention_bwd)
+_attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 def heads_major_attention(q: jax.Array, k: jax.Array, v: jax.Array, is_causal: bool = False,
-                          num_keys: int | None = None) -> jax.Array:
+                          num_keys: NumKeys = None) -> jax.Array:
     """`dot_product_attention` for (batch, seq, heads, head_dim) arrays: transposed to heads
     major and back, the heads-major copies pinned to the "heads" sharding."""
     heads_major = lambda y: constrain(y.transpose(0, 2, 1, 3), "batch", "heads", "seq", None)
@@ -122,7 +132,7 @@ def heads_major_attention(q: jax.Array, k: jax.Array, v: jax.Array, is_causal: b
 
 
 def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, is_causal: bool = False,
-                    num_keys: int | None = None, *, implementation: str = "cudnn") -> jax.Array:
+                    num_keys: NumKeys = None, *, implementation: str = "cudnn") -> jax.Array:
     """Multi-head softmax attention over (batch, seq, heads, head_dim) arrays with cuDNN's
     fused kernel, which keeps neither the (q, k) logits nor the probabilities in memory. Only
     the first `num_keys` keys (all by default) are attended to; later ones are padding.
@@ -138,9 +148,12 @@ def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, is_causal: bool = 
     CPU tests check it.
     """
     b, tq, tk = q.shape[0], q.shape[1], k.shape[1]
-    num_keys = tk if num_keys is None else num_keys
     even = lambda x: jnp.pad(x, [(0, 0), (0, x.shape[1] % 2), (0, 0), (0, 0)])
-    kv_lengths = jnp.full((b,), num_keys, jnp.int32) if num_keys < tk + tk % 2 else None
+    if num_keys is None and tk % 2 == 0:
+        kv_lengths = None
+    else:
+        kv_lengths = jnp.broadcast_to(jnp.asarray(tk if num_keys is None else num_keys,
+                                                  jnp.int32), (b,))
     out = jax.nn.dot_product_attention(even(q), even(k), even(v), is_causal=is_causal,
                                        key_value_seq_lengths=kv_lengths,
                                        implementation=implementation)
@@ -192,7 +205,7 @@ class Attention(nnx.Module):
         self.q, self.k, self.v, self.out = dense(), dense(), dense(), dense()
 
     def __call__(self, x: jax.Array, context: jax.Array | None = None, *,
-                 is_causal: bool = False, num_keys: int | None = None) -> jax.Array:
+                 is_causal: bool = False, num_keys: NumKeys = None) -> jax.Array:
         """`num_keys`: attend to the first that many tokens of `context` only (default all);
         the rest are padding."""
         context = x if context is None else context
@@ -224,18 +237,21 @@ class EncoderBlock(nnx.Module):
         self.norm2 = nnx.LayerNorm(width, epsilon=ln_eps, dtype=dtype, rngs=rngs)
         self.mlp = Mlp(width, mlp_dim, gelu=gelu, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x: jax.Array, *, is_causal: bool = False, num_keys: int | None = None,
-                 position: int | None = None) -> jax.Array:
-        """`position`: the block's output at that token only, (B, 1, width). Its attention
-        still reads every token as a key, but only that token is a query and goes through the
-        MLP."""
+    def __call__(self, x: jax.Array, *, is_causal: bool = False, num_keys: NumKeys = None,
+                 position: int | jax.Array | None = None) -> jax.Array:
+        """`position` (an index, or one per example): the block's output at that token only,
+        (B, 1, width). Its attention still reads every token as a key, but only that token is
+        a query and goes through the MLP."""
         h = self.norm1(x)
         if position is None:
             x = x + self.attn(h, is_causal=is_causal, num_keys=num_keys)
         else:
             if is_causal:  # a single query at `position` sees exactly the keys up to it
                 num_keys, is_causal = position + 1, False
-            query = lambda y: y[:, position:position + 1]
+            if isinstance(position, int):
+                query = lambda y: y[:, position:position + 1]
+            else:
+                query = lambda y: jnp.take_along_axis(y, position[:, None, None], axis=1)
             x = query(x) + self.attn(query(h), context=h, num_keys=num_keys)
         return constrain(x + self.mlp(self.norm2(x)), "batch", "seq", "embed")
 
@@ -253,7 +269,7 @@ class Encoder(nnx.Module):
     off at the end, rather than once per layer: on an H100 each layer's pads and slices of
     q, k, v and the output were memory-bound copies of the whole activation.
 
-    A tower that pools one token at a fixed position (a class token, the last text token)
+    A tower that pools one token (a class token, the last text token, each caption's EOS)
     asks for that token alone (`position`): then the last block computes its queries,
     attention rows and MLP for that token only, since no other token's output is read. For a
     ViT that skips ~85% of the last block, ~7% of the tower's FLOPs at depth 12.
@@ -279,10 +295,11 @@ class Encoder(nnx.Module):
         self.remat, self.scan = remat, scan
         self.needs_even_length = attention in EVEN_LENGTH_ATTENTIONS
 
-    def __call__(self, x: jax.Array, *, is_causal: bool = False, position: int | None = None
-                 ) -> jax.Array:
+    def __call__(self, x: jax.Array, *, is_causal: bool = False,
+                 position: int | jax.Array | None = None) -> jax.Array:
         """Every token's output (B, N, width), or with `position` (an index into the N tokens,
-        negative counting from the end) that token's output alone, (B, width)."""
+        negative counting from the end, or an int array of one per example) that token's
+        output alone, (B, width)."""
         num_tokens = x.shape[1]
         padded = self.needs_even_length and num_tokens % 2 == 1
         if padded:

@@ -15,7 +15,6 @@ from flipjax.models.layers import Encoder, normal_param
 from flipjax.models.variants import Size
 
 POOLS = ("last", "first", "mean", "eos")
-FIXED_POSITIONS = {"last": -1, "first": 0}  # the pools that read one token at a known index
 
 
 class TextTransformer(nnx.Module):
@@ -37,18 +36,19 @@ class TextTransformer(nnx.Module):
         self.head = (nnx.Linear(d, proj_dim, use_bias=proj_bias, dtype=dtype, rngs=rngs)
                      if proj_dim else None)
 
-    def tokens(self, ids: jax.Array, position: int | None = None) -> jax.Array:
-        """Encoded tokens (B, L, width), or only the one at `position` (B, width)."""
+    def tokens(self, ids: jax.Array, position: int | jax.Array | None = None) -> jax.Array:
+        """Encoded tokens (B, L, width), or only the one at `position` (an index, or one per
+        caption), (B, width)."""
         x = self.token_embedding(ids)
         x = x + self.pos_embedding[:, : ids.shape[1]].astype(x.dtype)
         return self.encoder(x, is_causal=self.causal, position=position)
 
     def __call__(self, ids: jax.Array) -> jax.Array:
-        if self.pool in FIXED_POSITIONS:  # the encoder computes that token's output alone
-            x = self.tokens(ids, FIXED_POSITIONS[self.pool])
-        elif self.pool == "mean":
+        if self.pool == "mean":
             x = jnp.mean(self.tokens(ids), axis=1)
-        else:
-            first_eos = jnp.argmax(ids == self.eos_id, axis=1)
-            x = jnp.take_along_axis(self.tokens(ids), first_eos[:, None, None], axis=1)[:, 0]
+        else:  # one token: the encoder computes its output alone
+            position = {"last": -1, "first": 0}.get(self.pool)
+            if position is None:  # "eos": each caption's first EOS
+                position = jnp.argmax(ids == self.eos_id, axis=1)
+            x = self.tokens(ids, position)
         return self.head(x) if self.head is not None else x
