@@ -18,7 +18,7 @@ from flipjax.models.layers import (
     unstack_layers,
 )
 from flipjax.models.variants import SIZES, decode_variant
-from flipjax.models.vit import sincos2d_posemb
+from flipjax.models.vit import PatchEmbed, sincos2d_posemb
 from flipjax.train.sharding import make_mesh
 from flipjax.train.step import TrainSetup
 
@@ -59,6 +59,34 @@ def test_forward_shapes_and_normalisation(pool, posemb):
     np.testing.assert_allclose(np.linalg.norm(ztxt, axis=-1), 1.0, atol=1e-5)
     expected_tokens = 16 + (pool == "tok")
     assert model.img.tokens(images).shape == (3, expected_tokens, SIZES["mu"].width)
+
+
+def test_class_token_pooling_reads_the_class_tokens_row():
+    """A class-token ViT computes its last block for that token alone, and gets its row."""
+    cfg = model_config(pool="tok", image_size=32, variant="mu/8", pre_norm=True, proj_dim=32)
+    model = make_model(cfg, vocab_size=50)
+    images = jax.random.uniform(jax.random.key(0), (3, 32, 32, 3))
+    np.testing.assert_allclose(model.img(images), model.img.head(model.img.tokens(images)[:, 0]),
+                               atol=1e-5)
+
+
+def test_patch_embedding_is_the_strided_convolution():
+    """The matmul over flattened patches is nnx.Conv with stride = kernel = patch, in value
+    and parameter gradient, and draws the same initial parameters from the same seed."""
+    ours = PatchEmbed(8, 32, dtype=jnp.float32, rngs=nnx.Rngs(0))
+    conv = nnx.Conv(3, 32, kernel_size=(8, 8), strides=(8, 8), padding="VALID",
+                    rngs=nnx.Rngs(0))
+    np.testing.assert_array_equal(ours.kernel[...], conv.kernel[...])
+    np.testing.assert_array_equal(ours.bias[...], conv.bias[...])
+    bias = jax.random.normal(jax.random.key(1), (32,))
+    ours.bias[...], conv.bias[...] = bias, bias
+    images = jax.random.normal(jax.random.key(2), (2, 32, 24, 3))
+    loss = lambda m: jnp.sum(jnp.sin(m(images)))
+    value, grads = nnx.value_and_grad(loss)(ours)
+    want, want_grads = nnx.value_and_grad(loss)(conv)
+    np.testing.assert_allclose(value, want, rtol=1e-5)
+    np.testing.assert_allclose(grads.kernel[...], want_grads.kernel[...], atol=1e-4)
+    np.testing.assert_allclose(grads.bias[...], want_grads.bias[...], atol=1e-4)
 
 
 @pytest.mark.parametrize("pool", ["last", "first", "mean", "eos"])

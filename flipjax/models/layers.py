@@ -79,7 +79,8 @@ def _attention_forward(q: jax.Array, k: jax.Array, v: jax.Array, num_keys: NumKe
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, is_causal: bool = False,
                           num_keys: NumKeys = None) -> jax.Array:
     """Multi-head softmax attention over heads-major arrays (batch, heads, seq, head_dim),
-    attending to the first `num_keys` keys (all by default; later ones are padding).
+    attending to the first `num_keys` keys (all by default, or a count for every example or
+    one per example; later keys are padding, or a single query's future under a causal mask).
 
     Why not `jax.nn.dot_product_attention`: its arrays are (batch, seq, heads, head_dim), so
     every batched matmul has batch dimensions that are not leading, and its gradient is
@@ -135,17 +136,17 @@ def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, is_causal: bool = 
                     num_keys: NumKeys = None, *, implementation: str = "cudnn") -> jax.Array:
     """Multi-head softmax attention over (batch, seq, heads, head_dim) arrays with cuDNN's
     fused kernel, which keeps neither the (q, k) logits nor the probabilities in memory. Only
-    the first `num_keys` keys (all by default) are attended to; later ones are padding.
+    the first `num_keys` keys (all by default; a count, or one per example) are attended to.
 
     cuDNN's fused backward refused the image tower's 197 tokens on an H200 with jax 0.11.2
     (`NotImplementedError: Unsupported sequence length Q 197, KV 197`,
     experiments/results/throughput_h200.md): it wants even lengths, and a ViT with a class
     token has an odd number of tokens. `Encoder` therefore pads its tokens once for all its
-    layers (`needs_even_length`); an odd length that still arrives here (a MAP head's single
-    query) is padded by one: a zero query row, sliced off the output, and a zero key that the
-    kernel's padding mask (`key_value_seq_lengths`) hides, so every query attends to exactly
-    its own keys. `implementation="xla"` runs the same padding through XLA, which is how the
-    CPU tests check it.
+    layers (`needs_even_length`); an odd length that still arrives here (the single query of
+    a MAP head or of a pooled last block) is padded by one: a zero query row, sliced off the
+    output, and a zero key that the kernel's padding mask (`key_value_seq_lengths`) hides, so
+    every query attends to exactly its own keys. `implementation="xla"` runs the same padding
+    through XLA, which is how the CPU tests check it.
     """
     b, tq, tk = q.shape[0], q.shape[1], k.shape[1]
     even = lambda x: jnp.pad(x, [(0, 0), (0, x.shape[1] % 2), (0, 0), (0, 0)])
@@ -206,8 +207,8 @@ class Attention(nnx.Module):
 
     def __call__(self, x: jax.Array, context: jax.Array | None = None, *,
                  is_causal: bool = False, num_keys: NumKeys = None) -> jax.Array:
-        """`num_keys`: attend to the first that many tokens of `context` only (default all);
-        the rest are padding."""
+        """`num_keys`: attend to the first that many tokens of `context` only (default all; a
+        count, or one per example), as `dot_product_attention` says."""
         context = x if context is None else context
         b, tq, d = x.shape
         q, k, v = (constrain(y.reshape(b, y.shape[1], self.num_heads, d // self.num_heads),
@@ -248,7 +249,7 @@ class EncoderBlock(nnx.Module):
         else:
             if is_causal:  # a single query at `position` sees exactly the keys up to it
                 num_keys, is_causal = position + 1, False
-            if isinstance(position, int):
+            if is_static_index(position):
                 query = lambda y: y[:, position:position + 1]
             else:
                 query = lambda y: jnp.take_along_axis(y, position[:, None, None], axis=1)
@@ -272,7 +273,10 @@ class Encoder(nnx.Module):
     A tower that pools one token (a class token, the last text token, each caption's EOS)
     asks for that token alone (`position`): then the last block computes its queries,
     attention rows and MLP for that token only, since no other token's output is read. For a
-    ViT that skips ~85% of the last block, ~7% of the tower's FLOPs at depth 12.
+    ViT that skips ~84% of the last block, ~7% of the tower's FLOPs at depth 12. Scanned,
+    the blocks before the last run in the scan and the last one outside it: XLA compiles two
+    block bodies, and the stacked parameters are sliced (and their gradients concatenated)
+    each step, one copy of the tower's (sharded) parameters and gradients.
     """
 
     def __init__(self, width: int, depth: int, mlp_dim: int, num_heads: int, *, gelu: str,
@@ -301,6 +305,8 @@ class Encoder(nnx.Module):
         negative counting from the end, or an int array of one per example) that token's
         output alone, (B, width)."""
         num_tokens = x.shape[1]
+        if is_static_index(position) and not -num_tokens <= position < num_tokens:
+            raise IndexError(f"position {position} is out of range for {num_tokens} tokens")
         padded = self.needs_even_length and num_tokens % 2 == 1
         if padded:
             x = jnp.pad(x, [(0, 0), (0, 1), (0, 0)])
@@ -329,6 +335,10 @@ class Encoder(nnx.Module):
         layers, last = (split_last(self.layers) if self.scan
                         else (self.layers[:-1], self.layers[-1]))
         return self.encoder_norm(apply_at_position(last, apply_all(layers, x)))[:, 0]
+
+
+def is_static_index(position: int | jax.Array | None) -> bool:
+    return isinstance(position, int | np.integer)
 
 
 def split_last(stacked: nnx.Module) -> tuple[nnx.Module, nnx.Module]:
