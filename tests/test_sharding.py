@@ -1,7 +1,7 @@
 import jax
 import numpy as np
 import pytest
-from conftest import load_config
+from conftest import assert_same_trained_params, load_config
 from jax.sharding import PartitionSpec
 
 from flipjax.data.pipeline import make_train_dataset, to_global
@@ -46,10 +46,7 @@ def test_data_fsdp_mesh_matches_single_device(loss):
     config.mesh = [("data", 4), ("fsdp", 2)]
     losses, params, state = run_steps(config, jax.devices(), batches)
     np.testing.assert_allclose(losses, single_losses, rtol=1e-5)
-    # Adam normalises each update to about +-lr, so float-rounding differences in near-zero
-    # gradients show up at the scale of the learning rate (1e-4 here), not of float32 eps.
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=3e-5),
-                 params, single_params)
+    assert_same_trained_params(params, single_params)
     kernel = state["params"]["img"]["encoder"]["layers"][0]["mlp"]["fc1"]["kernel"]
     assert "fsdp" in tuple(kernel.sharding.spec), kernel.sharding
     mu = state["opt_state"][2].inner_states["default"].inner_state[0].mu
@@ -69,8 +66,7 @@ def test_tensor_parallel_mesh_matches_single_device(loss):
     config.sharding_rules = TENSOR_PARALLEL_RULES + [(".*", "fsdp")]
     losses, params, state = run_steps(config, jax.devices(), batches)
     np.testing.assert_allclose(losses, single_losses, rtol=1e-5)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=3e-5),
-                 params, single_params)
+    assert_same_trained_params(params, single_params)
     # The activations are pinned too: attention heads and MLP features over `tensor`.
     setup = TrainSetup(config, 200, make_mesh(config.mesh))
     hlo = setup.train_step.lower(setup.abstract_state,
