@@ -41,9 +41,10 @@ and the open_clip row gives the median of its medians over all layouts. Without 
 installed that row is left out and "/ open_clip" reads "–". MFU uses model FLOPs (no remat
 recompute) of the unrolled step, read from XLA's cost analysis of the lowered step (a scanned
 body would be counted once), for every row, since the architectures are the same. These are
-the FLOPs the model needs: flipjax runs each tower's last block for the pooled token alone
-(`flipjax.models.layers.Encoder`), while open_clip runs it for every token: 7% more FLOPs
-than its row counts (per pair, S/16: 36.5 against 34.0 GFLOPs, B/16: 139.7 against 130.1).
+the FLOPs the model needs: flipjax's unrolled layers run each tower's last block for the
+pooled token alone (`flipjax.models.layers.Encoder`), while open_clip, and flipjax's scanned
+layers, run it for every token: 7% more FLOPs than their rows count (per pair, S/16: 36.5
+against 34.0 GFLOPs, B/16: 139.7 against 130.1).
 
 On the CPU the process runs with glibc malloc keeping freed memory
 (`flipjax/train/host_memory.py`, what `config.keep_freed_host_memory` does for CPU training):
