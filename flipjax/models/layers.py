@@ -60,8 +60,8 @@ def _logit_scale(q: jax.Array) -> np.float32:
 NumKeys = int | jax.Array | None
 
 
-def _attention_forward(q: jax.Array, k: jax.Array, v: jax.Array, num_keys: NumKeys,
-                       is_causal: bool) -> tuple[jax.Array, jax.Array]:
+def _attention_forward(q: jax.Array, k: jax.Array, v: jax.Array, is_causal: bool,
+                       num_keys: NumKeys) -> tuple[jax.Array, jax.Array]:
     """Softmax attention and its probabilities; logits and softmax in float32 for any input
     dtype, as `jax.nn.dot_product_attention` does."""
     logits = jnp.einsum("bnqh,bnkh->bnqk", q, k, preferred_element_type=jnp.float32)
@@ -76,6 +76,7 @@ def _attention_forward(q: jax.Array, k: jax.Array, v: jax.Array, num_keys: NumKe
     return jnp.einsum("bnqk,bnkh->bnqh", probs.astype(v.dtype), v), probs
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, is_causal: bool = False,
                           num_keys: NumKeys = None) -> jax.Array:
     """Multi-head softmax attention over heads-major arrays (batch, heads, seq, head_dim),
@@ -90,17 +91,11 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, is_causal: b
     attention's forward + backward at batch 8 from 118 to 53 ms
     (`experiments/results/throughput.md`); the numbers are the same to float32 rounding.
     """
-    return _attention(q, k, v, num_keys, is_causal)
+    return _attention_forward(q, k, v, is_causal, num_keys)[0]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _attention(q: jax.Array, k: jax.Array, v: jax.Array, num_keys: NumKeys,
-               is_causal: bool) -> jax.Array:
-    return _attention_forward(q, k, v, num_keys, is_causal)[0]
-
-
-def _attention_fwd(q, k, v, num_keys, is_causal):
-    out, probs = _attention_forward(q, k, v, num_keys, is_causal)
+def _attention_fwd(q, k, v, is_causal, num_keys):
+    out, probs = _attention_forward(q, k, v, is_causal, num_keys)
     return out, (q, k, v, out, probs)
 
 
@@ -119,7 +114,7 @@ def _attention_bwd(is_causal, residuals, d_out):
     return dq, dk, dv, None  # no gradient for `num_keys`
 
 
-_attention.defvjp(_attention_fwd, _attention_bwd)
+dot_product_attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 def heads_major_attention(q: jax.Array, k: jax.Array, v: jax.Array, is_causal: bool = False,
@@ -274,7 +269,7 @@ class Encoder(nnx.Module):
     unrolled layers do this: scanned ones run every block in full, since taking the last
     block out of the scan slices the stacked parameters and concatenates their gradients
     every step, which for B/16 at batch 8 on the CPU took the scanned step's scratch memory
-    from 1.57 to 2.10 GiB (`remat="dots"`) and 3.13 to 3.52 GiB (no remat).
+    from 1.57 to 2.10 GiB (`remat="dots"`).
     """
 
     def __init__(self, width: int, depth: int, mlp_dim: int, num_heads: int, *, gelu: str,

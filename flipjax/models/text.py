@@ -46,9 +46,8 @@ class TextTransformer(nnx.Module):
     def __call__(self, ids: jax.Array) -> jax.Array:
         if self.pool == "mean":
             x = jnp.mean(self.tokens(ids), axis=1)
-        else:  # one token: the encoder computes its output alone
-            position = {"last": -1, "first": 0}.get(self.pool)
-            if position is None:  # "eos": each caption's first EOS
-                position = jnp.argmax(ids == self.eos_id, axis=1)
-            x = self.tokens(ids, position)
+        elif self.pool == "eos":  # each caption's first EOS, its output computed alone
+            x = self.tokens(ids, jnp.argmax(ids == self.eos_id, axis=1))
+        else:  # a fixed token, its output computed alone
+            x = self.tokens(ids, {"last": -1, "first": 0}[self.pool])
         return self.head(x) if self.head is not None else x

@@ -116,7 +116,7 @@ class ViT(nnx.Module):
     def tokens(self, images: jax.Array, position: int | None = None) -> jax.Array:
         """Encoded tokens (B, N, width), the input of pooling and of FLIP-style probes, or
         only the one at `position` (B, width)."""
-        x = self.patch_embed(images.astype(self.dtype))
+        x = self.patch_embed(images)
         b, h, w, d = x.shape
         x = x.reshape(b, h * w, d)
         if self.pool == "tok":
