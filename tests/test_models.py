@@ -1,4 +1,6 @@
 import functools
+import types
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -244,11 +246,39 @@ def test_encoder_at_one_position_is_that_row_of_the_full_encoder(
         np.testing.assert_allclose(got, expected, atol=1e-5)
 
 
-def test_auto_attention_is_xla_off_gpu():
+def fake_cuda_device(compute_capability: str) -> types.SimpleNamespace:
+    """What `resolve_attention` reads of a CUDA GPU (tests have none)."""
+    return types.SimpleNamespace(platform="gpu", compute_capability=compute_capability,
+                                 client=types.SimpleNamespace(platform_version="cuda 12080"))
+
+
+def test_auto_attention_is_cudnn_on_a_cuda_gpu_in_16_bits_else_xla():
     assert resolve_attention("auto", jnp.bfloat16) == "dot"  # tests run on the CPU
+    h100, v100 = fake_cuda_device("9.0"), fake_cuda_device("7.0")
+    assert resolve_attention("auto", jnp.bfloat16, h100) == "cudnn"
+    assert resolve_attention("auto", jnp.float32, h100) == "dot"
+    assert resolve_attention("auto", jnp.bfloat16, v100) == "dot"
     assert resolve_attention("cudnn", jnp.float32) == "cudnn"
     with pytest.raises(ValueError, match="attention must be 'auto' or one of"):
         resolve_attention("flash", jnp.float32)
+
+
+def test_auto_attention_follows_the_device_the_model_is_built_for():
+    """A model built for a GPU gets cuDNN attention even where JAX's default device is the
+    CPU, and a train step on a CPU mesh gets XLA's even where a GPU is the default."""
+    cfg = model_config(variant="mu/8", image_size=32)
+    cfg.dtype = "bfloat16"
+    model = nnx.eval_shape(lambda: make_model(cfg, vocab_size=50, device=fake_cuda_device("9.0")))
+    kernels = {m.implementation for _, m in nnx.iter_graph(model) if hasattr(m, "implementation")}
+    assert kernels == {"cudnn"}
+    config = load_config()
+    config.model.dtype = "bfloat16"
+    with mock.patch("jax.devices", lambda *_: [fake_cuda_device("9.0")]):
+        assert resolve_attention("auto", jnp.bfloat16) == "cudnn"  # the default is a GPU now
+        setup = TrainSetup(config, 50, make_mesh([("data", 1)], jax.local_devices()[:1]))
+    kernels = {m.implementation for _, m in nnx.iter_graph(setup.model(
+        setup.abstract_state["params"])) if hasattr(m, "implementation")}
+    assert kernels == {"dot"}
 
 
 def test_bf16_compute_keeps_fp32_params():

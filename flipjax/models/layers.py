@@ -168,20 +168,22 @@ ATTENTION_IMPLEMENTATIONS: dict[str, Callable[..., jax.Array]] = {
 EVEN_LENGTH_ATTENTIONS = frozenset({"cudnn"})
 
 
-def cudnn_attention_runs_here(dtype: jnp.dtype | type) -> bool:
-    """Whether the default device is a CUDA GPU that cuDNN's fused attention supports (compute
-    capability 8.0+) and `dtype` is 16-bit."""
-    device = jax.devices()[0]
+def cudnn_attention_runs_here(dtype: jnp.dtype | type, device: jax.Device | None = None) -> bool:
+    """Whether `device` (by default JAX's first) is a CUDA GPU that cuDNN's fused attention
+    supports (compute capability 8.0+) and `dtype` is 16-bit."""
+    device = device or jax.devices()[0]
     return (device.platform == "gpu" and "cuda" in device.client.platform_version.lower()
             and float(getattr(device, "compute_capability", 0)) >= 8.0
             and jnp.dtype(dtype).itemsize == 2)
 
 
-def resolve_attention(name: str, dtype: jnp.dtype | type) -> str:
-    """The implementation "auto" stands for on this device and compute dtype; other names of
-    `ATTENTION_IMPLEMENTATIONS` pass through."""
+def resolve_attention(name: str, dtype: jnp.dtype | type, device: jax.Device | None = None
+                      ) -> str:
+    """The implementation "auto" stands for on `device` (by default JAX's first; a train step
+    passes its mesh's) and compute dtype; other names of `ATTENTION_IMPLEMENTATIONS` pass
+    through."""
     if name == "auto":
-        return "cudnn" if cudnn_attention_runs_here(dtype) else "dot"
+        return "cudnn" if cudnn_attention_runs_here(dtype, device) else "dot"
     if name not in ATTENTION_IMPLEMENTATIONS:
         raise ValueError(f"attention must be 'auto' or one of {sorted(ATTENTION_IMPLEMENTATIONS)}"
                          f", got {name!r}")

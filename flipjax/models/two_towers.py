@@ -12,6 +12,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from flipjax.models.layers import resolve_attention
 from flipjax.models.text import TextTransformer
 from flipjax.models.variants import resolve_size
 from flipjax.models.vit import ViT
@@ -51,12 +52,15 @@ def tower_size(tower_cfg: ml_collections.ConfigDict, *, with_patch: bool):
     return resolve_size(tower_cfg.variant, overrides, with_patch=with_patch)
 
 
-def make_model(cfg: ml_collections.ConfigDict, *, vocab_size: int, seed: int = 0) -> TwoTowers:
-    """Builds the model described by `config.model` (see configs/*.py for the fields)."""
+def make_model(cfg: ml_collections.ConfigDict, *, vocab_size: int, seed: int = 0,
+               device: jax.Device | None = None) -> TwoTowers:
+    """Builds the model described by `config.model` (see configs/*.py for the fields), its
+    attention "auto" resolved for `device`: the one it will run on, JAX's first by default."""
     rngs = nnx.Rngs(params=seed)
     dtype = DTYPES[cfg.dtype]
     common = dict(gelu=cfg.gelu, ln_eps=cfg.ln_eps, remat=cfg.remat, scan_layers=cfg.scan_layers,
-                  attention=cfg.attention, dtype=dtype, rngs=rngs)
+                  attention=resolve_attention(cfg.attention, dtype, device), dtype=dtype,
+                  rngs=rngs)
     img_size, patch = tower_size(cfg.image, with_patch=True)
     txt_size, _ = tower_size(cfg.text, with_patch=False)
     img = ViT(img_size, patch, image_size=cfg.image.image_size, pool=cfg.image.pool,

@@ -13,6 +13,7 @@ then raises or carries on (`config.nonfinite`).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -46,14 +47,14 @@ class TrainSetup:
 
     def __init__(self, config: ml_collections.ConfigDict, vocab_size: int, mesh: Mesh):
         self.config, self.mesh = config, mesh
-        model_cfg = config.model
+        # The model's attention "auto" resolves for the mesh's devices, not JAX's default ones.
+        build = functools.partial(make_model, config.model, vocab_size=vocab_size,
+                                  seed=config.seed, device=mesh.devices.flat[0])
 
         def params_fn() -> dict:
-            return nnx.to_pure_dict(nnx.state(make_model(model_cfg, vocab_size=vocab_size,
-                                                         seed=config.seed), nnx.Param))
+            return nnx.to_pure_dict(nnx.state(build(), nnx.Param))
 
-        self.graphdef = nnx.graphdef(nnx.eval_shape(
-            lambda: make_model(model_cfg, vocab_size=vocab_size, seed=config.seed)))
+        self.graphdef = nnx.graphdef(nnx.eval_shape(build))
         abstract_params = jax.eval_shape(params_fn)
         self.tx, self.schedule = make_optimizer(config.optim, abstract_params,
                                                 config.total_steps)
