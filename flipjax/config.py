@@ -94,7 +94,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     check(attention in ("auto", *ATTENTION_IMPLEMENTATIONS), "model.attention",
           f"{attention!r} is not 'auto' or one of {sorted(ATTENTION_IMPLEMENTATIONS)}")
     check(attention != "cudnn" or cudnn_attention_runs_here(DTYPES[model.dtype]),
-          "model.attention", "'cudnn' needs a CUDA GPU of compute capability 8.0+ and "
+          "model.attention", "'cudnn' needs JAX's default device to be a CUDA GPU of compute "
+          "capability 8.0+ and "
           f"model.dtype bfloat16 or float16 (here: {jax.devices()[0].device_kind}, "
           f"{model.dtype}); use 'auto'")
     mu_dtype = config.optim.get("mu_dtype")

@@ -23,7 +23,7 @@ from flipjax.train.workdir import load_workdir_config
     ("mesh", [("data", 3), ("fsdp", -1)], r"config\.mesh"),
     ("model.remat", "some", r"config\.model\.remat: 'some' is not one of"),
     ("model.attention", "flash", r"config\.model\.attention: 'flash' is not 'auto' or"),
-    ("model.attention", "cudnn", r"config\.model\.attention: 'cudnn' needs a CUDA GPU"),
+    ("model.attention", "cudnn", r"config\.model\.attention: 'cudnn' needs JAX's default device"),
     ("optim.mu_dtype", "float16", r"config\.optim\.mu_dtype: 'float16'"),
     ("sharding_rules", [(".*", "shard")], r"config\.sharding_rules: unknown strategy 'shard'"),
     ("sharding_rules", [(".*", (3,))], r"config\.sharding_rules: '\.\*' has dims"),

@@ -1,7 +1,7 @@
 """Keep freed host memory inside the process (glibc malloc), for training on XLA:CPU.
 
 XLA:CPU allocates each execution's scratch buffer (`memory_analysis().temp_size_in_bytes`,
-2.4 GiB for a ViT-B/16 CLIP train step at batch 8) when the step starts and frees it when the
+2.3 GiB for a ViT-B/16 CLIP train step at batch 8) when the step starts and frees it when the
 step ends. glibc hands a block that large to the kernel on every free: blocks over its mmap
 ceiling (32 MiB) are mmap'd, and XLA's worker threads allocate from secondary arenas, which mmap
 anything over 64 MiB whatever the settings. So every step page-faults its whole scratch buffer
