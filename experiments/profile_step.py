@@ -1,14 +1,25 @@
 """Where one train step's device time goes: traces `--steps` steps of the CLIP-shaped model of
 `experiments/throughput.py` (its flags: first `--variants`, `--layouts` and
 `--compile_options` entry, `--batch`, `--dtype`) with `jax.profiler` and prints the kernels
-that take the most time, grouped into matmuls, fusions, copies and the rest.
+that take the most time, grouped into attention, matmuls, fusions, copies and the rest.
 
     JAX_PLATFORMS=cuda,cpu python experiments/profile_step.py --variants=B/16 --batch=256 \\
         --dtype=bfloat16 --layouts=unrolled/none --profile_dir=/tmp/profile
 
-Without `JAX_PLATFORMS` set it profiles the CPU (as `throughput.py` defaults), where host-side
-events are summed too. The trace (`perfetto_trace.json.gz` under `--profile_dir`) opens in
-ui.perfetto.dev.
+Without `JAX_PLATFORMS` set it profiles the CPU (as `throughput.py` defaults); there XLA names
+each kernel after its HLO instruction, so the script also reads from the compiled step's HLO
+the FLOPs of the matmuls each kernel runs (a dot's own, a fusion's summed over its body) and
+prints their speed, grouped by matmul shape. XLA:CPU traces its kernels only with
+`--xla_cpu_enable_xprof_traceme=true`:
+
+    XLA_FLAGS=--xla_cpu_enable_xprof_traceme=true python experiments/profile_step.py \\
+        --variants=S/16 --batch=8 --steps=2
+
+XLA runs independent kernels on the CPU's cores at once, so kernel times sum to more than the
+step, and a kernel that shares the cores looks slower than it is alone. A dot that XLA:CPU runs
+asynchronously (Eigen) is timed from its start event to its "end: " event. On a GPU, kernels
+are named by the libraries that run them (cuBLAS, cuDNN), so no FLOPs are read there. The trace
+(`perfetto_trace.json.gz` under `--profile_dir`) opens in ui.perfetto.dev.
 """
 
 from __future__ import annotations
@@ -17,7 +28,9 @@ import collections
 import glob
 import gzip
 import json
+import math
 import os
+import re
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -36,15 +49,69 @@ CATEGORIES = (("attention", ("sdpa", "flash", "fmha", "cudnn::fusion")),
               ("copy", ("memcpy", "memset", "copy", "transpose")),
               ("fusion", ("fusion",)))
 
+# One HLO instruction of `Compiled.as_text()`: name, array dims, opcode, operands, attributes.
+HLO_INSTRUCTION = re.compile(
+    r"^\s*(?:ROOT )?%(\S+) = \w+\[([\d,]*)\]\S* ([\w-]+)\(([^)]*)\)(.*)$")
+HLO_COMPUTATION = re.compile(r"^(?:ENTRY )?%(\S+) .*\{$")
 
-def category(name: str) -> str:
+
+def category(name: str, flops: float = 0.0) -> str:
     lower = name.lower()
-    return next((c for c, keys in CATEGORIES if any(k in lower for k in keys)), "other")
+    by_name = next((c for c, keys in CATEGORIES if any(k in lower for k in keys)), "other")
+    return "matmul" if flops and by_name != "attention" else by_name
 
 
-def device_events(trace_path: str) -> list[dict]:
+def dims(text: str) -> list[int]:
+    return [int(d) for d in text.split(",") if d]
+
+
+def matmul_flops(hlo_text: str) -> dict[str, tuple[float, str]]:
+    """For every HLO instruction that runs matmuls: their FLOPs (2 x output size x contracted
+    size, per dot, summed over a fusion's body) and the matmul shapes, "lhs x rhs"."""
+    computations: dict[str, list[tuple[str, ...]]] = {}
+    body: list[tuple[str, ...]] = []
+    for line in hlo_text.splitlines():
+        if match := HLO_COMPUTATION.match(line):
+            body = computations.setdefault(match.group(1), [])
+        elif match := HLO_INSTRUCTION.match(line):
+            body.append(match.groups())
+
+    own: dict[str, tuple[float, str]] = {}
+    for instructions in computations.values():
+        shapes = {name: dims(shape) for name, shape, *_ in instructions}
+        for name, shape, opcode, operands, attributes in instructions:
+            if opcode != "dot":
+                continue
+            lhs, rhs = (shapes[o.strip().lstrip("%")] for o in operands.split(","))
+            contracting = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", attributes)
+            k = math.prod(lhs[d] for d in dims(contracting.group(1)))
+            own[name] = (2.0 * math.prod(dims(shape)) * k, f"{lhs}x{rhs}")
+
+    def called(attributes: str) -> list[str]:
+        return re.findall(r"calls=%([\w.\-]+)", attributes)
+
+    def computation_flops(computation: str) -> tuple[float, str]:
+        parts = [instruction_flops(*i) for i in computations.get(computation, [])]
+        return (sum(f for f, _ in parts), " + ".join(s for f, s in parts if f))
+
+    def instruction_flops(name, shape, opcode, operands, attributes) -> tuple[float, str]:
+        parts = [own.get(name, (0.0, ""))] + [computation_flops(c) for c in called(attributes)]
+        return (sum(f for f, _ in parts), " + ".join(s for f, s in parts if f))
+
+    result = {}
+    for instructions in computations.values():
+        for instruction in instructions:
+            flops, shapes = instruction_flops(*instruction)
+            if flops:
+                result[instruction[0]] = (flops, shapes)
+    return result
+
+
+def device_events(trace_path: str, kernel_names: set[str]) -> list[dict]:
     """Complete events on device timelines (any process named like a GPU/TPU); on a CPU-only
-    run, those of every process."""
+    run, those named after an HLO instruction of the step (`kernel_names`): the host's Python
+    and runtime frames that enclose them would count their time twice. An asynchronous dot's
+    event spans from its start to its "end: " event."""
     with gzip.open(trace_path, "rt") as f:
         trace = json.load(f)
     events = trace["traceEvents"] if isinstance(trace, dict) else trace
@@ -56,37 +123,70 @@ def device_events(trace_path: str) -> list[dict]:
     streams = {(e["pid"], e["tid"]) for e in events
                if e.get("ph") == "M" and e.get("name") == "thread_name"
                and e["pid"] in devices and e["args"]["name"].startswith("Stream")}
-    return [e for e in events if e.get("ph") == "X" and "dur" in e
-            and (not devices or e["pid"] in devices)
-            and (not streams or (e["pid"], e["tid"]) in streams)]
+    complete = sorted((e for e in events if e.get("ph") == "X" and "dur" in e),
+                      key=lambda e: e["ts"])
+    if devices:
+        return [e for e in complete if e["pid"] in devices
+                and (not streams or (e["pid"], e["tid"]) in streams)]
+    kernels, started = [], {}
+    for e in complete:
+        name = e["name"]
+        if name.startswith("end: ") and name[5:] in started:
+            start = started.pop(name[5:])
+            start["dur"] = e["ts"] + e["dur"] - start["ts"]
+        elif name in kernel_names:
+            started[name] = e = dict(e)
+            kernels.append(e)
+    return kernels
 
 
 def main(argv: list[str]) -> None:
     del argv
     variant, layout = FLAGS.variants[0], FLAGS.layouts[0]
     config = throughput.clip_shaped_config(variant, layout)
-    run, _ = throughput.flipjax_stepper(config, throughput.random_batch(config),
-                                        FLAGS.compile_options[0])
+    run, _, compiled = throughput.flipjax_stepper(config, throughput.random_batch(config),
+                                                  FLAGS.compile_options[0])
+    hlo_text = compiled.as_text()
+    kernel_names = {m.group(1) for m in map(HLO_INSTRUCTION.match, hlo_text.splitlines()) if m}
+    flops = matmul_flops(hlo_text)
     run(2)  # warm-up
     with jax.profiler.trace(FLAGS.profile_dir, create_perfetto_trace=True):
         run(FLAGS.steps)
     trace_path = max(glob.glob(os.path.join(FLAGS.profile_dir, "**", "perfetto_trace.json.gz"),
                                recursive=True), key=os.path.getmtime)
     per_name: collections.Counter = collections.Counter()
-    for e in device_events(trace_path):
+    for e in device_events(trace_path, kernel_names):
         per_name[e["name"]] += e["dur"] / FLAGS.steps
     total = sum(per_name.values())
+    if not total:
+        raise SystemExit(f"no kernels in {trace_path}; on the CPU set XLA_FLAGS="
+                         "--xla_cpu_enable_xprof_traceme=true")
     per_category: collections.Counter = collections.Counter()
+    per_shape: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0.0, 0])
     for name, us in per_name.items():
-        per_category[category(name)] += us
+        kernel_flops, shapes = flops.get(name, (0.0, ""))
+        per_category[category(name, kernel_flops)] += us
+        if kernel_flops:
+            row = per_shape[shapes]
+            row[0], row[1], row[2] = row[0] + us, row[1] + kernel_flops, row[2] + 1
     options = f" `{FLAGS.compile_options[0]}`" if FLAGS.compile_options[0] else ""
     print(f"{variant} {layout}{options}, batch {FLAGS.batch}, {FLAGS.dtype}: "
           f"{total / 1e3:.1f} ms of device kernels per step ({trace_path})")
     for name, us in per_category.most_common():
-        print(f"  {name:8s} {us / 1e3:8.1f} ms  {100 * us / total:5.1f}%")
+        print(f"  {name:9s} {us / 1e3:8.1f} ms  {100 * us / total:5.1f}%")
+    if per_shape:
+        us, flop = sum(r[0] for r in per_shape.values()), sum(r[1] for r in per_shape.values())
+        print(f"kernels with matmuls: {us / 1e3:.1f} ms per step at {flop / us / 1e3:.1f} "
+              "GFLOP/s; by matmul shape (lhs x rhs), slowest first:")
+        for shapes, (us, flop, count) in sorted(per_shape.items(),
+                                                key=lambda kv: kv[1][1] / kv[1][0]):
+            print(f"  {us / 1e3:8.1f} ms  {flop / us / 1e3:6.1f} GFLOP/s  {count:3d} kernels  "
+                  f"{shapes[:100]}")
     print(f"top {FLAGS.top} kernels (ms per step):")
     for name, us in per_name.most_common(FLAGS.top):
-        print(f"  {us / 1e3:8.2f}  {category(name):7s} {name[:110]}")
+        kernel_flops, _ = flops.get(name, (0.0, ""))
+        speed = f"{kernel_flops / us / 1e3:6.1f} GFLOP/s" if kernel_flops else " " * 14
+        print(f"  {us / 1e3:8.2f}  {category(name, kernel_flops):9s} {speed}  {name[:100]}")
 
 
 if __name__ == "__main__":

@@ -168,9 +168,10 @@ def parse_compile_options(text: str) -> dict[str, str | bool]:
 
 
 def flipjax_stepper(config: ml_collections.ConfigDict, batch: dict, compile_options: str = ""
-                    ) -> tuple[Callable[[int], None], dict[str, float]]:
-    """A callable that runs n flipjax train steps, and the step's lower and compile seconds
-    and XLA scratch memory. `compile_options`: XLA options, as `--compile_options` gives them."""
+                    ) -> tuple[Callable[[int], None], dict[str, float], jax.stages.Compiled]:
+    """A callable that runs n flipjax train steps, the step's lower and compile seconds and
+    XLA scratch memory, and the compiled step (its HLO names the profiled kernels).
+    `compile_options`: XLA options, as `--compile_options` gives them."""
     setup = TrainSetup(config, VOCAB, make_mesh(config.mesh))
     batch = to_global(batch, setup.batch_sharding)
     state = setup.init()
@@ -199,7 +200,7 @@ def flipjax_stepper(config: ml_collections.ConfigDict, batch: dict, compile_opti
             raise FloatingPointError(f"{config.model.image.variant}: non-finite train step")
 
     return run, {"lower_s": t1 - t0, "compile_s": t2 - t1,
-                  "temp_gib": compiled.memory_analysis().temp_size_in_bytes / 2**30}
+                  "temp_gib": compiled.memory_analysis().temp_size_in_bytes / 2**30}, compiled
 
 
 def open_clip_stepper(config: ml_collections.ConfigDict, batch: dict
@@ -295,7 +296,7 @@ def main(argv: list[str]) -> None:
         for layout, options in itertools.product(FLAGS.layouts, FLAGS.compile_options):
             name = f"flipjax {layout}" + (f" `{options}`" if options else "")
             try:
-                ours, info = flipjax_stepper(clip_shaped_config(variant, layout), batch, options)
+                ours, info, _ = flipjax_stepper(clip_shaped_config(variant, layout), batch, options)
             except jax.errors.JaxRuntimeError as e:
                 if not options:
                     raise
