@@ -25,6 +25,7 @@ are named by the libraries that run them (cuBLAS, cuDNN), so no FLOPs are read t
 from __future__ import annotations
 
 import collections
+import functools
 import glob
 import gzip
 import json
@@ -65,9 +66,9 @@ def dims(text: str) -> list[int]:
     return [int(d) for d in text.split(",") if d]
 
 
-def matmul_flops(hlo_text: str) -> dict[str, tuple[float, str]]:
-    """For every HLO instruction that runs matmuls: their FLOPs (2 x output size x contracted
-    size, per dot, summed over a fusion's body) and the matmul shapes, "lhs x rhs"."""
+def hlo_computations(hlo_text: str) -> dict[str, list[tuple[str, ...]]]:
+    """Each computation of `Compiled.as_text()` and its instructions, as (name, array dims,
+    opcode, operands, attributes)."""
     computations: dict[str, list[tuple[str, ...]]] = {}
     body: list[tuple[str, ...]] = []
     for line in hlo_text.splitlines():
@@ -75,36 +76,31 @@ def matmul_flops(hlo_text: str) -> dict[str, tuple[float, str]]:
             body = computations.setdefault(match.group(1), [])
         elif match := HLO_INSTRUCTION.match(line):
             body.append(match.groups())
+    return computations
 
+
+def matmul_flops(computations: dict[str, list[tuple[str, ...]]]) -> dict[str, tuple[float, str]]:
+    """For every HLO instruction that runs matmuls: their FLOPs (2 x output size x contracted
+    size, per dot, summed over the computations a fusion calls) and shapes, "lhs x rhs"."""
     own: dict[str, tuple[float, str]] = {}
+    callees: dict[str, list[str]] = {}
     for instructions in computations.values():
         shapes = {name: dims(shape) for name, shape, *_ in instructions}
         for name, shape, opcode, operands, attributes in instructions:
-            if opcode != "dot":
-                continue
-            lhs, rhs = (shapes[o.strip().lstrip("%")] for o in operands.split(","))
-            contracting = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", attributes)
-            k = math.prod(lhs[d] for d in dims(contracting.group(1)))
-            own[name] = (2.0 * math.prod(dims(shape)) * k, f"{lhs}x{rhs}")
+            callees[name] = re.findall(r"calls=%([\w.\-]+)", attributes)
+            if opcode == "dot":
+                lhs, rhs = (shapes[o.strip().lstrip("%")] for o in operands.split(","))
+                contracting = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", attributes)
+                k = math.prod(lhs[d] for d in dims(contracting.group(1)))
+                own[name] = (2.0 * math.prod(dims(shape)) * k, f"{lhs}x{rhs}")
 
-    def called(attributes: str) -> list[str]:
-        return re.findall(r"calls=%([\w.\-]+)", attributes)
+    @functools.cache
+    def total(name: str) -> tuple[float, str]:
+        parts = [own.get(name, (0.0, ""))] + [total(instruction[0]) for callee in callees[name]
+                                              for instruction in computations[callee]]
+        return sum(f for f, _ in parts), " + ".join(s for f, s in parts if f)
 
-    def computation_flops(computation: str) -> tuple[float, str]:
-        parts = [instruction_flops(*i) for i in computations.get(computation, [])]
-        return (sum(f for f, _ in parts), " + ".join(s for f, s in parts if f))
-
-    def instruction_flops(name, shape, opcode, operands, attributes) -> tuple[float, str]:
-        parts = [own.get(name, (0.0, ""))] + [computation_flops(c) for c in called(attributes)]
-        return (sum(f for f, _ in parts), " + ".join(s for f, s in parts if f))
-
-    result = {}
-    for instructions in computations.values():
-        for instruction in instructions:
-            flops, shapes = instruction_flops(*instruction)
-            if flops:
-                result[instruction[0]] = (flops, shapes)
-    return result
+    return {name: total(name) for name in callees if total(name)[0]}
 
 
 def device_events(trace_path: str, kernel_names: set[str]) -> list[dict]:
@@ -146,9 +142,9 @@ def main(argv: list[str]) -> None:
     config = throughput.clip_shaped_config(variant, layout)
     run, _, compiled = throughput.flipjax_stepper(config, throughput.random_batch(config),
                                                   FLAGS.compile_options[0])
-    hlo_text = compiled.as_text()
-    kernel_names = {m.group(1) for m in map(HLO_INSTRUCTION.match, hlo_text.splitlines()) if m}
-    flops = matmul_flops(hlo_text)
+    computations = hlo_computations(compiled.as_text())
+    kernel_names = {instruction[0] for body in computations.values() for instruction in body}
+    flops = matmul_flops(computations)
     run(2)  # warm-up
     with jax.profiler.trace(FLAGS.profile_dir, create_perfetto_trace=True):
         run(FLAGS.steps)

@@ -263,22 +263,23 @@ def test_auto_attention_is_cudnn_on_a_cuda_gpu_in_16_bits_else_xla():
         resolve_attention("flash", jnp.float32)
 
 
+def attention_kernels(model: nnx.Module) -> set[str]:
+    return {m.implementation for _, m in nnx.iter_graph(model) if hasattr(m, "implementation")}
+
+
 def test_auto_attention_follows_the_device_the_model_is_built_for():
     """A model built for a GPU gets cuDNN attention even where JAX's default device is the
     CPU, and a train step on a CPU mesh gets XLA's even where a GPU is the default."""
     cfg = model_config(variant="mu/8", image_size=32)
     cfg.dtype = "bfloat16"
     model = nnx.eval_shape(lambda: make_model(cfg, vocab_size=50, device=fake_cuda_device("9.0")))
-    kernels = {m.implementation for _, m in nnx.iter_graph(model) if hasattr(m, "implementation")}
-    assert kernels == {"cudnn"}
+    assert attention_kernels(model) == {"cudnn"}
     config = load_config()
     config.model.dtype = "bfloat16"
     with mock.patch("jax.devices", lambda *_: [fake_cuda_device("9.0")]):
         assert resolve_attention("auto", jnp.bfloat16) == "cudnn"  # the default is a GPU now
         setup = TrainSetup(config, 50, make_mesh([("data", 1)], jax.local_devices()[:1]))
-    kernels = {m.implementation for _, m in nnx.iter_graph(setup.model(
-        setup.abstract_state["params"])) if hasattr(m, "implementation")}
-    assert kernels == {"dot"}
+    assert attention_kernels(setup.model(setup.abstract_state["params"])) == {"dot"}
 
 
 def test_bf16_compute_keeps_fp32_params():
