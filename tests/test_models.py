@@ -15,6 +15,7 @@ from flipjax.models.layers import (
     ATTENTION_IMPLEMENTATIONS,
     Encoder,
     cudnn_attention,
+    dense,
     resolve_attention,
     stack_layers,
     unstack_layers,
@@ -89,6 +90,30 @@ def test_patch_embedding_is_the_strided_convolution():
     np.testing.assert_allclose(value, want, rtol=1e-5)
     np.testing.assert_allclose(grads.kernel[...], want_grads.kernel[...], atol=1e-4)
     np.testing.assert_allclose(grads.bias[...], want_grads.bias[...], atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype,tolerance", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
+@pytest.mark.parametrize("shape", [(5, 6), (2, 3, 6), (2, 1, 3, 6)])
+def test_dense_is_nnx_linear_in_value_and_gradient(shape, dtype, tolerance):
+    """`dense` (weight gradient as one product over the flattened tokens) is `nnx.Linear`:
+    the same parameters from the same seed, the same values and gradients, float32 parameters
+    under bf16 compute included."""
+    ours = dense(6, 4, dtype=dtype, rngs=nnx.Rngs(0))
+    linear = nnx.Linear(6, 4, dtype=dtype, rngs=nnx.Rngs(0))
+    np.testing.assert_array_equal(ours.kernel[...], linear.kernel[...])
+    x = jax.random.normal(jax.random.key(1), shape)
+    w = jax.random.normal(jax.random.key(2), (*shape[:-1], 4))
+
+    def loss(module, x):
+        return jnp.sum(jnp.tanh(module(x).astype(jnp.float32)) * w)
+
+    value, (grads, dx) = jax.value_and_grad(loss, argnums=(0, 1))(ours, x)
+    want, (want_grads, want_dx) = jax.value_and_grad(loss, argnums=(0, 1))(linear, x)
+    assert grads.kernel[...].dtype == jnp.float32
+    np.testing.assert_allclose(value, want, rtol=tolerance)
+    np.testing.assert_allclose(dx, want_dx, atol=tolerance)
+    np.testing.assert_allclose(grads.kernel[...], want_grads.kernel[...], atol=tolerance)
+    np.testing.assert_allclose(grads.bias[...], want_grads.bias[...], atol=tolerance)
 
 
 @pytest.mark.parametrize("pool", ["last", "first", "mean", "eos"])

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from flipjax.models.layers import Encoder, normal_param
+from flipjax.models.layers import Encoder, dense, normal_param
 from flipjax.models.variants import Size
 
 POOLS = ("last", "first", "mean", "eos")
@@ -33,7 +33,7 @@ class TextTransformer(nnx.Module):
         self.encoder = Encoder(d, size.depth, size.mlp_dim, size.num_heads, gelu=gelu,
                                ln_eps=ln_eps, remat=remat, scan=scan_layers,
                                attention=attention, dtype=dtype, rngs=rngs)
-        self.head = (nnx.Linear(d, proj_dim, use_bias=proj_bias, dtype=dtype, rngs=rngs)
+        self.head = (dense(d, proj_dim, use_bias=proj_bias, dtype=dtype, rngs=rngs)
                      if proj_dim else None)
 
     def tokens(self, ids: jax.Array, position: int | jax.Array | None = None) -> jax.Array:

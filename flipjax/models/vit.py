@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from flipjax.models.layers import Attention, Encoder, Mlp, normal_param
+from flipjax.models.layers import Attention, Encoder, Mlp, dense, dense_matmul, normal_param
 from flipjax.models.variants import Size
 
 POOLS = ("map", "gap", "tok")
@@ -56,7 +56,7 @@ class PatchEmbed(nnx.Module):
         p, gh, gw = self.patch, h // self.patch, w // self.patch
         patches = images.reshape(b, gh, p, gw, p, c).transpose(0, 1, 3, 2, 4, 5)
         kernel = self.kernel.astype(self.dtype).reshape(p * p * c, -1)
-        y = patches.reshape(b, gh, gw, p * p * c).astype(self.dtype) @ kernel
+        y = dense_matmul(patches.reshape(b, gh, gw, p * p * c).astype(self.dtype), kernel)
         return y + self.bias.astype(self.dtype)
 
 
@@ -110,7 +110,7 @@ class ViT(nnx.Module):
         self.map_head = (MAPHead(size, gelu=gelu, ln_eps=ln_eps, attention=attention,
                                  dtype=dtype, rngs=rngs)
                          if pool == "map" else None)
-        self.head = (nnx.Linear(d, proj_dim, use_bias=proj_bias, dtype=dtype, rngs=rngs)
+        self.head = (dense(d, proj_dim, use_bias=proj_bias, dtype=dtype, rngs=rngs)
                      if proj_dim else None)
 
     def tokens(self, images: jax.Array, position: int | None = None) -> jax.Array:
