@@ -92,28 +92,53 @@ def test_patch_embedding_is_the_strided_convolution():
     np.testing.assert_allclose(grads.bias[...], want_grads.bias[...], atol=1e-4)
 
 
+def dot_operand_ranks(jaxpr: jax.extend.core.Jaxpr) -> set[tuple[int, ...]]:
+    """The operand ranks of every dot_general in `jaxpr`, nested jaxprs (jit, remat) included."""
+    ranks = set()
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            ranks.add(tuple(v.aval.ndim for v in eqn.invars))
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (list, tuple)) else [param]:
+                inner = getattr(sub, "jaxpr", sub)
+                if isinstance(inner, jax.extend.core.Jaxpr):
+                    ranks |= dot_operand_ranks(inner)
+    return ranks
+
+
 @pytest.mark.parametrize("dtype,tolerance", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
-@pytest.mark.parametrize("shape", [(5, 6), (2, 3, 6), (2, 1, 3, 6)])
+@pytest.mark.parametrize("shape", [(6,), (5, 6), (2, 3, 6), (2, 1, 3, 6)])
 def test_dense_is_nnx_linear_in_value_and_gradient(shape, dtype, tolerance):
-    """`dense` (weight gradient as one product over the flattened tokens) is `nnx.Linear`:
-    the same parameters from the same seed, the same values and gradients, float32 parameters
-    under bf16 compute included."""
+    """`dense` is `nnx.Linear`: the same parameters from the same seed, the same values and
+    gradients (float32 parameters under bf16 compute included), and on the CPU every matmul
+    of its forward and backward is over 2-D operands, the weight gradient one product over
+    the flattened tokens (the point of `dense_matmul`)."""
     ours = dense(6, 4, dtype=dtype, rngs=nnx.Rngs(0))
     linear = nnx.Linear(6, 4, dtype=dtype, rngs=nnx.Rngs(0))
     np.testing.assert_array_equal(ours.kernel[...], linear.kernel[...])
+    ours.bias[...] = linear.bias[...] = jax.random.normal(jax.random.key(3), (4,))
     x = jax.random.normal(jax.random.key(1), shape)
     w = jax.random.normal(jax.random.key(2), (*shape[:-1], 4))
 
     def loss(module, x):
         return jnp.sum(jnp.tanh(module(x).astype(jnp.float32)) * w)
 
-    value, (grads, dx) = jax.value_and_grad(loss, argnums=(0, 1))(ours, x)
-    want, (want_grads, want_dx) = jax.value_and_grad(loss, argnums=(0, 1))(linear, x)
+    grad = jax.value_and_grad(loss, argnums=(0, 1))
+    value, (grads, dx) = grad(ours, x)
+    want, (want_grads, want_dx) = grad(linear, x)
     assert grads.kernel[...].dtype == jnp.float32
     np.testing.assert_allclose(value, want, rtol=tolerance)
     np.testing.assert_allclose(dx, want_dx, atol=tolerance)
     np.testing.assert_allclose(grads.kernel[...], want_grads.kernel[...], atol=tolerance)
     np.testing.assert_allclose(grads.bias[...], want_grads.bias[...], atol=tolerance)
+    if len(shape) > 1:
+        assert dot_operand_ranks(jax.make_jaxpr(grad)(ours, x).jaxpr) == {(2, 2)}
+
+
+def test_dense_refuses_what_it_does_not_compute():
+    layer = dense(6, 4, precision=jax.lax.Precision.HIGHEST, rngs=nnx.Rngs(0))
+    with pytest.raises(NotImplementedError, match="plain x @ kernel"):
+        layer(jnp.ones((2, 6)))
 
 
 @pytest.mark.parametrize("pool", ["last", "first", "mean", "eos"])

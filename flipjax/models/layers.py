@@ -52,18 +52,23 @@ def gelu_fn(flavour: str) -> Callable[[jax.Array], jax.Array]:
 
 
 def dense_matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    """x (..., in) @ kernel (in, out), computed over x flattened to (tokens, in).
+    """x (..., in) @ kernel (in, out); on XLA:CPU computed over x flattened to (tokens, in).
 
-    Why flatten: autodiff then takes the kernel's gradient as one (tokens, in) x (tokens, out)
-    product. Over (batch, seq, in) arrays XLA:CPU fed that product a transposed copy of the
-    output gradient instead, fused with the elementwise work that produced the gradient (the
-    GELU derivative, the residual adds): a fusion that reads every input with a stride of the
-    layer's width. A ViT-S/16 MLP's forward + backward at batch 8 took 68-94 ms that way and
-    33-37 ms flattened, for every GELU (`experiments/results/throughput.md`). The products and
-    values are the same, and remat policies still see a plain dot.
+    Why flatten on the CPU: autodiff then takes the kernel's gradient as one (tokens, in) x
+    (tokens, out) product. Over (batch, seq, in) arrays XLA:CPU fed that product a transposed
+    copy of the output gradient instead, fused with the elementwise work that produced the
+    gradient (the GELU derivative, the residual adds): a fusion that reads every input with a
+    stride of the layer's width. A ViT-S/16 MLP's forward + backward at batch 8 took 65-94 ms
+    that way and 31-34 ms flattened, for every GELU (`experiments/results/throughput.md`).
+    The products and values are the same, and remat policies still see a plain dot. On
+    accelerators the product keeps its (batch, seq) axes, as `nnx.Linear` computes it: the
+    fusion problem is XLA:CPU's, and on a TPU merging 197 tokens into the batch axis can
+    cost a relayout copy (not measured there).
     """
-    y = x.reshape(-1, x.shape[-1]) @ kernel
-    return y.reshape(*x.shape[:-1], kernel.shape[-1])
+    if x.ndim > 2 and jax.default_backend() == "cpu":
+        y = x.reshape(-1, x.shape[-1]) @ kernel
+        return y.reshape(*x.shape[:-1], kernel.shape[-1])
+    return jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
 
 
 def _dense_dot_general(x: jax.Array, kernel: jax.Array, dimension_numbers, precision=None,
@@ -76,8 +81,9 @@ def _dense_dot_general(x: jax.Array, kernel: jax.Array, dimension_numbers, preci
 
 
 def dense(in_features: int, out_features: int, **kwargs) -> nnx.Linear:
-    """`nnx.Linear` (same parameters, initialisation and names) computed by `dense_matmul`:
-    every linear layer of the towers is built here."""
+    """`nnx.Linear` (same parameters, initialisation and names) computed by `dense_matmul`.
+    Every linear layer of the towers is built here; the patch embedding calls
+    `dense_matmul` itself."""
     return nnx.Linear(in_features, out_features, dot_general=_dense_dot_general, **kwargs)
 
 
