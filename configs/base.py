@@ -57,8 +57,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         temperature_init=1 / 0.07, bias_init=None, max_temperature=100.0,
         gelu="tanh", ln_eps=1e-6, dtype="bfloat16",
         # Activations kept for backward: "none" (all), "dots" (projection outputs only) or
-        # "full" (block inputs only). With scan, "dots" halves the scratch of "none" at about
-        # the same step time on a CPU (experiments/results/compile_time.md); a GPU with memory
+        # "full" (block inputs only). With scan, "dots" halves the scratch of "none" and was
+        # no slower on two CPUs (experiments/results/compile_time.md); a GPU with memory
         # to spare ran unrolled layers without remat 19% faster
         # (experiments/results/throughput_h200.md).
         remat="dots",
