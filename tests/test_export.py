@@ -11,6 +11,7 @@ import jax
 import numpy as np
 import pytest
 import torch
+import transformers
 from conftest import load_config
 from flax import nnx
 from PIL import Image
@@ -43,6 +44,10 @@ from flipjax.train.workdir import load_workdir_config, restore_params
 
 ATOL = 1e-4
 VOCAB = 97
+# flipjax's eval pipeline resizes with PIL; transformers 5 resizes with torchvision wherever
+# torchvision is installed, unless a processor is loaded with its PIL backend.
+TRANSFORMERS_5 = int(transformers.__version__.split(".")[0]) >= 5
+PIL_BACKEND = {"backend": "pil"} if TRANSFORMERS_5 else {}
 
 
 def tiny_model_cfg(kind: str):
@@ -239,7 +244,7 @@ def test_processor_matches_eval_preprocessing(model_type, tiny_config, tmp_path)
     std = np.asarray((0.26862954, 0.26130258, 0.27577711), np.float32)
     export_processor(str(tmp_path / "hf"), "siglip", spm_path, config.tokenizer.max_len, size,
                      tuple(mean.tolist()), tuple(std.tolist()))
-    processor = AutoProcessor.from_pretrained(str(tmp_path / "hf"))
+    processor = AutoProcessor.from_pretrained(str(tmp_path / "hf"), **PIL_BACKEND)
 
     # Text: exactly flipjax's ids, punctuation and case included, for every train caption.
     tok = Tokenizer(spm_path, config.tokenizer.max_len)
@@ -266,6 +271,22 @@ def test_processor_matches_eval_preprocessing(model_type, tiny_config, tmp_path)
     assert diff.mean() < 0.025 and diff.max() < 0.3, (diff.mean(), diff.max())
     other, _ = pixels(orl_face_jpeg(tmp_path / "other.jpg", "s2"))  # another person: far off
     assert np.abs(other - theirs).mean() > 0.1
+
+
+@pytest.mark.skipif(not TRANSFORMERS_5 or importlib.util.find_spec("torchvision") is None,
+                    reason="transformers 5's torchvision backend (needs torchvision)")
+def test_torchvision_backend_is_within_a_grey_level(tiny_config, tmp_path):
+    """What the README tells users of the torchvision backend (transformers 5's default where
+    torchvision is installed): its resize differs from PIL's, so from flipjax's pixels, by at
+    most one grey level in a few pixels."""
+    size, path = 64, orl_face_jpeg(tmp_path / "square.jpg", "s1", box=(0, 10, 92, 102))
+    export_processor(str(tmp_path / "hf"), "siglip", tiny_config.tokenizer.path,
+                     tiny_config.tokenizer.max_len, size, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+    ours = np.asarray(center_crop(decode_rgb(path.read_bytes()), size), np.float32) / 255
+    processor = AutoProcessor.from_pretrained(str(tmp_path / "hf"), backend="torchvision")
+    theirs = processor(images=Image.open(path), return_tensors="np")["pixel_values"][0]
+    diff = np.abs(theirs.transpose(1, 2, 0) - ours)
+    assert diff.max() < 1.5 / 255 and (diff > 0.5 / 255).mean() < 0.02
 
 
 def test_cli_exports_a_workdir(tiny_config, tmp_path):

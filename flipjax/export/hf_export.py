@@ -249,7 +249,9 @@ logits_per_image = model(**inputs).logits_per_image
 ```
 Always pass `padding="max_length", truncation=True`: captions were padded with EOS to
 {m.text.max_len} tokens in training, and the text tower reads the
-{"last" if arch == SIGLIP else "first EOS"} token.
+{"last" if arch == SIGLIP else "first EOS"} token. Images were resized with PIL: with
+transformers 5 and torchvision installed, load the processor with `backend="pil"` for the same
+pixels (torchvision's resize moves a few by one grey level).
 
 ## Training data
 Dataset `{data.name}` (builder config `{data.builder_config}`, split `{data.train_split}`), images
