@@ -12,9 +12,11 @@ open_clip runs `open_clip.model.CLIP` +
 (with `--dtype=bfloat16`: float32 weights under `torch.autocast(bfloat16)`, open_clip's
 `--precision amp_bf16`; flipjax: `model.dtype="bfloat16"`, float32 master weights).
 
-open_clip needs torchvision, so on the CPU run this in a separate venv (never in CI):
+open_clip needs torchvision, so on the CPU run this in a separate venv (never in CI); its
+Python picks the jax: 3.12 or later gets jax 0.12, 3.11 jax 0.10.2, and on the CPU the two
+differ (`experiments/results/throughput.md`):
 
-    python -m venv /tmp/oc && /tmp/oc/bin/pip install torch==2.14.1 torchvision==0.29.1 \
+    python3.12 -m venv /tmp/oc && /tmp/oc/bin/pip install torch==2.14.1 torchvision==0.29.1 \
         open-clip-torch -e .
     /tmp/oc/bin/python experiments/throughput.py --variants=S/16,B/16 --batch=8 --steps=3 \
         --peak_gflops=156.5
