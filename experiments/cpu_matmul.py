@@ -29,6 +29,7 @@ comparison of the kernels, not a prediction of the step.
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import time
@@ -112,7 +113,7 @@ def products(variant: str, batch: int, torch
                 torch_run = None
                 if torch is not None:
                     x, w, dy = (torch.from_numpy(a) for a in operands("ti,oi,to->", sizes))
-                    torch_run = lambda p=torch_product, x=x, w=w, dy=dy: p(x, w, dy)  # noqa: E731
+                    torch_run = functools.partial(torch_product, x, w, dy)
                 rows.append((tower, f"{layer} {name} ({tokens}×{i}→{o})", jax_eq, torch_run,
                              sizes, per_block * size.depth))
         sizes = {"b": batch, "n": heads, "q": seq, "k": seq, "h": width // heads}
@@ -120,7 +121,7 @@ def products(variant: str, batch: int, torch
             torch_run = None
             if torch is not None:
                 a, b = (torch.from_numpy(x) for x in operands(equation, sizes))
-                torch_run = lambda e=equation, a=a, b=b: torch.einsum(e, a, b)  # noqa: E731
+                torch_run = functools.partial(torch.einsum, equation, a, b)
             rows.append((tower, f"attention {name} ({batch}·{heads} × {seq}×{seq}×"
                          f"{width // heads})", equation, torch_run, sizes, 2 * size.depth))
     return rows
