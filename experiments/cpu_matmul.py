@@ -1,30 +1,36 @@
-"""The matmuls of one CLIP train step, alone: XLA:CPU against torch on the same CPU.
+"""The matmuls of a CLIP train step's encoder blocks, alone: XLA:CPU against torch on one CPU.
 
-`throughput.py` compares whole train steps of flipjax and open_clip. This script asks how much
-of the difference is the matrix-multiply kernels themselves: each product that a ViT-S/16 or
-ViT-B/16 CLIP step runs (its image tower's 197 tokens and its text tower's 64, batch 8), in
-the operand layouts that autodiff gives it, timed as one `jax.jit` product (XLA:CPU picks the
-kernel: YNNPACK or Eigen) and as one torch product (MKL or oneDNN), in turns:
+`throughput.py` compares whole train steps of flipjax and open_clip. This script times the
+matrix products of the step's encoder blocks one by one (its image tower's 197 tokens and its
+text tower's 64 for a ViT-S/16 or ViT-B/16 CLIP at 224 px; the patch embedding, the heads and
+the logits, ~2% of the FLOPs, are left out), in the operand layouts that autodiff gives them,
+as one `jax.jit` product (XLA:CPU picks the kernel: YNNPACK or Eigen) and as one torch
+product (MKL), in turns:
 
     /tmp/oc/bin/python experiments/cpu_matmul.py --variants=S/16,B/16 --batch=8 --steps=10 \\
-        --rounds=7 --output=experiments/results/cpu_matmul.md
+        --rounds=7 --output=/tmp/cpu_matmul.md
 
-(the open_clip venv of `throughput.py` has torch; without torch only XLA's column is filled).
-The flags are `throughput.py`'s: `--steps` calls per timed block, `--rounds` blocks of each
-library in turns (the median is reported), the first `--compile_options` entry for XLA; and
-as there, the process keeps freed host memory (glibc malloc) for both libraries.
-Products of a linear layer, for x (tokens, in) and its kernel: the forward x @ W, the input
+(`experiments/results/cpu_matmul.md` puts two such runs, one per jax, under one summary.) The
+open_clip venv of `throughput.py` has torch; without torch only XLA's column is filled. The
+flags are `throughput.py`'s: `--steps` calls per timed block, `--rounds` blocks of each library
+in turns (the median is reported), the first `--compile_options` entry for XLA; and as there,
+the process keeps freed host memory (glibc malloc) for both libraries.
+
+A linear layer's products, for x (tokens, in) and its kernel: the forward x @ W, the input
 gradient dY @ Wᵀ and the weight gradient xᵀ @ dY, as `flipjax.models.layers.dense_matmul`
 computes them on the CPU (over tokens flattened) and as torch's `F.linear` autograd does
-(torch keeps W as (out, in), so the layouts are torch's own). Products of the attention core,
-per head (batch × heads of them): the four of `flipjax.models.layers.dot_product_attention`'s
-forward and backward written with the q axis last or leading, the same einsums for torch.
+(torch keeps W as (out, in), so the layouts are torch's own). The attention core's six
+products (QKᵀ and PV forward; dP, dQ, dK and dV backward) in the three einsum layouts of
+`flipjax.models.layers.dot_product_attention`, dK and dV computed transposed, (head_dim, keys);
+torch runs the same einsums, which is not what open_clip runs (a fused attention kernel). Each
+XLA call includes jit dispatch (tens of microseconds), which weighs on the smallest products
+(the text tower's attention products, 0.1–0.5 ms each).
 
 "Per step" multiplies each product's time by how often a train step runs it: every block of
 both towers in full (flipjax runs most of each tower's last block for one token only, so
-this slightly overcounts both columns alike). It is the step's matmul time were each product
-run alone at this speed; in the step XLA runs independent kernels side by side, so it is a
-comparison of the kernels, not a prediction of the step.
+this overcounts XLA's column by a few percent). It is the step's matmul time were each
+product run alone at this speed; in the step XLA runs independent kernels side by side, so it
+compares kernels and does not predict the step.
 """
 
 from __future__ import annotations
@@ -43,7 +49,7 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 from experiments.throughput import parse_compile_options  # noqa: E402
-from flipjax.models.variants import SIZES  # noqa: E402
+from flipjax.models.variants import SIZES, Size  # noqa: E402
 
 FLAGS = flags.FLAGS
 
@@ -60,7 +66,7 @@ LINEAR = [
 ATTENTION = [
     ("QKᵀ, dP = dO·Vᵀ", "bnqh,bnkh->bnqk"),
     ("PV, dQ = dS·K", "bnqk,bnkh->bnqh"),
-    ("dK = dSᵀ·Q, dV = Pᵀ·dO", "bnqh,bnqk->bnhk"),
+    ("dKᵀ = Qᵀ·dS, dVᵀ = dOᵀ·P", "bnqh,bnqk->bnhk"),
 ]
 
 
@@ -95,13 +101,10 @@ def time_product(jax_eq: str, torch_run: Callable[[], object] | None, sizes: dic
     return medians[0], (medians[1] if torch_run else None)
 
 
-def products(variant: str, batch: int, torch
+def products(size: Size, image_tokens: int, batch: int, torch
              ) -> list[tuple[str, str, str, Callable | None, dict[str, int], int]]:
     """(tower, product, jax einsum, torch product (None without torch), sizes, times per
-    step) of one train step at `batch` pairs."""
-    size = SIZES[variant.split("/")[0]]
-    patch = int(variant.split("/")[1])
-    image_tokens = (224 // patch) ** 2 + 1
+    step) of the encoder blocks of a train step at `batch` pairs, both towers of `size`."""
     width, mlp, heads = size.width, size.mlp_dim, size.num_heads
     rows = []
     for tower, seq in (("image", image_tokens), ("text", TEXT_TOKENS)):
@@ -154,7 +157,9 @@ def main(argv: list[str]) -> None:
                  "XLA / torch speed |", "|---|---|---|---|---|---|"]
         print("\n".join(table), flush=True)
         totals = np.zeros(2)
-        for tower, name, jax_eq, torch_run, sizes, count in products(variant, FLAGS.batch, torch):
+        patch = int(variant.split("/")[1])
+        rows = products(SIZES[variant.split("/")[0]], (224 // patch) ** 2 + 1, FLAGS.batch, torch)
+        for tower, name, jax_eq, torch_run, sizes, count in rows:
             gflop = flops(jax_eq, sizes) / 1e9
             xla_ms, torch_ms = time_product(jax_eq, torch_run, sizes)
             totals += count * np.array([xla_ms, torch_ms or 0.0])

@@ -245,6 +245,8 @@ def test_processor_matches_eval_preprocessing(model_type, tiny_config, tmp_path)
     export_processor(str(tmp_path / "hf"), "siglip", spm_path, config.tokenizer.max_len, size,
                      tuple(mean.tolist()), tuple(std.tolist()))
     processor = AutoProcessor.from_pretrained(str(tmp_path / "hf"), **PIL_BACKEND)
+    # transformers 4 has no `backend` attribute, and loads this processor with PIL by default.
+    assert getattr(processor.image_processor, "backend", "pil") == "pil"
 
     # Text: exactly flipjax's ids, punctuation and case included, for every train caption.
     tok = Tokenizer(spm_path, config.tokenizer.max_len)
