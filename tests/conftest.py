@@ -1,6 +1,8 @@
 """Test setup: 8 virtual CPU devices (set before JAX starts), and shared fixtures."""
 
+import json
 import os
+import subprocess
 import sys
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
@@ -28,6 +30,29 @@ def assert_same_trained_params(params, expected) -> None:
         if name.endswith("['attn']['k']['bias']"):
             continue
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=3e-5, err_msg=name)
+
+
+# Python that reads the kernels of a compiled HLO text: `kernel_matmuls(text)` gives the
+# (FLOPs, "lhs x rhs" shapes) of each kernel XLA runs with matmuls in it, the entry
+# computation's dots and the fusions holding them, as experiments/profile_step.py counts them.
+KERNEL_MATMULS = """
+from experiments.profile_step import hlo_computations, matmul_flops
+def kernel_matmuls(hlo_text):
+    computations = hlo_computations(hlo_text)
+    flops = matmul_flops(computations)
+    (entry,) = (body for name, body in computations.items() if name.startswith("main"))
+    return [flops[i[0]] for i in entry if i[0] in flops]
+"""
+
+
+def json_from_fresh_process(code: str):
+    """Runs `code` in a fresh CPU-only Python from the repository root and returns the JSON of
+    its last printed line. For experiments/ imports: `experiments.throughput` sets glibc's
+    malloc options for its whole process, as its benchmarks need, and a test must not."""
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                            text=True, check=True, env={"JAX_PLATFORMS": "cpu",
+                                                        "PATH": "/usr/bin:/bin"})
+    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def load_config(name: str = "demo", arg: str | None = "tiny"):

@@ -1,17 +1,10 @@
-import json
-import subprocess
-import sys
+from conftest import KERNEL_MATMULS, json_from_fresh_process
 
-from conftest import REPO
-
-# In a fresh process: importing experiments.profile_step imports experiments.throughput, which
-# sets glibc's malloc options for the whole process (as its benchmarks need).
-PROBE = """
+PROBE = KERNEL_MATMULS + """
 import json
 import jax, jax.numpy as jnp
 from flax import nnx
 from experiments.cpu_matmul import flops, products
-from experiments.profile_step import hlo_computations, matmul_flops
 from flipjax.models.layers import EncoderBlock
 from flipjax.models.variants import Size
 
@@ -29,11 +22,7 @@ for tower, seq, causal in (("image", image_tokens, False), ("text", 64, True)):
     loss = lambda p, x: jnp.sum(nnx.merge(graph, p)(x, is_causal=causal) ** 2)
     x = jnp.ones((batch, seq, size.width))
     text = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(params, x).compile().as_text()
-    computations = hlo_computations(text)
-    flops_of = matmul_flops(computations)
-    # The kernels XLA runs: the entry computation's dots and the fusions holding them.
-    (entry,) = (body for name, body in computations.items() if name.startswith("main"))
-    compiled[tower] = [flops_of[i[0]][0] for i in entry if i[0] in flops_of]
+    compiled[tower] = [f for f, _ in kernel_matmuls(text)]
 print(json.dumps({tower: [sorted(listed[tower]), sorted(compiled[tower])] for tower in listed}))
 """
 
@@ -44,9 +33,5 @@ def test_cpu_matmul_lists_every_matmul_of_a_training_block():
     width, so every kind of product has its own FLOPs), the listed products must be the dots
     XLA compiles for an encoder block's forward and backward (parameter and input gradients),
     one for one."""
-    result = subprocess.run([sys.executable, "-c", PROBE], cwd=REPO, capture_output=True,
-                            text=True, check=True, env={"JAX_PLATFORMS": "cpu",
-                                                        "PATH": "/usr/bin:/bin"})
-    found = json.loads(result.stdout.strip().splitlines()[-1])
-    for tower, (listed, compiled) in found.items():
+    for tower, (listed, compiled) in json_from_fresh_process(PROBE).items():
         assert listed == compiled, tower
