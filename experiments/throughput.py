@@ -14,7 +14,7 @@ open_clip runs `open_clip.model.CLIP` +
 
 open_clip needs torchvision, so on the CPU run this in a separate venv (never in CI); its
 Python picks the jax: 3.12 or later gets jax 0.12, 3.11 jax 0.10.2, and on the CPU the two
-differ (`experiments/results/throughput.md`):
+differ (`experiments/results/throughput.md` has both; `python3.11` gives the other):
 
     python3.12 -m venv /tmp/oc && /tmp/oc/bin/pip install torch==2.14.1 torchvision==0.29.1 \
         open-clip-torch -e .

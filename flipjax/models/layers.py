@@ -59,7 +59,8 @@ def dense_matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
     copy of the output gradient instead, fused with the elementwise work that produced the
     gradient (the GELU derivative, the residual adds): a fusion that reads every input with a
     stride of the layer's width. A ViT-S/16 MLP's forward + backward at batch 8 took 65-94 ms
-    that way and 31-34 ms flattened, for every GELU (`experiments/results/throughput.md`).
+    that way and 31-34 ms flattened, for every GELU; with another loss, 51.5 and 48.3 ms
+    (`experiments/results/throughput.md`).
     The products and values are the same, and remat policies still see a plain dot. On
     accelerators the product keeps its (batch, seq) axes, as `nnx.Linear` computes it: the
     fusion problem is XLA:CPU's, and on a TPU merging 197 tokens into the batch axis can
