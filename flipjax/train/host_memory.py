@@ -11,9 +11,11 @@ block's forward + backward spent 140 of its ~700 ms in the kernel (45k page faul
 With one arena, no mmap and no trimming, freed blocks stay in the heap and the next step reuses
 them (0 faults, 6 ms in the kernel): the whole B/16 train step went from 11.8 to 10.6 s
 (`experiments/results/throughput.md`). The price is that the process keeps its peak heap
-size, which a training process reaches on its first step anyway; on an accelerator host, where
-the device holds the scratch buffers, there is nothing to gain, so configs enable it for CPU
-runs only (`config.keep_freed_host_memory`).
+size, which a training process reaches within its first steps: on a few of those the heap
+still grows by a whole scratch buffer, while smaller allocations split the freed one (seen up
+to the 20th step, then never again in 300, `tests/test_host_memory.py`). On an accelerator
+host, where the device holds the scratch buffers, there is nothing to gain, so configs enable
+it for CPU runs only (`config.keep_freed_host_memory`).
 """
 
 from __future__ import annotations
