@@ -45,13 +45,14 @@ def kernel_matmuls(hlo_text):
 """
 
 
-def json_from_fresh_process(code: str):
-    """Runs `code` in a fresh CPU-only Python from the repository root and returns the JSON of
-    its last printed line. For experiments/ imports: `experiments.throughput` sets glibc's
-    malloc options for its whole process, as its benchmarks need, and a test must not."""
-    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
-                            text=True, check=True, env={"JAX_PLATFORMS": "cpu",
-                                                        "PATH": "/usr/bin:/bin"})
+def json_from_fresh_process(code: str, *args: str, **env: str):
+    """Runs `code` (`args` as its `sys.argv[1:]`) in a fresh CPU-only Python from the repository
+    root, with no environment but `env`, and returns the JSON of its last printed line. For
+    what must not touch the test process: glibc's malloc options (`experiments.throughput`
+    sets them for its whole process, as its benchmarks need), or XLA flags of its own."""
+    result = subprocess.run([sys.executable, "-c", code, *args], cwd=REPO, capture_output=True,
+                            text=True, check=True,
+                            env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin", **env})
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 

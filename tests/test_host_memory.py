@@ -1,11 +1,8 @@
-import json
-import os
 import statistics
-import subprocess
 import sys
 
 import pytest
-from conftest import REPO
+from conftest import json_from_fresh_process
 
 from flipjax.train.host_memory import keep_freed_host_memory
 
@@ -39,10 +36,7 @@ DOT_KERNELS = {"xla": "", "xnnpack": "--xla_cpu_experimental_xnn_fusion_type=dot
 
 def steady_page_faults(mode: str, xla_flags: str) -> tuple[float, float]:
     """(scratch buffer pages, median page faults of a steady-state execution)."""
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": REPO, "XLA_FLAGS": xla_flags}
-    out = subprocess.run([sys.executable, "-c", PROBE, mode, str(STEPS)], env=env, cwd=REPO,
-                         check=True, capture_output=True, text=True).stdout
-    probe = json.loads(out.splitlines()[-1])
+    probe = json_from_fresh_process(PROBE, mode, str(STEPS), XLA_FLAGS=xla_flags)
     return probe["temp_pages"], statistics.median(probe["faults"][-STEADY:])
 
 
