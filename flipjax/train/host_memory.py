@@ -11,13 +11,14 @@ block's forward + backward spent 140 of its ~700 ms in the kernel (45k page faul
 With one arena, no mmap and no trimming, freed blocks stay in the heap and the next step reuses
 them (0 faults, 6 ms in the kernel): the whole B/16 train step went from 11.8 to 10.6 s
 (`experiments/results/throughput.md`). The price is that the process keeps its peak heap size. A
-ViT-S/16 train step (batch 8) reached it on its first step: from the second step on, no faults
-and a flat RSS, to the 40th step with jax 0.12 (2.61 GiB, against 2.67 GiB without the setting)
-and the 30th with jax 0.10 (2.77 GiB). A smaller step may take longer: the test's two-matmul
-probe still grew the heap by a whole scratch buffer on a few steps, up to the 20th, while
-smaller allocations split the freed one (`tests/test_host_memory.py`). On an accelerator host,
-where the device holds the scratch buffers, there is nothing to gain, so configs enable it for
-CPU runs only (`config.keep_freed_host_memory`).
+ViT-S/16 train step (batch 8; an ad-hoc run of `experiments/throughput.py`'s flipjax stepper,
+RSS from /proc/self/statm) reached it on its first step: from the second step on, no faults and
+a flat RSS, to the 40th step with jax 0.12 (2.61 GiB, against 2.67 GiB without the setting) and
+the 30th with jax 0.10 (2.77 GiB). A smaller step may take longer: the test's two-matmul probe
+still grew the heap by a whole scratch buffer on a few steps, up to the 20th, while smaller
+allocations split the freed one (`tests/test_host_memory.py`). On an accelerator host, where the
+device holds the scratch buffers, there is nothing to gain, so configs enable it for CPU runs
+only (`config.keep_freed_host_memory`).
 """
 
 from __future__ import annotations
