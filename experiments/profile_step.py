@@ -1,5 +1,5 @@
 """Where one train step's device time goes: traces `--steps` steps of the CLIP-shaped model of
-`experiments/throughput.py` (its flags: first `--variants`, `--layouts` and
+`experiments/throughput.py` (its flags: first `--variants`, `--layouts`, `--gelus` and
 `--compile_options` entry, `--batch`, `--dtype`) with `jax.profiler` and prints the kernels
 that take the most time, grouped into attention, matmuls, fusions, copies and the rest.
 
@@ -18,8 +18,10 @@ prints their speed, grouped by matmul shape. XLA:CPU traces its kernels only wit
 XLA runs independent kernels on the CPU's cores at once, so kernel times sum to more than the
 step, and a kernel that shares the cores looks slower than it is alone. A dot that XLA:CPU runs
 asynchronously (Eigen) is timed from its start event to its "end: " event. On a GPU, kernels
-are named by the libraries that run them (cuBLAS, cuDNN), so no FLOPs are read there. The trace
-(`perfetto_trace.json.gz` under `--profile_dir`) opens in ui.perfetto.dev.
+are named by the libraries that run them (cuBLAS, cuDNN), so no FLOPs are read there; XLA's own
+kernels (fusions, transposes) keep their HLO names, listed with their output dims. The trace
+(`perfetto_trace.json.gz` under `--profile_dir`) opens in ui.perfetto.dev, and the compiled
+step's HLO (`train_step.hlo.txt` beside it) says what each named kernel computes.
 """
 
 from __future__ import annotations
@@ -139,11 +141,17 @@ def device_events(trace_path: str, kernel_names: set[str]) -> list[dict]:
 def main(argv: list[str]) -> None:
     del argv
     variant, layout = FLAGS.variants[0], FLAGS.layouts[0]
-    config = throughput.clip_shaped_config(variant, layout)
+    config = throughput.clip_shaped_config(variant, layout, FLAGS.gelus[0])
     run, _, compiled = throughput.flipjax_stepper(config, throughput.random_batch(config),
                                                   FLAGS.compile_options[0])
-    computations = hlo_computations(compiled.as_text())
-    kernel_names = {instruction[0] for body in computations.values() for instruction in body}
+    hlo_text = compiled.as_text()
+    os.makedirs(FLAGS.profile_dir, exist_ok=True)
+    hlo_path = os.path.join(FLAGS.profile_dir, "train_step.hlo.txt")
+    with open(hlo_path, "w") as f:
+        f.write(hlo_text)
+    computations = hlo_computations(hlo_text)
+    output_dims = {name: shape for body in computations.values() for name, shape, *_ in body}
+    kernel_names = set(output_dims)
     flops = matmul_flops(computations)
     run(2)  # warm-up
     with jax.profiler.trace(FLAGS.profile_dir, create_perfetto_trace=True):
@@ -166,7 +174,7 @@ def main(argv: list[str]) -> None:
             row = per_shape[shapes]
             row[0], row[1], row[2] = row[0] + us, row[1] + kernel_flops, row[2] + 1
     options = f" `{FLAGS.compile_options[0]}`" if FLAGS.compile_options[0] else ""
-    print(f"{variant} {layout}{options}, batch {FLAGS.batch}, {FLAGS.dtype}: "
+    print(f"{variant} {layout} {FLAGS.gelus[0]} GELU{options}, batch {FLAGS.batch}, {FLAGS.dtype}: "
           f"{total / 1e3:.1f} ms of device kernels per step ({trace_path})")
     for name, us in per_category.most_common():
         print(f"  {name:9s} {us / 1e3:8.1f} ms  {100 * us / total:5.1f}%")
@@ -178,11 +186,13 @@ def main(argv: list[str]) -> None:
                                                 key=lambda kv: kv[1][1] / kv[1][0]):
             print(f"  {us / 1e3:8.1f} ms  {flop / us / 1e3:6.1f} GFLOP/s  {count:3d} kernels  "
                   f"{shapes[:100]}")
-    print(f"top {FLAGS.top} kernels (ms per step):")
+    print(f"top {FLAGS.top} kernels (ms per step; an XLA kernel's output dims from the "
+          f"compiled step's HLO, {hlo_path}):")
     for name, us in per_name.most_common(FLAGS.top):
         kernel_flops, _ = flops.get(name, (0.0, ""))
         speed = f"{kernel_flops / us / 1e3:6.1f} GFLOP/s" if kernel_flops else " " * 14
-        print(f"  {us / 1e3:8.2f}  {category(name, kernel_flops):9s} {speed}  {name[:100]}")
+        shape = f"  [{output_dims[name]}]" if name in output_dims else ""
+        print(f"  {us / 1e3:8.2f}  {category(name, kernel_flops):9s} {speed}  {name[:100]}{shape}")
 
 
 if __name__ == "__main__":

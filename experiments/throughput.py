@@ -88,6 +88,10 @@ flags.DEFINE_integer("steps", 5, "Timed steps per block, after one untimed step.
 flags.DEFINE_integer("rounds", 2, "Blocks of each implementation, taken in turns.")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype of both.")
 flags.DEFINE_list("layouts", ["unrolled/none"], "flipjax rows: layers/remat[/attention].")
+flags.DEFINE_list(
+    "gelus", ["exact"],
+    "GELU flavours of the flipjax rows (`flipjax.models.layers.GELU_FLAVOURS`): open_clip's "
+    "is exact, so only exact rows are paired with it; configs/base.py's is tanh.")
 flags.DEFINE_multi_string(
     "compile_options", [""],
     "XLA option sets to compile each flipjax layout with, one row each: space-separated "
@@ -101,17 +105,18 @@ FLAGS = flags.FLAGS
 VOCAB = 32_000
 
 
-def clip_shaped_config(variant: str, layout: str = "unrolled/none"
+def clip_shaped_config(variant: str, layout: str = "unrolled/none", gelu: str = "exact"
                        ) -> ml_collections.ConfigDict:
     """configs/base.py with open_clip's CLIP architecture, so both sides train the same model,
     in one `--layouts` entry: `layers/remat`, optionally `/attention` (a kernel of
-    `flipjax.models.layers.ATTENTION_IMPLEMENTATIONS`, or "auto", the default)."""
+    `flipjax.models.layers.ATTENTION_IMPLEMENTATIONS`, or "auto", the default). `gelu` other
+    than open_clip's "exact" departs from that architecture by its activation alone."""
     layers, remat, *attention = layout.split("/")
     config = get_config(f"batch={FLAGS.batch}")
     config.mesh, config.loss_impl, config.loss = [("data", 1)], "global", "softmax"
     width = SIZES[variant.split("/")[0]].width
     model = config.model
-    model.update(dtype=FLAGS.dtype, gelu="exact", ln_eps=1e-5, bias_init=None,
+    model.update(dtype=FLAGS.dtype, gelu=gelu, ln_eps=1e-5, bias_init=None,
                  scan_layers=layers == "scan", remat=remat,
                  attention=attention[0] if attention else "auto")
     model.image.update(variant=variant, pool="tok", pre_norm=True, proj_dim=width,
@@ -275,8 +280,8 @@ def main(argv: list[str]) -> None:
     lines = [
         f"`python experiments/throughput.py --variants={','.join(FLAGS.variants)} "
         f"--batch={FLAGS.batch} --steps={FLAGS.steps} --rounds={FLAGS.rounds} "
-        f"--dtype={FLAGS.dtype} "
-        f"--layouts={','.join(FLAGS.layouts)} --peak_gflops={FLAGS.peak_gflops:g}"
+        f"--dtype={FLAGS.dtype} --layouts={','.join(FLAGS.layouts)} "
+        f"--gelus={','.join(FLAGS.gelus)} --peak_gflops={FLAGS.peak_gflops:g}"
         + ("".join(f" --compile_options='{o}'" for o in FLAGS.compile_options)
            if FLAGS.compile_options != [""] else "") + "` — "
         f"{device_name()}, jax {jax.__version__}, {versions}, {os.cpu_count()} host cores, "
@@ -295,17 +300,21 @@ def main(argv: list[str]) -> None:
         towers = f"{variant} + {variant.split('/')[0]} text"
         theirs = open_clip_stepper(clip_shaped_config(variant), batch)
         rows, theirs_s = [], []
-        for layout, options in itertools.product(FLAGS.layouts, FLAGS.compile_options):
-            name = f"flipjax {layout}" + (f" `{options}`" if options else "")
+        for layout, gelu, options in itertools.product(FLAGS.layouts, FLAGS.gelus,
+                                                       FLAGS.compile_options):
+            name = (f"flipjax {layout}" + (f" {gelu} GELU" if gelu != "exact" else "")
+                    + (f" `{options}`" if options else ""))
+            config = clip_shaped_config(variant, layout, gelu)
             try:
-                ours, info, _ = flipjax_stepper(clip_shaped_config(variant, layout), batch, options)
+                ours, info, _ = flipjax_stepper(config, batch, options)
             except jax.errors.JaxRuntimeError as e:
                 if not options:
                     raise
                 # An option this XLA lacks, or one that breaks the compile: say so, go on.
                 print(f"| {towers} | {name} | {str(e).splitlines()[0][:120]} |", flush=True)
                 continue
-            ours_s, *paired = median_step_times([ours] + ([theirs] if theirs else []))
+            pair = [theirs] if theirs and gelu == "exact" else []
+            ours_s, *paired = median_step_times([ours] + pair)
             theirs_s += paired
             ratio = f"{paired[0] / ours_s:.2f}×" if paired else "–"
             rows.append([name, f"{info['lower_s']:.1f}", f"{info['compile_s']:.1f}",
