@@ -110,7 +110,7 @@ def dot_operand_ranks(jaxpr: jax.extend.core.Jaxpr) -> set[tuple[int, ...]]:
 @pytest.mark.parametrize("shape", [(6,), (5, 6), (2, 3, 6), (2, 1, 3, 6)])
 def test_dense_is_nnx_linear_in_value_and_gradient(shape, dtype, tolerance):
     """`dense` is `nnx.Linear`: the same parameters from the same seed, the same values and
-    gradients (float32 parameters under bf16 compute included), and on the CPU every matmul
+    gradients (float32 parameters under bf16 compute included), and off TPUs every matmul
     of its forward and backward is over 2-D operands, the weight gradient one product over
     the flattened tokens (the point of `dense_matmul`)."""
     ours = dense(6, 4, dtype=dtype, rngs=nnx.Rngs(0))

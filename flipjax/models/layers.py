@@ -52,21 +52,24 @@ def gelu_fn(flavour: str) -> Callable[[jax.Array], jax.Array]:
 
 
 def dense_matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    """x (..., in) @ kernel (in, out); on XLA:CPU computed over x flattened to (tokens, in).
+    """x (..., in) @ kernel (in, out); on CPUs and GPUs computed over x flattened to
+    (tokens, in).
 
-    Why flatten on the CPU: autodiff then takes the kernel's gradient as one (tokens, in) x
+    Why flatten: autodiff then takes the kernel's gradient as one (tokens, in) x
     (tokens, out) product. Over (batch, seq, in) arrays XLA:CPU fed that product a transposed
     copy of the output gradient instead, fused with the elementwise work that produced the
     gradient (the GELU derivative, the residual adds): a fusion that reads every input with a
     stride of the layer's width. A ViT-S/16 MLP's forward + backward at batch 8 took 65-94 ms
     that way and 31-34 ms flattened, for every GELU; with another loss, 51.5 and 48.3 ms
-    (`experiments/results/throughput.md`).
-    The products and values are the same, and remat policies still see a plain dot. On
-    accelerators the product keeps its (batch, seq) axes, as `nnx.Linear` computes it: the
-    fusion problem is XLA:CPU's, and on a TPU merging 197 tokens into the batch axis can
-    cost a relayout copy (not measured there).
+    (`experiments/results/throughput.md`). XLA:GPU also inserts such transposes, fewer of
+    them flattened: on an H100, B/16 in bf16 at batch 512 trained 2.7% faster flattened
+    (204.6 -> 199.1 ms per step, `experiments/results/throughput_h100.md`).
+    The products and values are the same, and remat policies still see a plain dot. On a
+    TPU the product keeps its (batch, seq) axes, as `nnx.Linear` computes it: there merging
+    197 tokens into the batch axis can cost a relayout copy (TPU tiles the last two axes;
+    not measured there).
     """
-    if x.ndim > 2 and jax.default_backend() == "cpu":
+    if x.ndim > 2 and jax.default_backend() != "tpu":
         y = x.reshape(-1, x.shape[-1]) @ kernel
         return y.reshape(*x.shape[:-1], kernel.shape[-1])
     return jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
