@@ -14,6 +14,7 @@ from flipjax.models import make_model
 from flipjax.models.layers import (
     ATTENTION_IMPLEMENTATIONS,
     Encoder,
+    add_position_embedding,
     cudnn_attention,
     dense,
     resolve_attention,
@@ -133,6 +134,33 @@ def test_dense_is_nnx_linear_in_value_and_gradient(shape, dtype, tolerance):
     np.testing.assert_allclose(grads.bias[...], want_grads.bias[...], atol=tolerance)
     if len(shape) > 1:
         assert dot_operand_ranks(jax.make_jaxpr(grad)(ours, x).jaxpr) == {(2, 2)}
+
+
+@pytest.mark.parametrize("dtype,tolerance", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
+def test_add_position_embedding_is_an_add_whose_table_gradient_is_a_matmul(dtype, tolerance):
+    """The same values and gradients as `x + table` (bf16 included), with the table's gradient
+    a dot over the batch: autodiff's reduction over the batch is what made XLA:GPU lay the
+    towers' activations out batch-minor."""
+    x = jax.random.normal(jax.random.key(0), (4, 5, 6), dtype)
+    table = jax.random.normal(jax.random.key(1), (1, 5, 6), dtype)
+    w = jax.random.normal(jax.random.key(2), (4, 5, 6))
+
+    def loss(add):
+        return lambda x, table: jnp.sum(jnp.tanh(add(x, table).astype(jnp.float32)) * w)
+
+    grad = jax.value_and_grad(loss(add_position_embedding), argnums=(0, 1))
+    value, (dx, dtable) = grad(x, table)
+    want, (want_dx, want_dtable) = jax.value_and_grad(loss(jnp.add), argnums=(0, 1))(x, table)
+    assert dtable.dtype == dtype and dtable.shape == table.shape
+    np.testing.assert_allclose(value, want, rtol=tolerance)
+    np.testing.assert_allclose(dx.astype(np.float32), want_dx.astype(np.float32), atol=tolerance)
+    np.testing.assert_allclose(dtable.astype(np.float32), want_dtable.astype(np.float32),
+                               rtol=tolerance, atol=tolerance)
+    backward = jax.make_jaxpr(lambda g: jax.vjp(add_position_embedding, x, table)[1](g))(x)
+    ops = {eqn.primitive.name for eqn in backward.jaxpr.eqns}
+    assert "dot_general" in ops and "reduce_sum" not in ops
+    plain = jax.make_jaxpr(lambda g: jax.vjp(jnp.add, x, table)[1](g))(x)
+    assert "reduce_sum" in {eqn.primitive.name for eqn in plain.jaxpr.eqns}
 
 
 def test_dense_refuses_what_it_does_not_compute():

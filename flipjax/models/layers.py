@@ -61,9 +61,11 @@ def dense_matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
     gradient (the GELU derivative, the residual adds): a fusion that reads every input with a
     stride of the layer's width. A ViT-S/16 MLP's forward + backward at batch 8 took 65-94 ms
     that way and 31-34 ms flattened, for every GELU; with another loss, 51.5 and 48.3 ms
-    (`experiments/results/throughput.md`). XLA:GPU also inserts such transposes, fewer of
-    them flattened: on an H100, B/16 in bf16 at batch 512 trained 2.7% faster flattened
-    (204.6 -> 199.1 ms per step, `experiments/results/throughput_h100.md`).
+    (`experiments/results/throughput.md`). On an H100, B/16 in bf16 at batch 512 also trained
+    2.7% faster flattened (204.6 -> 199.1 ms per step, `experiments/results/
+    throughput_h100.md`), while its activations were laid out batch-minor (see
+    `add_position_embedding`); since that was fixed, a GPU compile has the same transposes
+    either way.
     The products and values are the same, and remat policies still see a plain dot. On a
     TPU the product keeps its (batch, seq) axes, as `nnx.Linear` computes it: there merging
     197 tokens into the batch axis can cost a relayout copy (TPU tiles the last two axes;
@@ -440,3 +442,32 @@ def stack_layers(params: dict) -> dict:
 
 def normal_param(shape: tuple[int, ...], stddev: float, rngs: nnx.Rngs) -> nnx.Param:
     return nnx.Param(jax.random.normal(rngs.params(), shape, jnp.float32) * stddev)
+
+
+@jax.custom_vjp
+def add_position_embedding(x: jax.Array, table: jax.Array) -> jax.Array:
+    """x (B, N, D) + table (1, N, D), whose gradient for `table` is a matmul over the batch
+    (ones (B,) @ dx) instead of autodiff's reduction over it.
+
+    Why: XLA:GPU lays out the operand of a reduction over a major axis with that axis minor,
+    and from the gradient that layout (batch minor) spread through the elementwise ops to every
+    activation of the tower's residual stream, forward and backward, while the matmuls take
+    tokens batch-major: a transpose at nearly every matmul of unrolled layers (scanned ones
+    choose their loop body's layouts apart). On an H100, B/16 in bf16 at batch 512 spent 28
+    of its 199 ms per step in such transposes; with this, a step took 178.8 ms
+    (`experiments/results/throughput_h100.md`, `gpu_layouts.md`). The values and gradients
+    are the same."""
+    return x + table
+
+
+def _add_position_embedding_forward(x: jax.Array, table: jax.Array) -> tuple[jax.Array, None]:
+    return x + table, None
+
+
+def _add_position_embedding_backward(_: None, grad: jax.Array) -> tuple[jax.Array, jax.Array]:
+    ones = jnp.ones(grad.shape[:1], grad.dtype)
+    table_grad = jnp.einsum("b,bnd->nd", ones, grad, preferred_element_type=jnp.float32)
+    return grad, table_grad[None].astype(grad.dtype)
+
+
+add_position_embedding.defvjp(_add_position_embedding_forward, _add_position_embedding_backward)

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from flipjax.models.layers import Encoder, dense, normal_param
+from flipjax.models.layers import Encoder, add_position_embedding, dense, normal_param
 from flipjax.models.variants import Size
 
 POOLS = ("last", "first", "mean", "eos")
@@ -40,7 +40,7 @@ class TextTransformer(nnx.Module):
         """Encoded tokens (B, L, width), or only the one at `position` (an index, or one per
         caption), (B, width)."""
         x = self.token_embedding(ids)
-        x = x + self.pos_embedding[:, : ids.shape[1]].astype(x.dtype)
+        x = add_position_embedding(x, self.pos_embedding[:, : ids.shape[1]].astype(x.dtype))
         return self.encoder(x, is_causal=self.causal, position=position)
 
     def __call__(self, ids: jax.Array) -> jax.Array:

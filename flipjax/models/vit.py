@@ -13,7 +13,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from flipjax.models.layers import Attention, Encoder, Mlp, dense, dense_matmul, normal_param
+from flipjax.models.layers import (
+    Attention,
+    Encoder,
+    Mlp,
+    add_position_embedding,
+    dense,
+    dense_matmul,
+    normal_param,
+)
 from flipjax.models.variants import Size
 
 POOLS = ("map", "gap", "tok")
@@ -123,7 +131,7 @@ class ViT(nnx.Module):
             x = jnp.concatenate([jnp.broadcast_to(self.cls_token.astype(x.dtype), (b, 1, d)), x],
                                 axis=1)
         if self.posemb == "learn":
-            x = x + self.pos_embedding.astype(x.dtype)
+            x = add_position_embedding(x, self.pos_embedding.astype(x.dtype))
         else:
             pe = sincos2d_posemb(h, w, d)
             if self.pool == "tok":
