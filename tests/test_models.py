@@ -14,6 +14,7 @@ from flipjax.models import make_model
 from flipjax.models.layers import (
     ATTENTION_IMPLEMENTATIONS,
     Encoder,
+    Mlp,
     add_position_embedding,
     cudnn_attention,
     dense,
@@ -161,6 +162,19 @@ def test_add_position_embedding_is_an_add_whose_table_gradient_is_a_matmul(dtype
     assert "dot_general" in ops and "reduce_sum" not in ops
     plain = jax.make_jaxpr(lambda g: jax.vjp(jnp.add, x, table)[1](g))(x)
     assert "reduce_sum" in {eqn.primitive.name for eqn in plain.jaxpr.eqns}
+
+
+@pytest.mark.parametrize("gelu", ["tanh", "exact", "quick"])
+def test_mlp_keeps_only_the_gelu_input_and_output_for_its_backward(gelu):
+    """Of the hidden layer's size, the backward keeps the GELU's input (for its derivative)
+    and output (for fc2's weight gradient) only: no intermediate of the GELU (the tanh
+    GELU's tanh) is kept."""
+    mlp = Mlp(8, 32, gelu=gelu, dtype=jnp.float32, rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(mlp)
+    x = jax.random.normal(jax.random.key(0), (2, 3, 8))
+    _, backward = jax.vjp(lambda p, x: nnx.merge(graphdef, p)(x), params, x)
+    kept = [leaf for leaf in jax.tree.leaves(backward) if leaf.size == 2 * 3 * 32]
+    assert len(kept) == 2
 
 
 def test_dense_refuses_what_it_does_not_compute():
