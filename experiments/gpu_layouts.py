@@ -2,7 +2,10 @@
 CLIP-shaped step of `experiments/throughput.py` (its flags: `--variants`, `--batch`, `--dtype`,
 `--layouts`, `--gelus`, `--compile_options`, the first of each) for an H100 by JAX's deviceless
 ahead-of-time compilation (`jax.experimental.topologies`), then lists the step's kernels that
-transpose an array, with the bytes they write and the JAX operations they come from.
+transpose an array, with the bytes they write and the JAX operations they come from. It also
+prints the step's XLA scratch memory and the bytes that its memory-bound kernels (all but
+cuBLAS's matmuls and cuDNN's attention) read and write: at the H100's ~3 TB/s, a floor on
+their time.
 
 Why: on an H100, B/16 spent 28 of its 199 ms per step in such transposes
 (`experiments/results/throughput_h100.md`), which no CPU test shows and GPU time is scarce.
@@ -73,8 +76,8 @@ COMPUTATION = re.compile(r"^(?:ENTRY )?%(\S+) .*\{$")
 INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%(\S+) = (.+?) ([\w-]+)\((.*)$")
 
 
-def compile_for_h100() -> str:
-    """The optimized HLO of the flags' train step, compiled for one H100."""
+def compile_for_h100() -> jax.stages.Compiled:
+    """The flags' train step, compiled for one H100."""
     # cuDNN attention checks the local cuDNN and GPU before lowering; there are none here.
     cudnn_attention_lowering.check_cudnn_version = lambda: CUDNN_VERSION
     cudnn_attention_lowering.check_compute_capability = lambda *_: True
@@ -88,7 +91,7 @@ def compile_for_h100() -> str:
     lowered = setup.train_step.lower(setup.abstract_state, batch)
     options = {"xla_gpu_enable_triton_gemm": False,
                **throughput.parse_compile_options(FLAGS.compile_options[0])}
-    return lowered.compile(options).as_text()
+    return lowered.compile(options)
 
 
 def written_bytes(shape: str) -> int:
@@ -97,9 +100,11 @@ def written_bytes(shape: str) -> int:
                for dtype, dims in re.findall(r"(\w+)\[([\d,]*)\]", shape) if dtype in BYTES)
 
 
-def transposing_kernels(hlo_text: str) -> list[tuple[int, str, str]]:
-    """(bytes written, kernel, JAX operation) of every kernel that transposes: a fusion whose
-    body holds a transpose, or a lone transpose."""
+def kernel_computations(hlo_text: str) -> tuple[dict[str, list[tuple[str, str, str, str]]],
+                                                 set[str]]:
+    """Each computation of the compiled HLO as its instructions (name, shape, opcode, the rest
+    of the line), and the names of those that launch kernels: the entry computation and the
+    command buffers', conditionals' and loops' bodies, not the fusions' bodies."""
     computations: dict[str, list[tuple[str, str, str, str]]] = collections.defaultdict(list)
     body: list | None = None
     for line in hlo_text.splitlines():
@@ -107,13 +112,35 @@ def transposing_kernels(hlo_text: str) -> list[tuple[int, str, str]]:
             body = computations[match.group(1)]
         elif body is not None and (match := INSTRUCTION.match(line)):
             body.append(match.groups())
-    fused = {callee for body in computations.values() for *_, rest in body
-             for callee in re.findall(r"calls=%([\w.\-]+)", rest)}
+    fused = {callee for body in computations.values() for _, _, opcode, rest in body
+             if opcode == "fusion" for callee in re.findall(r"calls=%([\w.\-]+)", rest)}
+    return computations, set(computations) - fused
+
+
+def memory_bound_bytes(hlo_text: str) -> int:
+    """Bytes read and written by the kernels other than cuBLAS's and cuDNN's custom calls:
+    each fusion or lone operation's operands and outputs."""
+    computations, launching = kernel_computations(hlo_text)
+    free = {"parameter", "get-tuple-element", "bitcast", "tuple", "constant", "call",
+            "conditional", "while", "custom-call"}
+    total = 0
+    for name in launching:
+        shapes = {instruction: shape for instruction, shape, *_ in computations[name]}
+        for _, shape, opcode, rest in computations[name]:
+            if opcode not in free:
+                operands = re.findall(r"%([\w.\-]+)", rest.split("),")[0])
+                total += written_bytes(shape) + sum(written_bytes(shapes.get(o, ""))
+                                                    for o in operands)
+    return total
+
+
+def transposing_kernels(hlo_text: str) -> list[tuple[int, str, str]]:
+    """(bytes written, kernel, JAX operation) of every kernel that transposes: a fusion whose
+    body holds a transpose, or a lone transpose."""
+    computations, launching = kernel_computations(hlo_text)
     kernels = []
-    for name, body in computations.items():
-        if name in fused:
-            continue
-        for instruction, shape, opcode, rest in body:
+    for name in launching:
+        for instruction, shape, opcode, rest in computations[name]:
             callee = re.search(r"calls=%([\w.\-]+)", rest) if opcode == "fusion" else None
             inner = computations[callee.group(1)] if callee else []
             transposes = [r for *_, op, r in inner if op == "transpose"]
@@ -126,14 +153,17 @@ def transposing_kernels(hlo_text: str) -> list[tuple[int, str, str]]:
 
 def main(argv: list[str]) -> None:
     del argv
-    hlo_text = compile_for_h100()
+    compiled = compile_for_h100()
+    hlo_text = compiled.as_text()
     if FLAGS.hlo_out:
         with open(FLAGS.hlo_out, "w") as f:
             f.write(hlo_text)
     kernels = transposing_kernels(hlo_text)
     print(f"{FLAGS.variants[0]} {FLAGS.layouts[0]} {FLAGS.gelus[0]} GELU, batch {FLAGS.batch}, "
           f"{FLAGS.dtype}, jax {jax.__version__}: {len(kernels)} transposing kernels writing "
-          f"{sum(b for b, *_ in kernels) / 1e9:.2f} GB per step")
+          f"{sum(b for b, *_ in kernels) / 1e9:.2f} GB per step; XLA scratch "
+          f"{compiled.memory_analysis().temp_size_in_bytes / 2**30:.2f} GiB; memory-bound "
+          f"kernels read and write {memory_bound_bytes(hlo_text) / 1e9:.1f} GB per step")
     for size, name, op_name in kernels[:FLAGS.top]:
         print(f"  {size / 1e6:8.1f} MB  {name[:40]:40s}  {op_name[-70:]}")
 
