@@ -262,7 +262,7 @@ class Mlp(nnx.Module):
     the activation from its input instead of keeping an intermediate (the tanh GELU's tanh)
     as large as the hidden layer.
 
-    Why: the GELU is memory-bound, so recomputing it costs no time, while the kept
+    Why: the GELU is memory-bound, so recomputing it costs little, while the kept
     intermediate cost a write, a read and its memory in every layer. Compiled for an H100
     (`experiments/gpu_layouts.py`'s deviceless compile), B/16 in bf16 at batch 512 needs
     35.6 instead of 44.1 GiB of scratch and its non-matmul kernels move 27 GB less per step
@@ -461,9 +461,9 @@ def add_position_embedding(x: jax.Array, table: jax.Array) -> jax.Array:
     """x (B, N, D) + table (1, N, D), whose gradient for `table` is a matmul over the batch
     (ones (B,) @ dx) instead of autodiff's reduction over it.
 
-    Why: XLA:GPU lays out the operand of a reduction over a major axis with that axis minor,
-    and from the gradient that layout (batch minor) spread through the elementwise ops to every
-    activation of the tower's residual stream, forward and backward, while the matmuls take
+    Why: with the reduction, XLA:GPU laid the gradient out batch-minor (the reduced axis
+    minor), and that layout spread through the elementwise ops to every activation of the
+    tower's residual stream, forward and backward, while the matmuls take
     tokens batch-major: a transpose at nearly every matmul of unrolled layers (scanned ones
     choose their loop body's layouts apart). On an H100, B/16 in bf16 at batch 512 spent 28
     of its 199 ms per step in such transposes; with this, a step took 178.8 ms
