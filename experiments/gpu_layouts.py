@@ -29,7 +29,6 @@ operations do not.
 
 from __future__ import annotations
 
-import collections
 import os
 import re
 import sys
@@ -43,11 +42,10 @@ from absl import app, flags  # noqa: E402
 from jax.experimental import topologies  # noqa: E402
 
 from experiments import throughput  # noqa: E402
-from flipjax.models import layers  # noqa: E402
+from experiments.profile_step import hlo_computations  # noqa: E402 (and its --top flag)
 from flipjax.train.sharding import make_mesh  # noqa: E402
 from flipjax.train.step import TrainSetup  # noqa: E402
 
-flags.DEFINE_integer("top", 15, "Transposing kernels listed, largest first.")
 flags.DEFINE_string("hlo_out", None, "Also write the compiled step's HLO to this file.")
 FLAGS = flags.FLAGS
 
@@ -72,8 +70,7 @@ device_description_str: "NVIDIA H100 80GB HBM3"
 CUDNN_VERSION = 91000
 
 BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "f32": 4}
-COMPUTATION = re.compile(r"^(?:ENTRY )?%(\S+) .*\{$")
-INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%(\S+) = (.+?) ([\w-]+)\((.*)$")
+Computations = dict[str, list[tuple[str, ...]]]
 
 
 def compile_for_h100() -> jax.stages.Compiled:
@@ -81,7 +78,6 @@ def compile_for_h100() -> jax.stages.Compiled:
     # cuDNN attention checks the local cuDNN and GPU before lowering; there are none here.
     cudnn_attention_lowering.check_cudnn_version = lambda: CUDNN_VERSION
     cudnn_attention_lowering.check_compute_capability = lambda *_: True
-    layers.cudnn_attention_runs_here = lambda *_, **__: True
     topology = topologies.get_topology_desc(platform="cuda", target_config=H100_TARGET,
                                             topology="1x1x1")
     config = throughput.clip_shaped_config(FLAGS.variants[0], FLAGS.layouts[0], FLAGS.gelus[0])
@@ -100,46 +96,35 @@ def written_bytes(shape: str) -> int:
                for dtype, dims in re.findall(r"(\w+)\[([\d,]*)\]", shape) if dtype in BYTES)
 
 
-def kernel_computations(hlo_text: str) -> tuple[dict[str, list[tuple[str, str, str, str]]],
-                                                 set[str]]:
-    """Each computation of the compiled HLO as its instructions (name, shape, opcode, the rest
-    of the line), and the names of those that launch kernels: the entry computation and the
+def launching(computations: Computations) -> set[str]:
+    """The computations whose instructions launch kernels: the entry computation and the
     command buffers', conditionals' and loops' bodies, not the fusions' bodies."""
-    computations: dict[str, list[tuple[str, str, str, str]]] = collections.defaultdict(list)
-    body: list | None = None
-    for line in hlo_text.splitlines():
-        if match := COMPUTATION.match(line):
-            body = computations[match.group(1)]
-        elif body is not None and (match := INSTRUCTION.match(line)):
-            body.append(match.groups())
     fused = {callee for body in computations.values() for _, _, opcode, rest in body
              if opcode == "fusion" for callee in re.findall(r"calls=%([\w.\-]+)", rest)}
-    return computations, set(computations) - fused
+    return set(computations) - fused
 
 
-def memory_bound_bytes(hlo_text: str) -> int:
+def memory_bound_bytes(computations: Computations) -> int:
     """Bytes read and written by the kernels other than cuBLAS's and cuDNN's custom calls:
     each fusion or lone operation's operands and outputs."""
-    computations, launching = kernel_computations(hlo_text)
     free = {"parameter", "get-tuple-element", "bitcast", "tuple", "constant", "call",
             "conditional", "while", "custom-call"}
     total = 0
-    for name in launching:
+    for name in launching(computations):
         shapes = {instruction: shape for instruction, shape, *_ in computations[name]}
         for _, shape, opcode, rest in computations[name]:
             if opcode not in free:
-                operands = re.findall(r"%([\w.\-]+)", rest.split("),")[0])
+                operands = re.findall(r"%([\w.\-]+)", rest.split(")", 1)[0])
                 total += written_bytes(shape) + sum(written_bytes(shapes.get(o, ""))
                                                     for o in operands)
     return total
 
 
-def transposing_kernels(hlo_text: str) -> list[tuple[int, str, str]]:
+def transposing_kernels(computations: Computations) -> list[tuple[int, str, str]]:
     """(bytes written, kernel, JAX operation) of every kernel that transposes: a fusion whose
     body holds a transpose, or a lone transpose."""
-    computations, launching = kernel_computations(hlo_text)
     kernels = []
-    for name in launching:
+    for name in launching(computations):
         for instruction, shape, opcode, rest in computations[name]:
             callee = re.search(r"calls=%([\w.\-]+)", rest) if opcode == "fusion" else None
             inner = computations[callee.group(1)] if callee else []
@@ -158,12 +143,13 @@ def main(argv: list[str]) -> None:
     if FLAGS.hlo_out:
         with open(FLAGS.hlo_out, "w") as f:
             f.write(hlo_text)
-    kernels = transposing_kernels(hlo_text)
+    computations = hlo_computations(hlo_text)
+    kernels = transposing_kernels(computations)
     print(f"{FLAGS.variants[0]} {FLAGS.layouts[0]} {FLAGS.gelus[0]} GELU, batch {FLAGS.batch}, "
           f"{FLAGS.dtype}, jax {jax.__version__}: {len(kernels)} transposing kernels writing "
           f"{sum(b for b, *_ in kernels) / 1e9:.2f} GB per step; XLA scratch "
           f"{compiled.memory_analysis().temp_size_in_bytes / 2**30:.2f} GiB; memory-bound "
-          f"kernels read and write {memory_bound_bytes(hlo_text) / 1e9:.1f} GB per step")
+          f"kernels read and write {memory_bound_bytes(computations) / 1e9:.1f} GB per step")
     for size, name, op_name in kernels[:FLAGS.top]:
         print(f"  {size / 1e6:8.1f} MB  {name[:40]:40s}  {op_name[-70:]}")
 

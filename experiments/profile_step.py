@@ -19,7 +19,7 @@ XLA runs independent kernels on the CPU's cores at once, so kernel times sum to 
 step, and a kernel that shares the cores looks slower than it is alone. A dot that XLA:CPU runs
 asynchronously (Eigen) is timed from its start event to its "end: " event. On a GPU, kernels
 are named by the libraries that run them (cuBLAS, cuDNN), so no FLOPs are read there; XLA's own
-kernels (fusions, transposes) keep their HLO names, listed with their output dims. The trace
+kernels (fusions, transposes) keep their HLO names, listed with their output shapes. The trace
 (`perfetto_trace.json.gz` under `--profile_dir`) opens in ui.perfetto.dev, and the compiled
 step's HLO (`train_step.hlo.txt` beside it) says what each named kernel computes.
 """
@@ -52,9 +52,9 @@ CATEGORIES = (("attention", ("sdpa", "flash", "fmha", "cudnn::fusion")),
               ("copy", ("memcpy", "memset", "copy", "transpose")),
               ("fusion", ("fusion",)))
 
-# One HLO instruction of `Compiled.as_text()`: name, array dims, opcode, operands, attributes.
-HLO_INSTRUCTION = re.compile(
-    r"^\s*(?:ROOT )?%(\S+) = \w+\[([\d,]*)\]\S* ([\w-]+)\(([^)]*)\)(.*)$")
+# One HLO instruction of `Compiled.as_text()`: name, shape (an array's or a tuple's), opcode,
+# and the rest of the line ("operands), attributes").
+HLO_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%(\S+) = (.+?) ([\w-]+)\((.*)$")
 HLO_COMPUTATION = re.compile(r"^(?:ENTRY )?%(\S+) .*\{$")
 
 
@@ -68,9 +68,14 @@ def dims(text: str) -> list[int]:
     return [int(d) for d in text.split(",") if d]
 
 
+def array_dims(shape: str) -> list[int]:
+    """The dims of an HLO shape's (first) array: "bf16[8,197]{1,0}" -> [8, 197]."""
+    return dims(re.search(r"\[([\d,]*)\]", shape).group(1))
+
+
 def hlo_computations(hlo_text: str) -> dict[str, list[tuple[str, ...]]]:
-    """Each computation of `Compiled.as_text()` and its instructions, as (name, array dims,
-    opcode, operands, attributes)."""
+    """Each computation of `Compiled.as_text()` and its instructions, as (name, shape, opcode,
+    "operands), attributes")."""
     computations: dict[str, list[tuple[str, ...]]] = {}
     body: list[tuple[str, ...]] = []
     for line in hlo_text.splitlines():
@@ -87,14 +92,16 @@ def matmul_flops(computations: dict[str, list[tuple[str, ...]]]) -> dict[str, tu
     own: dict[str, tuple[float, str]] = {}
     callees: dict[str, list[str]] = {}
     for instructions in computations.values():
-        shapes = {name: dims(shape) for name, shape, *_ in instructions}
-        for name, shape, opcode, operands, attributes in instructions:
+        shapes = {name: shape for name, shape, *_ in instructions}
+        for name, shape, opcode, rest in instructions:
+            operands, attributes = rest.split(")", 1)
             callees[name] = re.findall(r"calls=%([\w.\-]+)", attributes)
             if opcode == "dot":
-                lhs, rhs = (shapes[o.strip().lstrip("%")] for o in operands.split(","))
+                lhs, rhs = (array_dims(shapes[o.strip().lstrip("%")])
+                            for o in operands.split(","))
                 contracting = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", attributes)
                 k = math.prod(lhs[d] for d in dims(contracting.group(1)))
-                own[name] = (2.0 * math.prod(dims(shape)) * k, f"{lhs}x{rhs}")
+                own[name] = (2.0 * math.prod(array_dims(shape)) * k, f"{lhs}x{rhs}")
 
     @functools.cache
     def total(name: str) -> tuple[float, str]:
@@ -150,8 +157,8 @@ def main(argv: list[str]) -> None:
     with open(hlo_path, "w") as f:
         f.write(hlo_text)
     computations = hlo_computations(hlo_text)
-    output_dims = {name: shape for body in computations.values() for name, shape, *_ in body}
-    kernel_names = set(output_dims)
+    output_shapes = {name: shape for body in computations.values() for name, shape, *_ in body}
+    kernel_names = set(output_shapes)
     flops = matmul_flops(computations)
     run(2)  # warm-up
     with jax.profiler.trace(FLAGS.profile_dir, create_perfetto_trace=True):
@@ -186,12 +193,12 @@ def main(argv: list[str]) -> None:
                                                 key=lambda kv: kv[1][1] / kv[1][0]):
             print(f"  {us / 1e3:8.1f} ms  {flop / us / 1e3:6.1f} GFLOP/s  {count:3d} kernels  "
                   f"{shapes[:100]}")
-    print(f"top {FLAGS.top} kernels (ms per step; an XLA kernel's output dims from the "
+    print(f"top {FLAGS.top} kernels (ms per step; an XLA kernel's output shape from the "
           f"compiled step's HLO, {hlo_path}):")
     for name, us in per_name.most_common(FLAGS.top):
         kernel_flops, _ = flops.get(name, (0.0, ""))
         speed = f"{kernel_flops / us / 1e3:6.1f} GFLOP/s" if kernel_flops else " " * 14
-        shape = f"  [{output_dims[name]}]" if name in output_dims else ""
+        shape = f"  {output_shapes[name]}" if name in output_shapes else ""
         print(f"  {us / 1e3:8.2f}  {category(name, kernel_flops):9s} {speed}  {name[:100]}{shape}")
 
 

@@ -265,10 +265,10 @@ class Mlp(nnx.Module):
     Why: the GELU is memory-bound, so recomputing it costs little, while the kept
     intermediate cost a write, a read and its memory in every layer. Compiled for an H100
     (`experiments/gpu_layouts.py`'s deviceless compile), B/16 in bf16 at batch 512 needs
-    35.6 instead of 44.1 GiB of scratch and its non-matmul kernels move 27 GB less per step
-    (tanh GELU, which cuBLASLt then computes in fc1's epilogue; exact GELU: 18 GB less); not
-    yet timed on a GPU. On the development CPU, S/16 at batch 8: 0.87 instead of 1.14 GiB,
-    and steps 2-4% shorter (`experiments/results/gpu_layouts.md`)."""
+    35.6 instead of 44.1 GiB of scratch, and its memory-bound kernels move 36 GB less per step
+    (tanh GELU; cuBLASLt then computes bias + GELU in fc1's epilogue, so 27 GB less in all;
+    exact GELU: 18 GB less); not yet timed on a GPU. On the development CPU, S/16 at batch
+    8: 0.87 instead of 1.14 GiB, and steps 2-4% shorter (`experiments/results/gpu_layouts.md`)."""
 
     def __init__(self, width: int, mlp_dim: int, *, gelu: str, dtype, rngs: nnx.Rngs):
         self.fc1 = dense(width, mlp_dim, dtype=dtype, rngs=rngs)
@@ -458,8 +458,8 @@ def normal_param(shape: tuple[int, ...], stddev: float, rngs: nnx.Rngs) -> nnx.P
 
 @jax.custom_vjp
 def add_position_embedding(x: jax.Array, table: jax.Array) -> jax.Array:
-    """x (B, N, D) + table (1, N, D), whose gradient for `table` is a matmul over the batch
-    (ones (B,) @ dx) instead of autodiff's reduction over it.
+    """x (B, N, D) + table (1, N, D) in x's dtype, whose gradient for `table` is a matmul over
+    the batch (ones (B,) @ dx) instead of autodiff's reduction over it.
 
     Why: with the reduction, XLA:GPU laid the gradient out batch-minor (the reduced axis
     minor), and that layout spread through the elementwise ops to every activation of the
