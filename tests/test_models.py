@@ -13,6 +13,7 @@ from flax import nnx
 from flipjax.models import make_model
 from flipjax.models.layers import (
     ATTENTION_IMPLEMENTATIONS,
+    Attention,
     Encoder,
     Mlp,
     add_position_embedding,
@@ -175,6 +176,33 @@ def test_mlp_keeps_only_the_gelu_input_and_output_for_its_backward(gelu):
     _, backward = jax.vjp(lambda p, x: nnx.merge(graphdef, p)(x), params, x)
     kept = [leaf for leaf in jax.tree.leaves(backward) if leaf.size == 2 * 3 * 32]
     assert len(kept) == 2
+
+
+@pytest.mark.parametrize("causal,num_keys", [(False, None), (True, None), (False, 5)])
+def test_key_bias_changes_nothing_and_gets_no_gradient(causal, num_keys):
+    """Softmax attention is unchanged by the key bias (masks included), so its true
+    gradient is zero: `Attention` computes it as exactly zero, and every other gradient as
+    autodiff through `self.k` does."""
+    attention = Attention(8, 2, attention="dot", dtype=jnp.float32, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(1), (2, 6, 8))
+    w = jax.random.normal(jax.random.key(2), (2, 6, 8))
+
+    def loss(module: Attention) -> jax.Array:
+        return jnp.sum(module(x, is_causal=causal, num_keys=num_keys) * w)
+
+    value, grads = nnx.value_and_grad(loss)(attention)
+    with mock.patch.object(Attention, "keys", lambda self, context: self.k(context)):
+        want, want_grads = nnx.value_and_grad(loss)(attention)
+    np.testing.assert_array_equal(grads["k"]["bias"][...], 0.0)
+    np.testing.assert_allclose(want_grads["k"]["bias"][...], 0.0, atol=1e-5)
+    np.testing.assert_allclose(value, want, rtol=1e-6)
+    for (path, got), (_, expected) in zip(nnx.to_flat_state(grads),
+                                          nnx.to_flat_state(want_grads), strict=True):
+        if path != ("k", "bias"):
+            np.testing.assert_allclose(got[...], expected[...], atol=1e-5, err_msg=str(path))
+
+    attention.k.bias[...] = jax.random.normal(jax.random.key(3), (8,))
+    np.testing.assert_allclose(loss(attention), value, rtol=1e-5)
 
 
 def test_dense_refuses_what_it_does_not_compute():
