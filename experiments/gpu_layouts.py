@@ -5,7 +5,8 @@ ahead-of-time compilation (`jax.experimental.topologies`), then lists the step's
 transpose an array, with the bytes they write and the JAX operations they come from. It also
 prints the step's XLA scratch memory and the bytes that its memory-bound kernels (all but
 cuBLAS's matmuls and cuDNN's attention) read and write: at the H100's ~3 TB/s, a floor on
-their time.
+their time; and the bytes of all kernels, which also count what matmuls read in place of a
+fusion (an add folded into a matmul reads its addend there).
 
 Why: on an H100, B/16 spent 28 of its 199 ms per step in such transposes
 (`experiments/results/throughput_h100.md`), which no CPU test shows and GPU time is scarce.
@@ -104,11 +105,14 @@ def launching(computations: Computations) -> set[str]:
     return set(computations) - fused
 
 
-def memory_bound_bytes(computations: Computations) -> int:
-    """Bytes read and written by the kernels other than cuBLAS's and cuDNN's custom calls:
-    each fusion or lone operation's operands and outputs."""
+def kernel_bytes(computations: Computations, libraries: bool = False) -> int:
+    """Bytes read and written by the step's kernels, each fusion or lone operation's operands
+    and outputs: the memory-bound ones only, or with `libraries` also cuBLAS's matmuls and
+    cuDNN's attention (custom calls)."""
     free = {"parameter", "get-tuple-element", "bitcast", "tuple", "constant", "call",
-            "conditional", "while", "custom-call"}
+            "conditional", "while"}
+    if not libraries:
+        free.add("custom-call")
     total = 0
     for name in launching(computations):
         shapes = {instruction: shape for instruction, shape, *_ in computations[name]}
@@ -149,7 +153,8 @@ def main(argv: list[str]) -> None:
           f"{FLAGS.dtype}, jax {jax.__version__}: {len(kernels)} transposing kernels writing "
           f"{sum(b for b, *_ in kernels) / 1e9:.2f} GB per step; XLA scratch "
           f"{compiled.memory_analysis().temp_size_in_bytes / 2**30:.2f} GiB; memory-bound "
-          f"kernels read and write {memory_bound_bytes(computations) / 1e9:.1f} GB per step")
+          f"kernels read and write {kernel_bytes(computations) / 1e9:.1f} GB per step, all "
+          f"kernels {kernel_bytes(computations, libraries=True) / 1e9:.1f} GB")
     for size, name, op_name in kernels[:FLAGS.top]:
         print(f"  {size / 1e6:8.1f} MB  {name[:40]:40s}  {op_name[-70:]}")
 

@@ -17,6 +17,7 @@ from flipjax.models.layers import (
     Encoder,
     Mlp,
     add_position_embedding,
+    add_residual,
     cudnn_attention,
     dense,
     resolve_attention,
@@ -176,6 +177,26 @@ def test_mlp_keeps_only_the_gelu_input_and_output_for_its_backward(gelu):
     _, backward = jax.vjp(lambda p, x: nnx.merge(graphdef, p)(x), params, x)
     kept = [leaf for leaf in jax.tree.leaves(backward) if leaf.size == 2 * 3 * 32]
     assert len(kept) == 2
+
+
+def test_add_residual_is_a_sum_kept_out_of_its_branch_forward_only():
+    """x + branch in value and gradient. The forward holds the branch behind an optimisation
+    barrier, so that XLA:GPU cannot fold the add into the branch's matmul; the gradient is
+    not held back (then the bias gradients fuse with the LayerNorm backward as before)."""
+    x, y, w = (jax.random.normal(jax.random.key(i), (2, 3, 4)) for i in range(3))
+
+    def loss(add):
+        return lambda x, y: jnp.sum(jnp.tanh(add(x, y)) * w)
+
+    value, grads = jax.value_and_grad(loss(add_residual), argnums=(0, 1))(x, y)
+    want, want_grads = jax.value_and_grad(loss(jnp.add), argnums=(0, 1))(x, y)
+    np.testing.assert_array_equal(value, want)
+    for got, expected in zip(grads, want_grads, strict=True):
+        np.testing.assert_array_equal(got, expected)
+
+    _, backward = jax.vjp(add_residual, x, y)
+    assert str(jax.make_jaxpr(add_residual)(x, y)).count("optimization_barrier") == 1
+    assert "optimization_barrier" not in str(jax.make_jaxpr(backward)(w))
 
 
 @pytest.mark.parametrize("causal,num_keys", [(False, None), (True, None), (False, 5)])
