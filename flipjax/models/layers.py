@@ -297,14 +297,16 @@ def add_residual(x: jax.Array, branch: jax.Array) -> jax.Array:
     GPUs the forward pass keeps the add out of that matmul; the gradient is the plain sum's.
 
     Why: XLA:GPU folds such an add into cuBLAS's matmul (the C operand, beta = 1), which
-    writes the sum over x in place. x is still needed (the next LayerNorm's backward reads
-    it), so XLA first copies it: a copy of the residual stream at every residual add. Kept
-    apart, the add is fused with the next LayerNorm's statistics, which read x and the
-    branch once. Compiled for an H100 (`experiments/gpu_layouts.py`), B/16 in bf16 at
-    batch 512 then moves 4.3 GB less per step (9.1 GB of copies gone); not yet timed on a
-    GPU. On the development CPU S/16 steps were not slower (1446 and 1399 against 1480 and
-    1492 ms, `experiments/results/gpu_layouts.md`). On a TPU the add stays fusable into the
-    matmul, where it costs no copy (not measured there)."""
+    writes the sum over x in place. x is still needed (the backward of the LayerNorm that
+    fed the branch reads it), so XLA first copies it: a copy of the residual stream at every
+    residual add. Kept apart, the add is fused with the next LayerNorm's statistics, which
+    read x and the branch once. Compiled for an H100 (`experiments/gpu_layouts.py`), B/16 in
+    bf16 at batch 512: 9.1 GB of copies gone, about as many bytes more in that fusion, and
+    4.4 GB less read by the matmuls (their C operands); not yet timed on a GPU, where the
+    attention's output projections (K = width) are the matmuls that reading C can slow. On
+    the development CPU S/16 steps were not slower (1446 and 1399 against 1480 and 1492 ms,
+    `experiments/results/gpu_layouts.md`). On a TPU the add stays fusable into the matmul,
+    where it costs no copy (not measured there)."""
     if jax.default_backend() == "tpu":
         return x + branch
     return x + _unfused(branch)
