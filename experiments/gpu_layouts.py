@@ -108,7 +108,8 @@ def launching(computations: Computations) -> set[str]:
 def kernel_bytes(computations: Computations, libraries: bool = False) -> int:
     """Bytes read and written by the step's kernels, each fusion or lone operation's operands
     and outputs: the memory-bound ones only, or with `libraries` also cuBLAS's matmuls and
-    cuDNN's attention (custom calls)."""
+    cuDNN's attention (custom calls; not their byte-typed workspace outputs, scratch that
+    they need not fill)."""
     free = {"parameter", "get-tuple-element", "bitcast", "tuple", "constant", "call",
             "conditional", "while"}
     if not libraries:
@@ -118,6 +119,8 @@ def kernel_bytes(computations: Computations, libraries: bool = False) -> int:
         shapes = {instruction: shape for instruction, shape, *_ in computations[name]}
         for _, shape, opcode, rest in computations[name]:
             if opcode not in free:
+                if opcode == "custom-call":
+                    shape = re.sub(r"[su]8\[\d+\]", "", shape)
                 operands = re.findall(r"%([\w.\-]+)", rest.split(")", 1)[0])
                 total += written_bytes(shape) + sum(written_bytes(shapes.get(o, ""))
                                                     for o in operands)
