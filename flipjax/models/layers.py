@@ -301,12 +301,14 @@ def add_residual(x: jax.Array, branch: jax.Array) -> jax.Array:
     fed the branch reads it), so XLA first copies it: a copy of the residual stream at every
     residual add. Kept apart, the add is fused with the next LayerNorm's statistics, which
     read x and the branch once. Compiled for an H100 (`experiments/gpu_layouts.py`), B/16 in
-    bf16 at batch 512: 9.1 GB of copies gone, about as many bytes more in that fusion, and
-    4.3 GB less read by the matmuls (their C operands); not yet timed on a GPU, where the
-    attention's output projections (K = width) are the matmuls that reading C can slow. On
-    the development CPU S/16 steps were not slower (1446 and 1399 against 1480 and 1492 ms,
-    `experiments/results/gpu_layouts.md`). On a TPU the add stays fusable into the matmul,
-    where it costs no copy (not measured there)."""
+    bf16 at batch 512 with unrolled layers: 9.1 GB of copies gone, about as many bytes more
+    in that fusion, and 4.3 GB less read by the matmuls (their C operands); with scanned
+    layers and `remat="dots"` about 6 GB more (the attention's output bias is then added
+    apart from the residual, forward and in the backward's recompute). Not yet timed on a
+    GPU. On the development CPU S/16 steps were 7-10% shorter with unrolled layers and 2-5%
+    with scan and `remat="dots"` (alternate runs, `experiments/results/gpu_layouts.md`).
+    On a TPU the add stays fusable into the matmul, where it costs no copy (not measured
+    there)."""
     if jax.default_backend() == "tpu":
         return x + branch
     return x + _unfused(branch)
