@@ -305,7 +305,7 @@ def add_residual(x: jax.Array, branch: jax.Array) -> jax.Array:
     in that fusion, and 4.3 GB less read by the matmuls (their C operands); with scanned
     layers and `remat="dots"` about 6 GB more (the attention's output bias is then added
     apart from the residual, forward and in the backward's recompute). Not yet timed on a
-    GPU. On the development CPU S/16 steps were 7-10% shorter with unrolled layers and 2-5%
+    GPU. On the development CPU S/16 steps were 2-10% shorter with unrolled layers and 2-5%
     with scan and `remat="dots"` (alternate runs, `experiments/results/gpu_layouts.md`).
     On a TPU the add stays fusable into the matmul, where it costs no copy (not measured
     there)."""
@@ -320,7 +320,7 @@ def _unfused(y: jax.Array) -> jax.Array:
     return jax.lax.optimization_barrier(y)
 
 
-_unfused.defvjp(lambda y: (jax.lax.optimization_barrier(y), None), lambda _, grad: (grad,))
+_unfused.defvjp(lambda y: (_unfused(y), None), lambda _, grad: (grad,))
 
 
 class EncoderBlock(nnx.Module):
