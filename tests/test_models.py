@@ -1,5 +1,7 @@
 import functools
+import re
 import types
+from collections.abc import Callable
 from unittest import mock
 
 import jax
@@ -20,6 +22,7 @@ from flipjax.models.layers import (
     add_residual,
     cudnn_attention,
     dense,
+    dense_matmul,
     resolve_attention,
     stack_layers,
     unstack_layers,
@@ -96,27 +99,26 @@ def test_patch_embedding_is_the_strided_convolution():
     np.testing.assert_allclose(grads.bias[...], want_grads.bias[...], atol=1e-4)
 
 
-def dot_operand_ranks(jaxpr: jax.extend.core.Jaxpr) -> set[tuple[int, ...]]:
-    """The operand ranks of every dot_general in `jaxpr`, nested jaxprs (jit, remat) included."""
-    ranks = set()
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "dot_general":
-            ranks.add(tuple(v.aval.ndim for v in eqn.invars))
-        for param in eqn.params.values():
-            for sub in param if isinstance(param, (list, tuple)) else [param]:
-                inner = getattr(sub, "jaxpr", sub)
-                if isinstance(inner, jax.extend.core.Jaxpr):
-                    ranks |= dot_operand_ranks(inner)
-    return ranks
+def lowered_for(platform: str, fn: Callable, *args) -> str:
+    """`fn(*args)` jitted and lowered to StableHLO for `platform` ("cpu", "cuda", "tpu"),
+    which needs no such device here."""
+    return jax.export.export(jax.jit(fn), platforms=[platform])(*args).mlir_module()
+
+
+def dot_operand_ranks(stablehlo: str) -> set[tuple[int, ...]]:
+    """The operand ranks of every dot_general in a StableHLO module's text."""
+    operands = re.findall(r"stablehlo\.dot_general .*?: \(tensor<([^>]*)>, tensor<([^>]*)>\)",
+                          stablehlo)
+    return {tuple(t.count("x") for t in pair) for pair in operands}
 
 
 @pytest.mark.parametrize("dtype,tolerance", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
 @pytest.mark.parametrize("shape", [(6,), (5, 6), (2, 3, 6), (2, 1, 3, 6)])
 def test_dense_is_nnx_linear_in_value_and_gradient(shape, dtype, tolerance):
     """`dense` is `nnx.Linear`: the same parameters from the same seed, the same values and
-    gradients (float32 parameters under bf16 compute included), and off TPUs every matmul
-    of its forward and backward is over 2-D operands, the weight gradient one product over
-    the flattened tokens (the point of `dense_matmul`)."""
+    gradients (float32 parameters under bf16 compute included), and lowered for a CPU or a
+    GPU every matmul of its forward and backward is over 2-D operands, the weight gradient
+    one product over the flattened tokens (the point of `dense_matmul`)."""
     ours = dense(6, 4, dtype=dtype, rngs=nnx.Rngs(0))
     linear = nnx.Linear(6, 4, dtype=dtype, rngs=nnx.Rngs(0))
     np.testing.assert_array_equal(ours.kernel[...], linear.kernel[...])
@@ -136,7 +138,10 @@ def test_dense_is_nnx_linear_in_value_and_gradient(shape, dtype, tolerance):
     np.testing.assert_allclose(grads.kernel[...], want_grads.kernel[...], atol=tolerance)
     np.testing.assert_allclose(grads.bias[...], want_grads.bias[...], atol=tolerance)
     if len(shape) > 1:
-        assert dot_operand_ranks(jax.make_jaxpr(grad)(ours, x).jaxpr) == {(2, 2)}
+        graphdef, params = nnx.split(ours)
+        grad_of_params = lambda params, x: grad(nnx.merge(graphdef, params), x)
+        for platform in ("cpu", "cuda"):
+            assert dot_operand_ranks(lowered_for(platform, grad_of_params, params, x)) == {(2, 2)}
 
 
 @pytest.mark.parametrize("dtype,tolerance", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
@@ -195,6 +200,21 @@ def test_add_residual_is_a_sum_kept_out_of_its_branch_forward_only():
         np.testing.assert_array_equal(got, expected)
     step = jax.jit(jax.value_and_grad(loss(add_residual), argnums=(0, 1))).lower(x, y)
     assert step.as_text().count("optimization_barrier") == 1  # the forward's only
+
+
+@pytest.mark.parametrize("platform,ranks,barriers", [
+    ("cpu", {(2, 2)}, 1), ("cuda", {(2, 2)}, 1), ("tpu", {(3, 2), (3, 3)}, 0)])
+def test_matmul_and_residual_forms_follow_the_platform_lowered_for(platform, ranks, barriers):
+    """`dense_matmul` and `add_residual` take their forms for the platform the step is
+    lowered for, not for the host's backend: from this CPU host, a TPU lowering (as a
+    deviceless compile for a pod) keeps the (batch, seq) matmuls and a residual add that XLA
+    may fuse, CPU and GPU lowerings flatten the tokens and hold the add apart."""
+    x, branch = (jax.random.normal(jax.random.key(i), (2, 3, 6)) for i in range(2))
+    kernel = jax.random.normal(jax.random.key(2), (6, 4))
+    matmul_grads = jax.grad(lambda x, k: jnp.sum(jnp.tanh(dense_matmul(x, k))), argnums=(0, 1))
+    assert dot_operand_ranks(lowered_for(platform, matmul_grads, x, kernel)) == ranks
+    residual = lowered_for(platform, add_residual, x, branch)
+    assert residual.count("stablehlo.optimization_barrier") == barriers
 
 
 def test_add_residual_leaves_scanned_rematerialised_encoders_unchanged():

@@ -69,12 +69,21 @@ def dense_matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
     The products and values are the same, and remat policies still see a plain dot. On a
     TPU the product keeps its (batch, seq) axes, as `nnx.Linear` computes it: there merging
     197 tokens into the batch axis can cost a relayout copy (TPU tiles the last two axes;
-    not measured there).
+    not measured there). The form is chosen for the platform the step is lowered for
+    (`jax.lax.platform_dependent`), not the host's, so a deviceless compile for a TPU pod
+    from a CPU host gets the TPU form.
     """
-    if x.ndim > 2 and jax.default_backend() != "tpu":
+
+    def over_tokens(x: jax.Array, kernel: jax.Array) -> jax.Array:
         y = x.reshape(-1, x.shape[-1]) @ kernel
         return y.reshape(*x.shape[:-1], kernel.shape[-1])
-    return jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
+
+    def batched(x: jax.Array, kernel: jax.Array) -> jax.Array:
+        return jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
+
+    if x.ndim <= 2:
+        return batched(x, kernel)
+    return jax.lax.platform_dependent(x, kernel, tpu=batched, default=over_tokens)
 
 
 def _dense_dot_general(x: jax.Array, kernel: jax.Array, dimension_numbers, precision=None,
@@ -223,7 +232,12 @@ def resolve_attention(name: str, dtype: jnp.dtype | type, device: jax.Device | N
                       ) -> str:
     """The implementation "auto" stands for on `device` (by default JAX's first; a train step
     passes its mesh's) and compute dtype; other names of `ATTENTION_IMPLEMENTATIONS` pass
-    through."""
+    through.
+
+    Why a device, where `dense_matmul` and `add_residual` follow the lowering platform: the
+    choice needs the GPU's compute capability, which a platform name does not tell, and it
+    shapes the model when it is built (`Encoder` pads for cuDNN), before anything is
+    lowered."""
     if name == "auto":
         return "cudnn" if cudnn_attention_runs_here(dtype, device) else "dot"
     if name not in ATTENTION_IMPLEMENTATIONS:
@@ -308,10 +322,9 @@ def add_residual(x: jax.Array, branch: jax.Array) -> jax.Array:
     GPU. On the development CPU S/16 steps were 2-10% shorter with unrolled layers and 2-5%
     with scan and `remat="dots"` (alternate runs, `experiments/results/gpu_layouts.md`).
     On a TPU the add stays fusable into the matmul, where it costs no copy (not measured
-    there)."""
-    if jax.default_backend() == "tpu":
-        return x + branch
-    return x + _unfused(branch)
+    there). As in `dense_matmul`, the form is the lowering platform's, not the host's."""
+    return jax.lax.platform_dependent(x, branch, tpu=jnp.add,
+                                      default=lambda x, branch: x + _unfused(branch))
 
 
 @jax.custom_vjp
