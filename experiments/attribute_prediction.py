@@ -14,7 +14,7 @@ experiments/results/attribute_prediction.md.
 from __future__ import annotations
 
 from experiments.common import benchmark_parser, evaluate, fmt, load_run, markdown_table, write
-from flipjax.evaluate.prompts import CELEBA_ATTRIBUTES
+from tfds_builders.builder_utils import CELEBA_ATTRIBUTE_NAMES
 
 SPLITS = {"celeba": dict(train_split="train", val_split="validation", test_split="test"),
           "lfwa": dict(train_split="train", val_split=None, val_fraction=0.1, seed=0,
@@ -47,7 +47,7 @@ def main() -> None:
                      fmt(z["balanced_acc"], 2), f"{p['chosen_l2']:g} / {int(p['chosen_epochs'])}",
                      "carved from train" if p["val_carved"] else "official",
                      f"{int(p['num_train'])}/{int(p['num_val'])}/{int(p['num_test'])}"])
-    for attr in CELEBA_ATTRIBUTES:
+    for attr in CELEBA_ATTRIBUTE_NAMES:
         attr_rows.append([attr] + [fmt(results[f"{d}_{kind}"].get(f"acc/{attr}"), 2)
                                    for d in datasets for kind in ("probe", "zeroshot")])
     text = (

@@ -118,6 +118,8 @@ class TorchFaces(Dataset):
         import tensorflow_datasets as tfds
         from PIL import Image
 
+        from flipjax.data.tokenizer import text_of
+
         if self._source is None:
             self._source = tfds.data_source(f"{NAME}/{CONFIG}", split="train",
                                             data_dir=self.data_dir)
@@ -126,9 +128,8 @@ class TorchFaces(Dataset):
         image = torch_random_resized_crop(image, self.size, self.scale, self.ratio)
         if self.flip and random.random() < 0.5:
             image = image.transpose(Image.FLIP_LEFT_RIGHT)
-        caption = record["caption"]
-        caption = caption.decode("utf-8") if isinstance(caption, bytes) else str(caption)
-        return {"image": np.asarray(image, np.uint8), "text": self.tokenizer.encode(caption)}
+        return {"image": np.asarray(image, np.uint8),
+                "text": self.tokenizer.encode(text_of(record["caption"]))}
 
 
 def numpy_collate(items: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:

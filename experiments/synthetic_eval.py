@@ -20,7 +20,8 @@ import matplotlib
 import numpy as np
 
 from experiments.common import evaluate, fmt, load_run, markdown_table, write
-from flipjax.data.pipeline import data_source, text_of
+from flipjax.data.pipeline import data_source
+from flipjax.data.tokenizer import text_of
 from flipjax.evaluate.features import Embedder, embed_split, iterate_records
 from flipjax.evaluate.prompts import attribute_names
 

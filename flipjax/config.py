@@ -55,7 +55,8 @@ def check(condition: bool, field: str, message: str) -> None:
 
 def validate(config: ml_collections.ConfigDict) -> None:
     """Raises ConfigError on the first field that cannot work on this machine."""
-    from flipjax.evaluate import EVALUATORS
+    from flipjax.evaluate import EVAL_BATCH_SIZE, EVALUATORS
+    from flipjax.evaluate.linear_probe import ProbeConfig
 
     num_processes = jax.process_count()
     data, model = config.data, config.model
@@ -96,7 +97,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     check(attention != "cudnn" or cudnn_attention_runs_here(DTYPES[model.dtype]),
           "model.attention", "'cudnn' needs JAX's default device to be a CUDA GPU of compute "
           "capability 8.0+ and "
-          f"model.dtype bfloat16 or float16 (here: {jax.devices()[0].device_kind}, "
+          f"model.dtype bfloat16 (here: {jax.devices()[0].device_kind}, "
           f"{model.dtype}); use 'auto'")
     mu_dtype = config.optim.get("mu_dtype")
     check(mu_dtype in (None, *DTYPES), "optim.mu_dtype",
@@ -136,9 +137,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
               f"unknown evaluator {eval_cfg.type!r}; use one of {sorted(EVALUATORS)}")
         check(eval_cfg.every_steps > 0, f"evals.{name}.every_steps",
               f"{eval_cfg.every_steps} must be positive")
-        ebs = eval_cfg.get("batch_size", 256)
+        ebs = eval_cfg.get("batch_size", EVAL_BATCH_SIZE)
         check(ebs % shards == 0, f"evals.{name}.batch_size",
               f"{ebs} is not divisible by the {shards} batch shards")
+        if eval_cfg.type == "linear_probe":
+            try:
+                ProbeConfig.from_eval_cfg(eval_cfg)
+            except ValueError as e:
+                raise ConfigError(f"config.evals.{name}.kind: {e}") from None
     if not data.build_if_missing:
         check(dataset_dir_exists(data), "data.name",
               f"dataset {data.name!r} is not built under {data.data_dir!r}; build it with "

@@ -4,14 +4,16 @@
 
 Reads WORKDIR/config.json and the latest checkpoint (or `--step`). OUT.npz holds L2-normalised
 `image_embeddings` (N, D) with `image_files`, and with `--texts` `text_embeddings` (M, D) with
-`texts` (the file's non-blank lines). Images are anything Pillow opens, any size or mode; they
-get the eval preprocessing (RGB, short side resized, centre crop). A file Pillow can't read is
-reported and skipped, so one broken file doesn't lose a large run.
+`texts` (the file's non-blank lines). Images are local files, anything Pillow opens, any size or
+mode; they get the eval preprocessing (RGB, short side resized, centre crop). A file Pillow
+can't read is reported and skipped, so one broken file doesn't lose a large run. `--texts` and
+`--output` may be URLs (gs://...), as a workdir may.
 """
 
 from __future__ import annotations
 
 import glob
+import io
 import os
 import sys
 
@@ -23,6 +25,7 @@ from tqdm import tqdm
 
 from flipjax.data.pipeline import center_crop
 from flipjax.evaluate.features import Embedder
+from flipjax.storage import storage_path, write_bytes_whole
 from flipjax.train.workdir import load_workdir_config, restore_params
 from tfds_builders.face_crop import Skip, to_rgb
 
@@ -89,13 +92,14 @@ def main(argv: list[str]) -> None:
         out.update(image_embeddings=emb, image_files=np.asarray(kept, dtype=str))
         logging.info("embedded %d of %d image files", len(kept), len(paths))
     if FLAGS.texts:
-        with open(FLAGS.texts, encoding="utf-8") as f:
-            texts = [line.strip() for line in f if line.strip()]
+        lines = storage_path(FLAGS.texts).read_text(encoding="utf-8").splitlines()
+        texts = [line.strip() for line in lines if line.strip()]
         out.update(text_embeddings=embedder.texts(params, tokenizer.encode_batch(texts)),
                    texts=np.asarray(texts, dtype=str))
     if jax.process_index() == 0:
-        os.makedirs(os.path.dirname(os.path.abspath(FLAGS.output)), exist_ok=True)
-        np.savez(FLAGS.output, **out)
+        npz = io.BytesIO()
+        np.savez(npz, **out)
+        write_bytes_whole(storage_path(FLAGS.output), npz.getvalue())
         print(f"wrote {FLAGS.output}: " + ", ".join(f"{k} {v.shape}" for k, v in out.items()))
 
 

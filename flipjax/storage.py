@@ -4,6 +4,9 @@ Everything flipjax reads or writes outside the dataset itself goes through `etil
 Orbax and TFDS do, so a workdir, `data.data_dir` or `tokenizer.path` on Cloud Storage works
 like a local one (`pip install "flipjax[gcs]"`: gcsfs for epath, google-cloud-storage for
 TensorBoard's writer). As in Orbax, epath reads local paths under /gs/, /s3/ and /az/ as URLs.
+Two things stay local: the image files `flipjax.embed` reads, and Hugging Face model
+directories (`flipjax.export`'s output, `config.init_from`), which transformers writes and
+reads as local folders.
 Object stores have no append (gcsfs silently overwrites) and no atomic rename, so files there
 are written whole: to a temporary name, then moved over the old one.
 """

@@ -3,12 +3,14 @@ import subprocess
 import sys
 import types
 
+import jax
 import numpy as np
 import pytest
 from conftest import REPO, load_config
 
 from flipjax.config import ConfigError, validate
-from flipjax.train.sharding import check_tensor_groups
+from flipjax.train.sharding import check_tensor_groups, make_mesh
+from flipjax.train.step import TrainSetup
 from flipjax.train.workdir import load_workdir_config
 
 
@@ -43,6 +45,13 @@ def test_validation_names_the_field(field, value, message):
         validate(config)
 
 
+def test_validation_names_a_linear_probes_kind():
+    config = load_config()
+    config.evals.probe = dict(type="linear_probe", every_steps=10, kind="multi")
+    with pytest.raises(ConfigError, match=r"config\.evals\.probe\.kind: .*'multi' is not one"):
+        validate(config)
+
+
 def test_a_tensor_axis_splits_no_examples():
     """On 8 devices with tensor=2 the batch has 4 shards: 12 pairs is valid, 10 is not."""
     config = load_config()
@@ -61,6 +70,35 @@ def test_a_tensor_axis_must_stay_inside_one_process():
     check_tensor_groups(devices.reshape(4, 2), ("data", "tensor"))
     with pytest.raises(ValueError, match=r"tensor axis \(2 devices\) spans processes \[0, 1\]"):
         check_tensor_groups(devices.reshape(2, 4), ("tensor", "data"))
+
+
+def test_the_pod_config_validates_shards_and_lowers(tmp_path):
+    """configs/base.py, the TPU-VM entry point (B/16 towers, batch 4096, scanned layers,
+    sharded loss), which the other tests never load: on 8 devices as 2 data x 4 fsdp it
+    passes validation once its dataset and tokenizer exist, its large kernels are split over
+    fsdp, and its train step lowers."""
+    config = load_config("base", None)
+    config.mesh = [("data", 2), ("fsdp", 4)]
+    with pytest.raises(ConfigError, match=r"config\.data\.name: dataset 'facecaption15m'"):
+        validate(config)
+    config.data.data_dir = str(tmp_path)
+    (tmp_path / "facecaption15m" / "1.0.0").mkdir(parents=True)
+    (tmp_path / "facecaption15m" / "1.0.0" / "dataset_info.json").write_text("{}")
+    config.tokenizer.path = str(tmp_path / "spm.model")
+    (tmp_path / "spm.model").write_bytes(b"")
+    validate(config)
+
+    setup = TrainSetup(config, config.tokenizer.vocab_size, make_mesh(config.mesh))
+    fc1 = setup.abstract_state["params"]["img"]["encoder"]["layers"]["mlp"]["fc1"]["kernel"]
+    assert fc1.shape == (12, 768, 3072)  # 12 stacked B blocks
+    fc1_sharding = setup.state_shardings["params"]["img"]["encoder"]["layers"]["mlp"]["fc1"]
+    assert "fsdp" in str(fc1_sharding["kernel"].spec)
+    n, size = config.data.global_batch_size, config.data.image_size
+    batch = {"image": jax.ShapeDtypeStruct((n, size, size, 3), np.uint8,
+                                           sharding=setup.batch_sharding),
+             "text": jax.ShapeDtypeStruct((n, config.model.text.max_len), np.int32,
+                                          sharding=setup.batch_sharding)}
+    assert "stablehlo.while" in setup.train_step.lower(setup.abstract_state, batch).as_text()
 
 
 def test_workdir_config_of_an_older_run_is_filled_in(tmp_path):

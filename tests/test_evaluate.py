@@ -12,7 +12,7 @@ from flipjax.evaluate.linear_probe import (
     multilabel_metrics,
     select,
 )
-from flipjax.evaluate.prompts import CELEBA_ATTRIBUTES, PROMPTS, prompts_for
+from flipjax.evaluate.prompts import PROMPTS, prompts_for
 from flipjax.evaluate.retrieval import (
     block_rows,
     ranks_image_to_text,
@@ -20,6 +20,7 @@ from flipjax.evaluate.retrieval import (
     recall_at_k,
 )
 from flipjax.evaluate.zeroshot import class_embeddings, ensemble, zeroshot_predict
+from tfds_builders.builder_utils import CELEBA_ATTRIBUTE_NAMES
 
 # 3 images, 6 captions; captions 0,1 describe image 0, caption 2 image 1, captions 3,4 image 2,
 # caption 5 image 3 (image 4 has none). With img = I and txt = S.T, img @ txt.T == S exactly.
@@ -177,13 +178,25 @@ def test_class_embeddings_groups_prompts_by_attribute():
 def test_prompt_table_covers_celeba_and_synthetic_faces():
     from tfds_builders.synthetic_faces import ATTRIBUTE_NAMES
 
-    assert set(CELEBA_ATTRIBUTES) == set(PROMPTS) and len(CELEBA_ATTRIBUTES) == 40
+    assert set(CELEBA_ATTRIBUTE_NAMES) == set(PROMPTS) and len(CELEBA_ATTRIBUTE_NAMES) == 40
     assert set(ATTRIBUTE_NAMES) <= set(PROMPTS)
     for name in PROMPTS:
         pos, neg = prompts_for(name)
         assert pos and neg and not set(pos) & set(neg)
     with pytest.raises(KeyError, match="prompts.py"):
         prompts_for("Has_Tail")
+
+
+def test_attribute_names_set_in_the_config_must_count_the_records_attributes():
+    import ml_collections
+
+    from flipjax.evaluate.prompts import attribute_names
+
+    data_cfg = ml_collections.ConfigDict({"name": "faces", "attribute_names": ["Smiling", "Male"]})
+    assert attribute_names(data_cfg, 2) == ["Smiling", "Male"]
+    with pytest.raises(ValueError, match=r"the evaluator's attribute_names names 2 attributes, "
+                                         r"but the 'test' records of dataset 'faces' have 3"):
+        attribute_names(data_cfg, 3)
 
 
 def test_evaluator_data_config_other_dataset_drops_builder_config():

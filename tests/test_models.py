@@ -42,16 +42,26 @@ def model_config(**image_overrides) -> ml_collections.ConfigDict:
     return cfg
 
 
-@pytest.mark.parametrize("variant", ["mu/8", "Ti/16", "S/14", "M/16", "B/16", "L/14"])
+# (width, depth, mlp_dim, heads) as published: ViT (Dosovitskiy et al.; Ti, S, B, L, H),
+# big_vision's M and SigLIP's So400m; mu is flipjax's test size.
+PUBLISHED_SIZES = {"mu": (32, 1, 128, 2), "Ti": (192, 12, 768, 3), "S": (384, 12, 1536, 6),
+                   "M": (512, 12, 2048, 8), "B": (768, 12, 3072, 12), "L": (1024, 24, 4096, 16),
+                   "So400m": (1152, 27, 4304, 16), "H": (1280, 32, 5120, 16)}
+
+
+@pytest.mark.parametrize("variant", ["mu/8", "Ti/16", "S/14", "M/16", "B/16", "L/14",
+                                     "So400m/14", "H/14"])
 def test_variant_param_shapes(variant):
     name, patch = variant.split("/")
+    width, depth, mlp_dim, heads = PUBLISHED_SIZES[name]
     cfg = model_config(variant=variant, image_size=int(patch) * 2)
     model = nnx.eval_shape(lambda: make_model(cfg, vocab_size=100))
-    size = SIZES[name]
-    assert len(model.img.encoder.layers) == size.depth
-    assert model.img.patch_embed.kernel.shape == (int(patch), int(patch), 3, size.width)
-    assert model.img.encoder.layers[0].mlp.fc1.kernel.shape == (size.width, size.mlp_dim)
-    assert model.img.pos_embedding.shape == (1, 4, size.width)
+    assert len(model.img.encoder.layers) == depth
+    assert model.img.patch_embed.kernel.shape == (int(patch), int(patch), 3, width)
+    block = model.img.encoder.layers[0]
+    assert block.mlp.fc1.kernel.shape == (width, mlp_dim)
+    assert block.attn.num_heads == heads
+    assert model.img.pos_embedding.shape == (1, 4, width)
 
 
 @pytest.mark.parametrize("pool,posemb", [("map", "learn"), ("gap", "sincos2d"),
@@ -468,7 +478,7 @@ def test_auto_attention_follows_the_device_the_model_is_built_for():
     with mock.patch("jax.devices", lambda *_: [fake_cuda_device("9.0")]):
         assert resolve_attention("auto", jnp.bfloat16) == "cudnn"  # the default is a GPU now
         setup = TrainSetup(config, 50, make_mesh([("data", 1)], jax.local_devices()[:1]))
-    assert attention_kernels(setup.model(setup.abstract_state["params"])) == {"dot"}
+    assert attention_kernels(nnx.merge(setup.graphdef, setup.abstract_state["params"])) == {"dot"}
 
 
 def test_bf16_compute_keeps_fp32_params():

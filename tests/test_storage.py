@@ -4,6 +4,7 @@ way to Orbax, and local ones behave as before."""
 import json
 
 import ml_collections
+import pytest
 
 from flipjax.storage import storage_path, write_bytes_whole
 from flipjax.train import checkpoint, metrics
@@ -63,3 +64,14 @@ def test_metrics_at_a_url_are_written_whole_at_intervals_and_at_close(tmp_path, 
     assert steps() == [1, 2]
     assert json.loads(jsonl.read_text().splitlines()[1])["train/loss"] == 0.125
     writer.close()
+
+
+def test_a_resume_skips_a_cut_short_metrics_line_and_names_a_corrupt_one(tmp_path):
+    """A crash mid-append leaves a line without its newline, which a resume drops; a complete
+    line that is not a metrics record stops the resume with the file and line number."""
+    jsonl = storage_path(tmp_path / "metrics.jsonl")
+    jsonl.write_text('{"step": 1}\n{"step": 2}\n{"step": 3, "tra')
+    assert metrics.lines_up_to(jsonl, 2) == ['{"step": 1}\n', '{"step": 2}\n']
+    jsonl.write_text('{"step": 1}\nnot json\n')
+    with pytest.raises(ValueError, match=r"metrics\.jsonl:2: not a metrics line"):
+        metrics.lines_up_to(jsonl, 2)

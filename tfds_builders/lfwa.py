@@ -61,12 +61,13 @@ def _indices(value: Any) -> list[int]:
     return [int(v) - 1 if float(v).is_integer() else -1 for v in flat]
 
 
-def _labels(value: Any, count: int) -> np.ndarray:
+def _labels(value: Any, count: int, path: epath.Path) -> np.ndarray:
     labels = np.asarray(value, dtype=np.float64)
     if labels.shape == (40, count) and count != 40:
         labels = labels.T
     if labels.shape != (count, 40):
-        raise ManualDirError(f"LFWA label matrix has shape {labels.shape}, expected ({count}, 40)")
+        raise ManualDirError(f"{path}: 'label' has shape {labels.shape}, expected "
+                             f"({count}, 40), one row per entry of 'name'")
     return labels
 
 
@@ -106,20 +107,22 @@ class LFWA(ImageSetBuilder):
     def _split_generators(self, dl_manager: tfds.download.DownloadManager) -> dict[str, Any]:
         manual = dl_manager.manual_dir
         images = find_path(manual, ["lfw"], "the LFW image folder")
-        annotations = read_mat(find_path(manual, ["lfw_att_40.mat"], "the LFWA attributes"))
-        splits = read_mat(find_path(manual, ["indices_train_test.mat"], "the LFWA split"))
-        missing = (({"name", "label"} - annotations.keys())
-                   | ({"indices_img_train", "indices_img_test"} - splits.keys()))
-        if missing:
-            raise ManualDirError(f"LFWA .mat files lack the variables {sorted(missing)}")
+        annotations_path = find_path(manual, ["lfw_att_40.mat"], "the LFWA attributes")
+        splits_path = find_path(manual, ["indices_train_test.mat"], "the LFWA split")
+        annotations, splits = read_mat(annotations_path), read_mat(splits_path)
+        for path, found, needed in (
+                (annotations_path, annotations, {"name", "label"}),
+                (splits_path, splits, {"indices_img_train", "indices_img_test"})):
+            if needed - found.keys():
+                raise ManualDirError(f"{path} lacks the variables {sorted(needed - found.keys())}")
         names = _strings(annotations["name"])
-        labels = _labels(annotations["label"], len(names))
+        labels = _labels(annotations["label"], len(names), annotations_path)
         order = list(range(40))
         if "AttrName" in annotations:
             attr_names = _strings(annotations["AttrName"])
             if sorted(attr_names) != sorted(CELEBA_ATTRIBUTE_NAMES):
-                raise ManualDirError(f"lfw_att_40.mat AttrName is not the 40 CelebA attributes: "
-                                     f"{attr_names}")
+                raise ManualDirError(f"{annotations_path}: AttrName is not the 40 CelebA "
+                                     f"attributes: {attr_names}")
             order = [attr_names.index(name) for name in CELEBA_ATTRIBUTE_NAMES]
         test = _indices(splits["indices_img_test"])
         test_set = set(test)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import math
+from collections.abc import Sequence
 
 import grain
 import jax
@@ -24,7 +25,7 @@ import tensorflow_datasets as tfds
 from jax.sharding import NamedSharding
 from PIL import Image
 
-from flipjax.data.tokenizer import Tokenizer
+from flipjax.data.tokenizer import Tokenizer, text_of
 
 Batch = dict[str, np.ndarray]
 
@@ -56,10 +57,6 @@ def center_crop(image: Image.Image, size: int) -> Image.Image:
     s = min(w, h)
     x0, y0 = (w - s) / 2, (h - s) / 2
     return image.resize((size, size), Image.BICUBIC, box=(x0, y0, x0 + s, y0 + s))
-
-
-def text_of(value) -> str:
-    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
 class TrainPreprocess(grain.transforms.RandomMap):
@@ -96,7 +93,8 @@ def dataset_name(name: str, builder_config: str | None) -> str:
     return f"{name}/{builder_config}" if builder_config else name
 
 
-def data_source(cfg: ml_collections.ConfigDict, split: str):
+def data_source(cfg: ml_collections.ConfigDict, split: str) -> Sequence[dict]:
+    """The records of one split, by index (the ArrayRecord files, read without TensorFlow)."""
     return tfds.data_source(dataset_name(cfg.name, cfg.builder_config), split=split,
                             data_dir=cfg.data_dir)
 

@@ -45,6 +45,11 @@ def train_sentencepiece(texts: Iterable[str], output_path: str, vocab_size: int,
     return output_path
 
 
+def text_of(value: bytes | str) -> str:
+    """A record's caption as text: TFDS string features read back as UTF-8 bytes."""
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
 class Tokenizer:
     """Turns captions into fixed-length int32 ids (pieces, EOS, EOS padding)."""
 
@@ -53,7 +58,8 @@ class Tokenizer:
         if not path.exists():
             raise FileNotFoundError(
                 f"tokenizer model {model_path!r} does not exist; train one with "
-                "`python -m flipjax.data.tokenizer --dataset=... --output=...`")
+                "`python -m flipjax.data.tokenizer --dataset=NAME --data_dir=DIR "
+                f"--output={model_path}`")
         self.model_path, self.max_len = model_path, max_len
         self.sp = spm.SentencePieceProcessor(model_proto=path.read_bytes())
         if self.sp.eos_id() != EOS_ID or self.sp.pad_id() != PAD_ID:
@@ -94,8 +100,7 @@ def dataset_texts(name: str, data_dir: str, split: str, text_key: str,
     source = tfds.data_source(dataset_name(name, builder_config), split=split,
                               data_dir=data_dir)
     for i in range(len(source)):
-        text = source[i][text_key]
-        yield text.decode("utf-8") if isinstance(text, bytes) else str(text)
+        yield text_of(source[i][text_key])
 
 
 def main(argv: Sequence[str] | None = None) -> None:

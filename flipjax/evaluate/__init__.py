@@ -2,13 +2,18 @@
 
 Each runs inside training at its interval (results under keys `NAME/...`) and at the end, and
 from `python -m flipjax.evaluate` on a saved checkpoint. An evaluator may read another dataset
-than training does: `dataset=`, `builder_config=`, `image_key=`, `text_key=` override
-`config.data` fields for it.
+than training does: `dataset=`, `builder_config=`, `data_dir=`, `image_key=`, `text_key=`,
+`attribute_names=` override `config.data` fields for it (`DATA_OVERRIDES`).
 """
 
 from __future__ import annotations
 
+import json
+
 import ml_collections
+from absl import logging
+from flax import nnx
+from jax.sharding import Mesh
 
 from flipjax.data.tokenizer import Tokenizer
 from flipjax.evaluate.features import Embedder, model_fingerprint
@@ -16,6 +21,8 @@ from flipjax.evaluate.linear_probe import LinearProbeEvaluator
 from flipjax.evaluate.retrieval import RetrievalEvaluator
 from flipjax.evaluate.zeroshot import ZeroShotAttributesEvaluator
 
+# Images per evaluation batch where an evaluator's `batch_size` does not say.
+EVAL_BATCH_SIZE = 256
 EVALUATORS = {"retrieval": RetrievalEvaluator, "linear_probe": LinearProbeEvaluator,
               "zeroshot_attributes": ZeroShotAttributesEvaluator}
 DATA_OVERRIDES = {"dataset": "name", "builder_config": "builder_config",
@@ -36,8 +43,8 @@ def evaluator_data_config(config: ml_collections.ConfigDict,
     return data_cfg
 
 
-def make_evaluators(config: ml_collections.ConfigDict, tokenizer: Tokenizer, graphdef,
-                    mesh, cache_dir: str | None = None) -> dict:
+def make_evaluators(config: ml_collections.ConfigDict, tokenizer: Tokenizer,
+                    graphdef: nnx.GraphDef, mesh: Mesh, cache_dir: str | None = None) -> dict:
     """{name: evaluator}; each evaluator has `.run(params, step=None) -> {metric: value}`.
 
     With `cache_dir` (e.g. WORKDIR/features) image features are cached on disk per checkpoint
@@ -46,8 +53,22 @@ def make_evaluators(config: ml_collections.ConfigDict, tokenizer: Tokenizer, gra
     out = {}
     for name, eval_cfg in config.evals.items():
         data_cfg = evaluator_data_config(config, eval_cfg)
-        embedder = Embedder(graphdef, mesh, data_cfg, eval_cfg.get("batch_size", 256),
+        embedder = Embedder(graphdef, mesh, data_cfg, eval_cfg.get("batch_size", EVAL_BATCH_SIZE),
                             fingerprint=model_fingerprint(config.model, data_cfg))
         out[name] = EVALUATORS[eval_cfg.type](eval_cfg, data_cfg, tokenizer, embedder,
                                               cache_dir=cache_dir)
     return out
+
+
+def run_evaluators(evaluators: dict, params: dict, step: int, names: set[str] | None = None
+                   ) -> dict[str, float]:
+    """Runs the evaluators named in `names` (default: all) on `params` at checkpoint `step`;
+    returns their results as {"NAME/metric": value}, also logged."""
+    results = {}
+    for name, evaluator in evaluators.items():
+        if names is None or name in names:
+            results.update({f"{name}/{k}": v
+                            for k, v in evaluator.run(params, step=step).items()})
+    if results:
+        logging.info("step %d eval: %s", step, json.dumps(results))
+    return results

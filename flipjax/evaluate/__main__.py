@@ -16,7 +16,7 @@ import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from flipjax.evaluate import make_evaluators
+from flipjax.evaluate import make_evaluators, run_evaluators
 from flipjax.storage import storage_path, write_bytes_whole
 from flipjax.train.workdir import load_workdir_config, restore_params
 
@@ -33,10 +33,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
     params, step, setup, tokenizer = restore_params(config, workdir, step)
     evaluators = make_evaluators(config, tokenizer, setup.graphdef, setup.mesh,
                                  cache_dir=str(storage_path(workdir) / "features"))
-    results = {}
-    for name, evaluator in evaluators.items():
-        results.update({f"{name}/{k}": v for k, v in evaluator.run(params, step=step).items()})
-    return step, results
+    return step, run_evaluators(evaluators, params, step)
 
 
 def main(argv: list[str]) -> None:

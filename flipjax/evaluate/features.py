@@ -21,8 +21,8 @@ from etils import epath
 from flax import nnx
 from tqdm import tqdm
 
-from flipjax.data.pipeline import EvalPreprocess, data_source, normalize_images, text_of
-from flipjax.data.tokenizer import Tokenizer
+from flipjax.data.pipeline import EvalPreprocess, data_source, normalize_images
+from flipjax.data.tokenizer import Tokenizer, text_of
 from flipjax.models import TwoTowers
 from flipjax.storage import storage_path, write_bytes_whole
 from flipjax.train.sharding import batch_sharding, batch_shards, process0_flag, replicated

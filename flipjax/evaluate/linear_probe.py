@@ -25,6 +25,7 @@ import numpy as np
 import optax
 from absl import logging
 
+from flipjax.data.tokenizer import Tokenizer
 from flipjax.evaluate.features import Embedder, image_features
 from flipjax.evaluate.prompts import attribute_names
 
@@ -218,7 +219,8 @@ class LinearProbeEvaluator:
     `val_fraction` of train with `seed`), `test_split` ("test"), `label_key` ("attributes"),
     `kind` (multilabel|multiclass), `l2_grid`, `epochs_grid`, `lr`, `probe_batch_size`."""
 
-    def __init__(self, cfg, data_cfg, tokenizer, embedder: Embedder,
+    def __init__(self, cfg: ml_collections.ConfigDict, data_cfg: ml_collections.ConfigDict,
+                 tokenizer: Tokenizer, embedder: Embedder,
                  cache_dir: str | None = None):
         del tokenizer
         self.cfg, self.data_cfg, self.embedder = cfg, data_cfg, embedder
@@ -238,12 +240,12 @@ class LinearProbeEvaluator:
             carved = 0.0
         else:
             tr, va = carve_validation(len(train["labels"]), cfg.get("val_fraction", 0.1),
-                                      cfg.get("seed", 0))
+                                      self.probe.seed)
             train, val = ({k: v[tr] for k, v in train.items()},
                           {k: v[va] for k, v in train.items()})
             carved = 1.0
             logging.info("linear probe: no val_split, validating on %d train records carved "
-                         "out with seed %d", len(va), cfg.get("seed", 0))
+                         "out with seed %d", len(va), self.probe.seed)
         test = self.features(params, cfg.get("test_split", "test"), step)
         names = None
         if self.probe.kind == "multilabel":

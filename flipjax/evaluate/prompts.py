@@ -12,6 +12,7 @@ from __future__ import annotations
 import ml_collections
 
 from flipjax.data.pipeline import data_source
+from tfds_builders.builder_utils import CELEBA_ATTRIBUTE_NAMES
 
 TEMPLATES: tuple[str, ...] = ("a photo of {}.", "a close-up photo of {}.", "a face of {}.",
                               "{}.")
@@ -101,17 +102,6 @@ PROMPTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
               ("an old person", "an elderly person", "a middle-aged person")),
 }
 
-# CelebA's list_attr_celeba.txt order (= the order of `celeba`/`lfwa` records' `attributes`).
-CELEBA_ATTRIBUTES: tuple[str, ...] = (
-    "5_o_Clock_Shadow", "Arched_Eyebrows", "Attractive", "Bags_Under_Eyes", "Bald", "Bangs",
-    "Big_Lips", "Big_Nose", "Black_Hair", "Blond_Hair", "Blurry", "Brown_Hair",
-    "Bushy_Eyebrows", "Chubby", "Double_Chin", "Eyeglasses", "Goatee", "Gray_Hair",
-    "Heavy_Makeup", "High_Cheekbones", "Male", "Mouth_Slightly_Open", "Mustache",
-    "Narrow_Eyes", "No_Beard", "Oval_Face", "Pale_Skin", "Pointy_Nose", "Receding_Hairline",
-    "Rosy_Cheeks", "Sideburns", "Smiling", "Straight_Hair", "Wavy_Hair", "Wearing_Earrings",
-    "Wearing_Hat", "Wearing_Lipstick", "Wearing_Necklace", "Wearing_Necktie", "Young",
-)
-
 
 def prompts_for(name: str) -> tuple[list[str], list[str]]:
     """Every template filled with every positive / negative description of `name`."""
@@ -127,14 +117,16 @@ def attribute_names(data_cfg: ml_collections.ConfigDict, num: int,
                     split: str = "test") -> list[str]:
     """The names of a dataset's `attributes` entries: `data_cfg.attribute_names` if set, else
     the dataset metadata's "attribute_names", else CelebA's order for 40, else attr_i."""
-    names = data_cfg.get("attribute_names")
+    names, source = data_cfg.get("attribute_names"), "the evaluator's attribute_names"
     if not names:
         info = data_source(data_cfg, split).dataset_info
         names = (info.metadata or {}).get("attribute_names")
-    if not names and num == len(CELEBA_ATTRIBUTES):
-        names = CELEBA_ATTRIBUTES
+        source = f"the metadata of dataset {data_cfg.name!r}"
+    if not names and num == len(CELEBA_ATTRIBUTE_NAMES):
+        names = CELEBA_ATTRIBUTE_NAMES
     names = list(names or [f"attr_{i}" for i in range(num)])
     if len(names) != num:
-        raise ValueError(f"{len(names)} attribute names for {num} attributes")
+        raise ValueError(f"{source} names {len(names)} attributes, but the {split!r} records "
+                         f"of dataset {data_cfg.name!r} have {num}")
     return names
 

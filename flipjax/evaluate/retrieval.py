@@ -5,14 +5,16 @@ its own image is).
 Ranks are counted, not sorted: a query's rank is how many gallery items score strictly above its
 best correct item (ties are resolved in the query's favour). Scores are computed in blocks of
 queries sized from a memory budget, so a 30k-image x 300k-caption gallery never materialises:
-with the default 256 MiB budget an image->text block is ~170 rows of 300k float32 scores
+with the default 256 MiB budget an image->text block is ~180 rows of 300k float32 scores
 (+ a same-shaped bool comparison), where the full matrix would take 36 GB.
 """
 
 from __future__ import annotations
 
+import ml_collections
 import numpy as np
 
+from flipjax.data.tokenizer import Tokenizer
 from flipjax.evaluate.features import Embedder, embed_split
 
 BLOCK_BYTES = 1 << 28
@@ -75,7 +77,9 @@ def recall_at_k(img: np.ndarray, txt: np.ndarray, caption_owner: np.ndarray,
 class RetrievalEvaluator:
     """Recall@K of a split's images against its captions (one `text_key` string or a list)."""
 
-    def __init__(self, cfg, data_cfg, tokenizer, embedder: Embedder, cache_dir: str | None = None):
+    def __init__(self, cfg: ml_collections.ConfigDict, data_cfg: ml_collections.ConfigDict,
+                 tokenizer: Tokenizer, embedder: Embedder,
+                 cache_dir: str | None = None):
         del cache_dir  # Text embeddings depend on the tokenizer too; retrieval is cheap to redo.
         self.cfg, self.data_cfg, self.tokenizer, self.embedder = cfg, data_cfg, tokenizer, embedder
 

@@ -9,10 +9,12 @@ majority side on rare attributes.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
+import ml_collections
 import numpy as np
 
+from flipjax.data.tokenizer import Tokenizer
 from flipjax.evaluate.features import Embedder, image_features
 from flipjax.evaluate.linear_probe import multilabel_metrics
 from flipjax.evaluate.prompts import attribute_names, prompts_for
@@ -30,7 +32,8 @@ def zeroshot_predict(image_emb: np.ndarray, pos: np.ndarray, neg: np.ndarray) ->
     return (image_emb @ pos.T > image_emb @ neg.T).astype(np.int32)
 
 
-def class_embeddings(embed_texts, names: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+def class_embeddings(embed_texts: Callable[[list[str]], np.ndarray], names: Sequence[str]
+                     ) -> tuple[np.ndarray, np.ndarray]:
     """(A, D) ensembled positive and negative embeddings; `embed_texts` maps list[str] to
     (n, D) embeddings and is called once for all prompts."""
     sets = [prompts_for(n) for n in names]
@@ -48,7 +51,8 @@ class ZeroShotAttributesEvaluator:
     """`type="zeroshot_attributes"`: fields `split` ("test"), `label_key` ("attributes"),
     `attributes` (optional subset of names to score)."""
 
-    def __init__(self, cfg, data_cfg, tokenizer, embedder: Embedder,
+    def __init__(self, cfg: ml_collections.ConfigDict, data_cfg: ml_collections.ConfigDict,
+                 tokenizer: Tokenizer, embedder: Embedder,
                  cache_dir: str | None = None):
         self.cfg, self.data_cfg, self.tokenizer, self.embedder = cfg, data_cfg, tokenizer, embedder
         self.cache_dir = cache_dir

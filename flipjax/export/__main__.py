@@ -23,7 +23,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--tokenizer", default=None, help="SentencePiece .model, if the "
                         "config's tokenizer.path does not resolve from here")
     args = parser.parse_args(argv)
-    from flipjax.export.hf_export import ExportError, export_workdir
+    try:
+        from flipjax.export.hf_export import ExportError, export_workdir
+    except ImportError as e:
+        print(f"cannot export: {e}; install the Hugging Face extra: pip install "
+              '"flipjax[hf]"', file=sys.stderr)
+        return 2
 
     try:
         model_cls = export_workdir(args.workdir, args.output, args.step, args.tokenizer)

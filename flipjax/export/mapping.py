@@ -16,7 +16,10 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
+import jax
 import numpy as np
+
+from flipjax.train.tree_names import path_name
 
 SIGLIP, CLIP = "siglip", "clip"
 
@@ -135,16 +138,11 @@ HF_ACT = {"tanh": "gelu_pytorch_tanh", "exact": "gelu", "quick": "quick_gelu"}
 FLIP_GELU = {**{v: k for k, v in HF_ACT.items()}, "gelu_new": "tanh"}
 
 
-def flatten(params: dict, prefix: str = "") -> dict[str, Any]:
-    """{'img/encoder/layers/0/norm1/scale': leaf, ...} from an NNX pure dict (int list keys)."""
-    flat = {}
-    for key, value in params.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(flatten(value, name + "/"))
-        else:
-            flat[name] = value
-    return flat
+def flatten(params: dict) -> dict[str, Any]:
+    """{'img/encoder/layers/0/norm1/scale': leaf, ...} from an NNX pure dict (int list keys):
+    each leaf under the name the sharding and freezing rules match (`tree_names.path_name`)."""
+    return {path_name(path): leaf
+            for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
 
 
 def unflatten_into(params: dict, flat: dict[str, Any]) -> dict:

@@ -14,7 +14,7 @@ from flax import nnx
 
 from flipjax.models.layers import resolve_attention
 from flipjax.models.text import TextTransformer
-from flipjax.models.variants import resolve_size
+from flipjax.models.variants import Size, resolve_size
 from flipjax.models.vit import ViT
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -47,7 +47,8 @@ class TwoTowers(nnx.Module):
         return self.embed_images(images), self.embed_texts(ids)
 
 
-def tower_size(tower_cfg: ml_collections.ConfigDict, *, with_patch: bool):
+def tower_size(tower_cfg: ml_collections.ConfigDict, *, with_patch: bool
+               ) -> tuple[Size, int | None]:
     overrides = {k: tower_cfg.get(k) for k in SIZE_FIELDS}
     return resolve_size(tower_cfg.variant, overrides, with_patch=with_patch)
 

@@ -29,7 +29,8 @@ def in_batch_top1(logits: jax.Array) -> dict[str, jax.Array]:
             "t2i_top1": jnp.mean(jnp.argmax(logits, axis=0) == target)}
 
 
-def softmax_loss(zimg, ztxt, scale, bias):
+def softmax_loss(zimg: jax.Array, ztxt: jax.Array, scale: jax.Array, bias: jax.Array
+                 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Symmetric InfoNCE: cross-entropy over captions per image and over images per caption."""
     logits = contrastive_logits(zimg, ztxt, scale, bias)
     diag = jnp.diagonal(logits)
@@ -39,7 +40,8 @@ def softmax_loss(zimg, ztxt, scale, bias):
     return loss, in_batch_top1(logits)
 
 
-def sigmoid_loss(zimg, ztxt, scale, bias):
+def sigmoid_loss(zimg: jax.Array, ztxt: jax.Array, scale: jax.Array, bias: jax.Array
+                 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """SigLIP: an independent binary label per pair, +1 on the diagonal and -1 elsewhere.
 
     As in big_vision, each image's loss sums over all captions and the batch mean is taken.

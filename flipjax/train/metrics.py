@@ -23,8 +23,18 @@ def lines_up_to(path: epath.Path, last_step: int) -> list[str]:
     from that step's checkpoint leaves one line per step, as an uninterrupted run would."""
     if not path.exists():
         return []
-    return [line for line in path.read_text().splitlines(keepends=True)
-            if line.strip() and line.endswith("\n") and json.loads(line)["step"] <= last_step]
+    kept = []
+    for number, line in enumerate(path.read_text().splitlines(keepends=True), 1):
+        if not line.strip() or not line.endswith("\n"):  # blank, or cut short by a crash
+            continue
+        try:
+            step = json.loads(line)["step"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{path}:{number}: not a metrics line with a step ({e!r}); fix or "
+                             "delete that line to resume") from None
+        if step <= last_step:
+            kept.append(line)
+    return kept
 
 
 class MetricWriter:

@@ -46,7 +46,7 @@ class TrainSetup:
     and the compiled functions."""
 
     def __init__(self, config: ml_collections.ConfigDict, vocab_size: int, mesh: Mesh):
-        self.config, self.mesh = config, mesh
+        self.mesh = mesh
         # The model's attention "auto" resolves for the mesh's devices, not JAX's default ones.
         build = functools.partial(make_model, config.model, vocab_size=vocab_size,
                                   seed=config.seed, device=mesh.devices.flat[0])
@@ -74,9 +74,6 @@ class TrainSetup:
             make_train_step(self.graphdef, self.tx, self.schedule, config, mesh),
             in_shardings=(self.state_shardings, self.batch_sharding),
             out_shardings=(self.state_shardings, replicated(mesh)), donate_argnums=0)
-
-    def model(self, params: dict) -> TwoTowers:
-        return nnx.merge(self.graphdef, params)
 
 
 def make_loss(config: ml_collections.ConfigDict, mesh: Mesh | None) -> LossFn:

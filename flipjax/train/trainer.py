@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import time
 
 import jax
@@ -20,7 +19,7 @@ from tqdm import tqdm
 from flipjax.config import check, prepare, validate
 from flipjax.data.pipeline import make_train_dataset, to_global
 from flipjax.data.tokenizer import Tokenizer
-from flipjax.evaluate import make_evaluators
+from flipjax.evaluate import make_evaluators, run_evaluators
 from flipjax.export.hf_import import load_into_params
 from flipjax.storage import storage_path, write_bytes_whole
 from flipjax.train import checkpoint
@@ -29,19 +28,6 @@ from flipjax.train.preemption import PreemptedError, PreemptionWatch
 from flipjax.train.sharding import make_mesh
 from flipjax.train.step import TrainSetup
 from flipjax.train.workdir import load_workdir_config
-
-
-def evaluate_all(evaluators: dict, params: dict, step: int, due: set[str] | None = None
-                 ) -> dict[str, float]:
-    results = {}
-    for name, evaluator in evaluators.items():
-        if due is None or name in due:
-            results.update({f"{name}/{k}": v
-                            for k, v in evaluator.run(params, step=step).items()})
-    if results:
-        logging.info("step %d eval: %s", step, json.dumps(results))
-    return results
-
 
 # What the data iterator's checkpointed position means: a count of global batches over the
 # seeded shuffle of one split.
@@ -156,7 +142,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 values.update(step_time_s=seconds,
                               images_per_s=config.data.global_batch_size / seconds)
                 metrics = {f"train/{k}": v for k, v in values.items()}
-                metrics.update(evaluate_all(evaluators, state["params"], step, due_evals))
+                metrics.update(run_evaluators(evaluators, state["params"], step, due_evals))
                 writer.write(step, metrics)
                 progress.set_postfix(loss=f"{values['loss']:.3f}", lr=f"{values['lr']:.2e}")
                 if progress.disable:  # no terminal: a log line instead of the bar
