@@ -13,6 +13,7 @@ from flipjax.data.pipeline import (
     random_resized_crop,
 )
 from flipjax.data.tokenizer import EOS_ID, Tokenizer
+from flipjax.data.tokenizer import main as tokenizer_main
 
 
 def tokenizer_of(config):
@@ -28,6 +29,22 @@ def test_tokenizer_sticky_eos_and_truncation(tiny_config):
     assert tok.decode(ids) == "a young woman with blond hair."  # the model folds case
     long = tok.encode(" ".join(["smiling"] * 100))
     assert long[-1] == EOS_ID and np.all(long[:-1] != EOS_ID)
+
+
+def test_tokenizer_command_trains_on_a_built_dataset(tiny_config, tmp_path, capsys):
+    """`python -m flipjax.data.tokenizer`, as the README and the missing-tokenizer error give
+    it: reads the built dataset's captions and writes a model of the asked size that has
+    learned them (whole words as pieces, decoding back case-folded)."""
+    data, out = tiny_config.data, tmp_path / "spm.model"
+    tokenizer_main([f"--dataset={data.name}", f"--data_dir={data.data_dir}",
+                    f"--builder_config={data.builder_config}", "--vocab_size=300",
+                    f"--output={out}"])
+    assert f"wrote {out} (300 pieces)" in capsys.readouterr().out
+    tok = Tokenizer(str(out), max_len=128)
+    caption = data_source(data, "train")[0]["caption"].decode()
+    ids = tok.encode(caption)
+    assert tok.decode(ids) == caption.lower()
+    assert int(np.argmax(ids == EOS_ID)) < len(caption.split()) * 2
 
 
 def test_train_batches_shapes_and_determinism(tiny_config):
@@ -74,3 +91,7 @@ def test_eval_preprocess_any_mode(mode):
     image.save(buf, format="PNG" if mode != "CMYK" else "JPEG")
     out = EvalPreprocess(32, "image").map({"image": buf.getvalue(), "id": b"x"})
     assert out["image"].shape == (32, 32, 3) and out["id"] == b"x"
+    # The picture's colour as PIL converts that mode back to RGB (grey for L; for P, the
+    # palette's colours dithered, so compared by their mean), within JPEG's error for CMYK.
+    want = np.asarray(image.convert("RGB"), np.float32).reshape(-1, 3).mean(0)
+    np.testing.assert_allclose(out["image"].reshape(-1, 3).mean(0), want, atol=4)

@@ -116,8 +116,9 @@ def test_workers_give_identical_records(tmp_path: Path) -> None:
     assert one.keys() == two.keys()
     for split in one:
         assert one[split].keys() == two[split].keys()
-        for sample_id in one[split]:
-            assert one[split][sample_id]["image"] == two[split][sample_id]["image"]
+        for sample_id, record in one[split].items():
+            for key, value in record.items():
+                np.testing.assert_array_equal(two[split][sample_id][key], value)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("apache_beam") is None,
