@@ -154,7 +154,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
         check(storage_path(config.tokenizer.path).exists(), "tokenizer.path",
               f"{config.tokenizer.path!r} does not exist; train it with `python -m "
               f"flipjax.data.tokenizer --dataset={data.name} --data_dir={data.data_dir} "
-              f"--output={config.tokenizer.path}`")
+              + (f"--builder_config={data.builder_config} " if data.builder_config else "")
+              + f"--vocab_size={config.tokenizer.vocab_size} --output={config.tokenizer.path}`")
 
 
 def prepare(config: ml_collections.ConfigDict) -> None:

@@ -32,7 +32,7 @@ from tfds_builders.face_crop import Skip, to_rgb
 flags.DEFINE_string("workdir", None, "The training run's workdir.")
 flags.DEFINE_string("images", None, "A directory (searched recursively) or a glob.")
 flags.DEFINE_string("texts", None, "A text file, one text per line.")
-flags.DEFINE_string("output", None, "The .npz to write.")
+flags.DEFINE_string("output", None, "The .npz to write ('.npz' is added if missing).")
 flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
 flags.DEFINE_integer("batch_size", 64, "Images per batch (rounded up to the device count).")
 flags.mark_flags_as_required(["workdir", "output"])
@@ -92,15 +92,16 @@ def main(argv: list[str]) -> None:
         out.update(image_embeddings=emb, image_files=np.asarray(kept, dtype=str))
         logging.info("embedded %d of %d image files", len(kept), len(paths))
     if FLAGS.texts:
-        lines = storage_path(FLAGS.texts).read_text(encoding="utf-8").splitlines()
-        texts = [line.strip() for line in lines if line.strip()]
+        lines = storage_path(FLAGS.texts).read_text(encoding="utf-8").split("\n")
+        texts = [line.strip() for line in lines if line.strip()]  # strip() takes "\r" too
         out.update(text_embeddings=embedder.texts(params, tokenizer.encode_batch(texts)),
                    texts=np.asarray(texts, dtype=str))
     if jax.process_index() == 0:
         npz = io.BytesIO()
         np.savez(npz, **out)
-        write_bytes_whole(storage_path(FLAGS.output), npz.getvalue())
-        print(f"wrote {FLAGS.output}: " + ", ".join(f"{k} {v.shape}" for k, v in out.items()))
+        output = FLAGS.output if FLAGS.output.endswith(".npz") else f"{FLAGS.output}.npz"
+        write_bytes_whole(storage_path(output), npz.getvalue())
+        print(f"wrote {output}: " + ", ".join(f"{k} {v.shape}" for k, v in out.items()))
 
 
 if __name__ == "__main__":

@@ -84,14 +84,16 @@ def test_crops():
         np.asarray(center_crop(image, 24)))
 
 
-@pytest.mark.parametrize("mode", ["L", "RGBA", "P", "CMYK"])
-def test_eval_preprocess_any_mode(mode):
+@pytest.mark.parametrize("mode,want", [
+    ("L", (67, 67, 67)),  # PIL's grey of (200, 10, 10)
+    ("RGBA", (228, 133, 133)),  # half transparent, over white
+    ("P", (200, 10, 10)),  # the web palette's colours, dithered: compared by their mean
+    ("CMYK", (200, 10, 10))])  # within JPEG's error
+def test_eval_preprocess_any_mode(mode, want):
     buf = io.BytesIO()
-    image = Image.new("RGB", (50, 40), (200, 10, 10)).convert(mode)
+    image = Image.new("RGBA", (50, 40), (200, 10, 10, 128) if mode == "RGBA" else
+                      (200, 10, 10, 255)).convert(mode)
     image.save(buf, format="PNG" if mode != "CMYK" else "JPEG")
     out = EvalPreprocess(32, "image").map({"image": buf.getvalue(), "id": b"x"})
     assert out["image"].shape == (32, 32, 3) and out["id"] == b"x"
-    # The picture's colour as PIL converts that mode back to RGB (grey for L; for P, the
-    # palette's colours dithered, so compared by their mean), within JPEG's error for CMYK.
-    want = np.asarray(image.convert("RGB"), np.float32).reshape(-1, 3).mean(0)
     np.testing.assert_allclose(out["image"].reshape(-1, 3).mean(0), want, atol=4)

@@ -26,14 +26,18 @@ from jax.sharding import NamedSharding
 from PIL import Image
 
 from flipjax.data.tokenizer import Tokenizer, text_of
+from tfds_builders.face_crop import to_rgb
 
 Batch = dict[str, np.ndarray]
 
 
 def decode_rgb(data: bytes) -> Image.Image:
+    """Encoded image bytes as 8-bit RGB, converted as the dataset builders and
+    `flipjax.embed` convert (`face_crop.to_rgb`: transparency over white, 16-bit grey scaled),
+    so that a picture gets the same pixels whichever way it reaches the model."""
     image = Image.open(io.BytesIO(data))
     image.draft("RGB", (image.width, image.height))
-    return image.convert("RGB")
+    return to_rgb(image)
 
 
 def random_resized_crop(image: Image.Image, size: int, scale: tuple[float, float],

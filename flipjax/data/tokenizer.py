@@ -59,7 +59,7 @@ class Tokenizer:
             raise FileNotFoundError(
                 f"tokenizer model {model_path!r} does not exist; train one with "
                 "`python -m flipjax.data.tokenizer --dataset=NAME --data_dir=DIR "
-                f"--output={model_path}`")
+                f"[--builder_config=CONFIG] --vocab_size=N --output={model_path}`")
         self.model_path, self.max_len = model_path, max_len
         self.sp = spm.SentencePieceProcessor(model_proto=path.read_bytes())
         if self.sp.eos_id() != EOS_ID or self.sp.pad_id() != PAD_ID:

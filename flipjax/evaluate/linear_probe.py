@@ -234,7 +234,8 @@ class LinearProbeEvaluator:
 
     def run(self, params: dict, step: int | None = None) -> dict[str, float]:
         cfg = self.cfg
-        train = self.features(params, cfg.get("train_split", "train"), step)
+        train_split = cfg.get("train_split", "train")
+        train = self.features(params, train_split, step)
         if cfg.get("val_split"):
             val = self.features(params, cfg.val_split, step)
             carved = 0.0
@@ -249,5 +250,5 @@ class LinearProbeEvaluator:
         test = self.features(params, cfg.get("test_split", "test"), step)
         names = None
         if self.probe.kind == "multilabel":
-            names = attribute_names(self.data_cfg, train["labels"].shape[1])
+            names = attribute_names(self.data_cfg, train["labels"].shape[1], train_split)
         return {**linear_probe(train, val, test, self.probe, names), "val_carved": carved}

@@ -25,7 +25,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         from flipjax.export.hf_export import ExportError, export_workdir
-    except ImportError as e:
+    except ModuleNotFoundError as e:
+        if e.name is None or e.name.split(".")[0] not in ("torch", "transformers", "tokenizers"):
+            raise
         print(f"cannot export: {e}; install the Hugging Face extra: pip install "
               '"flipjax[hf]"', file=sys.stderr)
         return 2

@@ -51,9 +51,9 @@ def gelu_fn(flavour: str) -> Callable[[jax.Array], jax.Array]:
     return GELU_FLAVOURS[flavour]
 
 
-def dense_matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    """x (..., in) @ kernel (in, out); on CPUs and GPUs computed over x flattened to
-    (tokens, in).
+def dense_matmul(x: jax.Array, kernel: jax.Array, platform: str) -> jax.Array:
+    """x (..., in) @ kernel (in, out); for CPUs and GPUs (`platform`, a `jax.Device.platform`)
+    computed over x flattened to (tokens, in).
 
     Why flatten: autodiff then takes the kernel's gradient as one (tokens, in) x
     (tokens, out) product. Over (batch, seq, in) arrays XLA:CPU fed that product a transposed
@@ -69,37 +69,43 @@ def dense_matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
     The products and values are the same, and remat policies still see a plain dot. On a
     TPU the product keeps its (batch, seq) axes, as `nnx.Linear` computes it: there merging
     197 tokens into the batch axis can cost a relayout copy (TPU tiles the last two axes;
-    not measured there). The form is chosen for the platform the step is lowered for
-    (`jax.lax.platform_dependent`), not the host's, so a deviceless compile for a TPU pod
-    from a CPU host gets the TPU form.
+    not measured there).
+
+    Why the platform is an argument, decided when the model is built for its device
+    (`make_model`), rather than `jax.default_backend()` at trace time: a deviceless compile
+    for a TPU pod from a CPU host must get the TPU form. Nor `jax.lax.platform_dependent`,
+    which picks the form when lowering: autodiff turns it into a `cond` whose residuals
+    hide that the kernel is a scanned layer's own parameter, and a scanned ViT-S/16 step
+    without remat then stacked a copy of its kernels: 1.45 instead of 1.28 GB of scratch at
+    batch 8 on the CPU.
     """
-
-    def over_tokens(x: jax.Array, kernel: jax.Array) -> jax.Array:
-        y = x.reshape(-1, x.shape[-1]) @ kernel
-        return y.reshape(*x.shape[:-1], kernel.shape[-1])
-
-    def batched(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    if platform == "tpu":
         return jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
-
-    if x.ndim <= 2:
-        return batched(x, kernel)
-    return jax.lax.platform_dependent(x, kernel, tpu=batched, default=over_tokens)
+    return _matmul_over_tokens(x, kernel)
 
 
-def _dense_dot_general(x: jax.Array, kernel: jax.Array, dimension_numbers, precision=None,
-                       preferred_element_type=None, out_sharding=None) -> jax.Array:
-    """`nnx.Linear`'s `dot_general`, computed by `dense_matmul`."""
+def _matmul_over_tokens(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    y = x.reshape(-1, x.shape[-1]) @ kernel
+    return y.reshape(*x.shape[:-1], kernel.shape[-1])
+
+
+def _dot_general_over_tokens(x: jax.Array, kernel: jax.Array, dimension_numbers, precision=None,
+                             preferred_element_type=None, out_sharding=None) -> jax.Array:
+    """`nnx.Linear`'s `dot_general` in `dense_matmul`'s CPU and GPU form."""
     if (dimension_numbers != (((x.ndim - 1,), (0,)), ((), ())) or precision is not None
             or preferred_element_type is not None or out_sharding is not None):
         raise NotImplementedError("dense_matmul computes a plain x @ kernel only")
-    return dense_matmul(x, kernel)
+    return _matmul_over_tokens(x, kernel)
 
 
-def dense(in_features: int, out_features: int, **kwargs) -> nnx.Linear:
-    """`nnx.Linear` (same parameters, initialisation and names) computed by `dense_matmul`.
-    Every linear layer of the towers is built here; the patch embedding calls
-    `dense_matmul` itself."""
-    return nnx.Linear(in_features, out_features, dot_general=_dense_dot_general, **kwargs)
+def dense(in_features: int, out_features: int, *, platform: str, **kwargs) -> nnx.Linear:
+    """`nnx.Linear` (same parameters, initialisation and names) computed as `dense_matmul`
+    computes for `platform`. Every linear layer of the towers is built here; the patch
+    embedding calls `dense_matmul` itself."""
+    if platform == "tpu":  # nnx.Linear's own product, the batched form
+        return nnx.Linear(in_features, out_features, **kwargs)
+    return nnx.Linear(in_features, out_features, dot_general=_dot_general_over_tokens,
+                      **kwargs)
 
 
 def _logit_scale(q: jax.Array) -> np.float32:
@@ -234,10 +240,8 @@ def resolve_attention(name: str, dtype: jnp.dtype | type, device: jax.Device | N
     passes its mesh's) and compute dtype; other names of `ATTENTION_IMPLEMENTATIONS` pass
     through.
 
-    Why a device, where `dense_matmul` and `add_residual` follow the lowering platform: the
-    choice needs the GPU's compute capability, which a platform name does not tell, and it
-    shapes the model when it is built (`Encoder` pads for cuDNN), before anything is
-    lowered."""
+    `make_model` resolves it from the same device as the `platform` that `dense_matmul` and
+    `add_residual` take."""
     if name == "auto":
         return "cudnn" if cudnn_attention_runs_here(dtype, device) else "dot"
     if name not in ATTENTION_IMPLEMENTATIONS:
@@ -249,13 +253,13 @@ def resolve_attention(name: str, dtype: jnp.dtype | type, device: jax.Device | N
 class Attention(nnx.Module):
     """Multi-head attention with separate q/k/v/out projections (1:1 with HF's layout)."""
 
-    def __init__(self, width: int, num_heads: int, *, attention: str = "auto", dtype,
-                 rngs: nnx.Rngs):
+    def __init__(self, width: int, num_heads: int, *, attention: str = "auto", platform: str,
+                 dtype, rngs: nnx.Rngs):
         if width % num_heads:
             raise ValueError(f"width {width} is not divisible by num_heads {num_heads}")
-        self.num_heads = num_heads
+        self.num_heads, self.platform = num_heads, platform
         self.implementation = resolve_attention(attention, dtype)
-        linear = functools.partial(dense, width, width, dtype=dtype, rngs=rngs)
+        linear = functools.partial(dense, width, width, platform=platform, dtype=dtype, rngs=rngs)
         self.q, self.k, self.v, self.out = linear(), linear(), linear(), linear()
 
     def __call__(self, x: jax.Array, context: jax.Array | None = None, *,
@@ -281,7 +285,7 @@ class Attention(nnx.Module):
         parameter stays, so checkpoints and the Hugging Face layout are unchanged."""
         kernel, bias = self.k.kernel[...], jax.lax.stop_gradient(self.k.bias[...])
         context, kernel, bias = self.k.promote_dtype((context, kernel, bias), dtype=self.k.dtype)
-        return dense_matmul(context, kernel) + bias
+        return dense_matmul(context, kernel, self.platform) + bias
 
 
 class Mlp(nnx.Module):
@@ -297,16 +301,17 @@ class Mlp(nnx.Module):
     exact GELU: 18 GB less); not yet timed on a GPU. On the development CPU, S/16 at batch
     8: 0.87 instead of 1.14 GiB, and steps 2-4% shorter (`experiments/results/gpu_layouts.md`)."""
 
-    def __init__(self, width: int, mlp_dim: int, *, gelu: str, dtype, rngs: nnx.Rngs):
-        self.fc1 = dense(width, mlp_dim, dtype=dtype, rngs=rngs)
-        self.fc2 = dense(mlp_dim, width, dtype=dtype, rngs=rngs)
+    def __init__(self, width: int, mlp_dim: int, *, gelu: str, platform: str, dtype,
+                 rngs: nnx.Rngs):
+        self.fc1 = dense(width, mlp_dim, platform=platform, dtype=dtype, rngs=rngs)
+        self.fc2 = dense(mlp_dim, width, platform=platform, dtype=dtype, rngs=rngs)
         self.act = jax.checkpoint(gelu_fn(gelu))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.fc2(constrain(self.act(self.fc1(x)), "batch", "seq", "mlp"))
 
 
-def add_residual(x: jax.Array, branch: jax.Array) -> jax.Array:
+def add_residual(x: jax.Array, branch: jax.Array, platform: str) -> jax.Array:
     """x + branch, where `branch` is a layer's output (its last op a matmul). On CPUs and
     GPUs the forward pass keeps the add out of that matmul; the gradient is the plain sum's.
 
@@ -322,9 +327,10 @@ def add_residual(x: jax.Array, branch: jax.Array) -> jax.Array:
     GPU. On the development CPU S/16 steps were 2-10% shorter with unrolled layers and 2-5%
     with scan and `remat="dots"` (alternate runs, `experiments/results/gpu_layouts.md`).
     On a TPU the add stays fusable into the matmul, where it costs no copy (not measured
-    there). As in `dense_matmul`, the form is the lowering platform's, not the host's."""
-    return jax.lax.platform_dependent(x, branch, tpu=jnp.add,
-                                      default=lambda x, branch: x + _unfused(branch))
+    there). `platform` is the device's, as for `dense_matmul`."""
+    if platform == "tpu":
+        return x + branch
+    return x + _unfused(branch)
 
 
 @jax.custom_vjp
@@ -340,11 +346,13 @@ class EncoderBlock(nnx.Module):
     """Pre-LN transformer block, as in ViT, CLIP and SigLIP."""
 
     def __init__(self, width: int, mlp_dim: int, num_heads: int, *, gelu: str, ln_eps: float,
-                 attention: str, dtype, rngs: nnx.Rngs):
+                 attention: str, platform: str, dtype, rngs: nnx.Rngs):
         self.norm1 = nnx.LayerNorm(width, epsilon=ln_eps, dtype=dtype, rngs=rngs)
-        self.attn = Attention(width, num_heads, attention=attention, dtype=dtype, rngs=rngs)
+        self.attn = Attention(width, num_heads, attention=attention, platform=platform,
+                              dtype=dtype, rngs=rngs)
         self.norm2 = nnx.LayerNorm(width, epsilon=ln_eps, dtype=dtype, rngs=rngs)
-        self.mlp = Mlp(width, mlp_dim, gelu=gelu, dtype=dtype, rngs=rngs)
+        self.mlp = Mlp(width, mlp_dim, gelu=gelu, platform=platform, dtype=dtype, rngs=rngs)
+        self.platform = platform
 
     def __call__(self, x: jax.Array, *, is_causal: bool = False, num_keys: NumKeys = None,
                  position: int | jax.Array | None = None) -> jax.Array:
@@ -353,19 +361,24 @@ class EncoderBlock(nnx.Module):
         a query and goes through the MLP."""
         h = self.norm1(x)
         if position is None:
-            x = add_residual(x, self.attn(h, is_causal=is_causal, num_keys=num_keys))
+            x = add_residual(x, self.attn(h, is_causal=is_causal, num_keys=num_keys),
+                             self.platform)
         else:
             if is_causal:  # a single query at `position` sees exactly the keys up to it
                 num_keys, is_causal = position + 1, False
             x = add_residual(token_at(x, position),
-                             self.attn(token_at(h, position), context=h, num_keys=num_keys))
-        return constrain(add_residual(x, self.mlp(self.norm2(x))), "batch", "seq", "embed")
+                             self.attn(token_at(h, position), context=h, num_keys=num_keys),
+                             self.platform)
+        x = add_residual(x, self.mlp(self.norm2(x)), self.platform)
+        return constrain(x, "batch", "seq", "embed")
 
 
 class Encoder(nnx.Module):
     """A stack of `EncoderBlock`s followed by a final LayerNorm.
 
-    `remat` names a `REMAT_POLICIES` entry applied to each block. `scan=True` stores the blocks
+    `platform` (the `jax.Device.platform` the model is built for) picks the forms of
+    `dense_matmul` and `add_residual`. `remat` names a `REMAT_POLICIES` entry applied to each
+    block. `scan=True` stores the blocks
     stacked (every leaf of `layers` gains a leading depth axis) and runs them with `nnx.scan`, so
     XLA compiles one block instead of `depth` copies; `unstack_layers` turns such params into
     the per-layer layout (`layers/{i}/...`) that export and the unscanned model use.
@@ -386,7 +399,7 @@ class Encoder(nnx.Module):
     """
 
     def __init__(self, width: int, depth: int, mlp_dim: int, num_heads: int, *, gelu: str,
-                 ln_eps: float, remat: str, scan: bool, attention: str, dtype,
+                 ln_eps: float, remat: str, scan: bool, attention: str, platform: str, dtype,
                  rngs: nnx.Rngs):
         if remat not in REMAT_POLICIES:
             raise ValueError(f"remat must be one of {sorted(REMAT_POLICIES)}, got {remat!r}")
@@ -394,7 +407,8 @@ class Encoder(nnx.Module):
 
         def make_block(block_rngs: nnx.Rngs) -> EncoderBlock:
             return EncoderBlock(width, mlp_dim, num_heads, gelu=gelu, ln_eps=ln_eps,
-                                attention=attention, dtype=dtype, rngs=block_rngs)
+                                attention=attention, platform=platform, dtype=dtype,
+                                rngs=block_rngs)
 
         if scan:
             self.layers = nnx.split_rngs(splits=depth)(

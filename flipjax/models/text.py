@@ -22,7 +22,7 @@ class TextTransformer(nnx.Module):
                  causal: bool = False, eos_id: int = 1, proj_dim: int | None = None,
                  proj_bias: bool = True, gelu: str = "tanh", ln_eps: float = 1e-6,
                  remat: str = "none", scan_layers: bool = False, attention: str = "auto",
-                 dtype=jnp.float32, rngs: nnx.Rngs):
+                 platform: str, dtype=jnp.float32, rngs: nnx.Rngs):
         if pool not in POOLS:
             raise ValueError(f"text pool must be one of {POOLS}, got {pool!r}")
         d = size.width
@@ -32,8 +32,9 @@ class TextTransformer(nnx.Module):
         self.pos_embedding = normal_param((1, max_len, d), 0.01, rngs)
         self.encoder = Encoder(d, size.depth, size.mlp_dim, size.num_heads, gelu=gelu,
                                ln_eps=ln_eps, remat=remat, scan=scan_layers,
-                               attention=attention, dtype=dtype, rngs=rngs)
-        self.head = (dense(d, proj_dim, use_bias=proj_bias, dtype=dtype, rngs=rngs)
+                               attention=attention, platform=platform, dtype=dtype, rngs=rngs)
+        self.head = (dense(d, proj_dim, use_bias=proj_bias, platform=platform, dtype=dtype,
+                           rngs=rngs)
                      if proj_dim else None)
 
     def tokens(self, ids: jax.Array, position: int | jax.Array | None = None) -> jax.Array:

@@ -55,13 +55,16 @@ def tower_size(tower_cfg: ml_collections.ConfigDict, *, with_patch: bool
 
 def make_model(cfg: ml_collections.ConfigDict, *, vocab_size: int, seed: int = 0,
                device: jax.Device | None = None) -> TwoTowers:
-    """Builds the model described by `config.model` (see configs/*.py for the fields), its
-    attention "auto" resolved for `device`: the one it will run on, JAX's first by default."""
+    """Builds the model described by `config.model` (see configs/*.py for the fields) for
+    `device`, the one it will run on (JAX's first by default; a deviceless compile's target
+    device too): its attention "auto" and the platform forms of `dense_matmul` and
+    `add_residual` are resolved for it."""
     rngs = nnx.Rngs(params=seed)
     dtype = DTYPES[cfg.dtype]
+    device = device or jax.devices()[0]
     common = dict(gelu=cfg.gelu, ln_eps=cfg.ln_eps, remat=cfg.remat, scan_layers=cfg.scan_layers,
-                  attention=resolve_attention(cfg.attention, dtype, device), dtype=dtype,
-                  rngs=rngs)
+                  attention=resolve_attention(cfg.attention, dtype, device),
+                  platform=device.platform, dtype=dtype, rngs=rngs)
     img_size, patch = tower_size(cfg.image, with_patch=True)
     txt_size, _ = tower_size(cfg.text, with_patch=False)
     img = ViT(img_size, patch, image_size=cfg.image.image_size, pool=cfg.image.pool,

@@ -51,8 +51,8 @@ class PatchEmbed(nnx.Module):
     drawn are the convolution's, so checkpoints, seeded runs and the Hugging Face mapping do
     not change."""
 
-    def __init__(self, patch: int, width: int, *, dtype, rngs: nnx.Rngs):
-        self.patch, self.dtype = patch, dtype
+    def __init__(self, patch: int, width: int, *, platform: str, dtype, rngs: nnx.Rngs):
+        self.patch, self.platform, self.dtype = patch, platform, dtype
         self.kernel = nnx.Param(
             nnx.initializers.lecun_normal()(rngs.params(), (patch, patch, 3, width), jnp.float32))
         self.bias = nnx.Param(nnx.initializers.zeros_init()(rngs.params(), (width,),
@@ -64,21 +64,23 @@ class PatchEmbed(nnx.Module):
         p, gh, gw = self.patch, h // self.patch, w // self.patch
         patches = images.reshape(b, gh, p, gw, p, c).transpose(0, 1, 3, 2, 4, 5)
         kernel = self.kernel.astype(self.dtype).reshape(p * p * c, -1)
-        y = dense_matmul(patches.reshape(b, gh, gw, p * p * c).astype(self.dtype), kernel)
+        y = dense_matmul(patches.reshape(b, gh, gw, p * p * c).astype(self.dtype), kernel,
+                         self.platform)
         return y + self.bias.astype(self.dtype)
 
 
 class MAPHead(nnx.Module):
     """Multihead attention pooling: one learned query attends over all tokens (SigLIP)."""
 
-    def __init__(self, size: Size, *, gelu: str, ln_eps: float, attention: str, dtype,
-                 rngs: nnx.Rngs):
+    def __init__(self, size: Size, *, gelu: str, ln_eps: float, attention: str, platform: str,
+                 dtype, rngs: nnx.Rngs):
         self.probe = nnx.Param(
             nnx.initializers.xavier_uniform()(rngs.params(), (1, 1, size.width), jnp.float32))
-        self.attn = Attention(size.width, size.num_heads, attention=attention, dtype=dtype,
-                              rngs=rngs)
+        self.attn = Attention(size.width, size.num_heads, attention=attention,
+                              platform=platform, dtype=dtype, rngs=rngs)
         self.norm = nnx.LayerNorm(size.width, epsilon=ln_eps, dtype=dtype, rngs=rngs)
-        self.mlp = Mlp(size.width, size.mlp_dim, gelu=gelu, dtype=dtype, rngs=rngs)
+        self.mlp = Mlp(size.width, size.mlp_dim, gelu=gelu, platform=platform, dtype=dtype,
+                       rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         probe = jnp.broadcast_to(self.probe.astype(x.dtype), (x.shape[0], 1, x.shape[-1]))
@@ -94,7 +96,7 @@ class ViT(nnx.Module):
                  posemb: str = "learn", pre_norm: bool = False, proj_dim: int | None = None,
                  proj_bias: bool = True, gelu: str = "tanh", ln_eps: float = 1e-6,
                  remat: str = "none", scan_layers: bool = False, attention: str = "auto",
-                 dtype=jnp.float32, rngs: nnx.Rngs):
+                 platform: str, dtype=jnp.float32, rngs: nnx.Rngs):
         if pool not in POOLS:
             raise ValueError(f"image pool must be one of {POOLS}, got {pool!r}")
         if posemb not in POSEMBS:
@@ -104,7 +106,7 @@ class ViT(nnx.Module):
         self.pool, self.posemb, self.dtype = pool, posemb, dtype
         self.grid = image_size // patch
         d = size.width
-        self.patch_embed = PatchEmbed(patch, d, dtype=dtype, rngs=rngs)
+        self.patch_embed = PatchEmbed(patch, d, platform=platform, dtype=dtype, rngs=rngs)
         if pool == "tok":
             self.cls_token = nnx.Param(jnp.zeros((1, 1, d), jnp.float32))
         if posemb == "learn":
@@ -114,11 +116,12 @@ class ViT(nnx.Module):
                          if pre_norm else None)
         self.encoder = Encoder(d, size.depth, size.mlp_dim, size.num_heads, gelu=gelu,
                                ln_eps=ln_eps, remat=remat, scan=scan_layers,
-                               attention=attention, dtype=dtype, rngs=rngs)
+                               attention=attention, platform=platform, dtype=dtype, rngs=rngs)
         self.map_head = (MAPHead(size, gelu=gelu, ln_eps=ln_eps, attention=attention,
-                                 dtype=dtype, rngs=rngs)
+                                 platform=platform, dtype=dtype, rngs=rngs)
                          if pool == "map" else None)
-        self.head = (dense(d, proj_dim, use_bias=proj_bias, dtype=dtype, rngs=rngs)
+        self.head = (dense(d, proj_dim, use_bias=proj_bias, platform=platform, dtype=dtype,
+                           rngs=rngs)
                      if proj_dim else None)
 
     def tokens(self, images: jax.Array, position: int | None = None) -> jax.Array:
