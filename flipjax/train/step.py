@@ -47,7 +47,8 @@ class TrainSetup:
 
     def __init__(self, config: ml_collections.ConfigDict, vocab_size: int, mesh: Mesh):
         self.mesh = mesh
-        # The model's attention "auto" resolves for the mesh's devices, not JAX's default ones.
+        # The model is built for the mesh's devices, not JAX's default ones: its attention
+        # "auto" and its layers' platform forms (`make_model`).
         build = functools.partial(make_model, config.model, vocab_size=vocab_size,
                                   seed=config.seed, device=mesh.devices.flat[0])
 
