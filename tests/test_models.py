@@ -251,10 +251,15 @@ def test_add_residual_leaves_scanned_rematerialised_encoders_unchanged():
                  nnx.to_pure_dict(grads), nnx.to_pure_dict(want_grads))
 
 
-def test_dense_refuses_what_it_does_not_compute():
-    layer = dense(6, 4, platform="cpu", precision=jax.lax.Precision.HIGHEST, rngs=nnx.Rngs(0))
-    with pytest.raises(NotImplementedError, match="plain x @ kernel"):
-        layer(jnp.ones((2, 6)))
+def test_dense_takes_nnx_linears_precision_in_every_form():
+    """The CPU/GPU form (tokens flattened) computes what the TPU form (`nnx.Linear`'s own
+    product) does, and passes the layer's precision to its dot."""
+    x = jax.random.normal(jax.random.key(0), (2, 3, 6))
+    layers = {platform: dense(6, 4, platform=platform, precision=jax.lax.Precision.HIGHEST,
+                              rngs=nnx.Rngs(0)) for platform in ("cpu", "tpu")}
+    np.testing.assert_allclose(layers["cpu"](x), layers["tpu"](x), rtol=1e-6, atol=1e-6)
+    jaxpr = str(jax.make_jaxpr(lambda y: layers["cpu"](y))(x))
+    assert "dot_general" in jaxpr and "precision=(Precision.HIGHEST, Precision.HIGHEST)" in jaxpr
 
 
 @pytest.mark.parametrize("pool", ["last", "first", "mean", "eos"])

@@ -93,12 +93,12 @@ class Tokenizer:
 def dataset_texts(name: str, data_dir: str, split: str, text_key: str,
                   builder_config: str | None = None) -> Iterable[str]:
     """Yields the captions of a built TFDS dataset (ArrayRecord, read without TensorFlow)."""
-    import tensorflow_datasets as tfds
+    import ml_collections
 
-    from flipjax.data.pipeline import dataset_name
+    from flipjax.data.pipeline import data_source
 
-    source = tfds.data_source(dataset_name(name, builder_config), split=split,
-                              data_dir=data_dir)
+    source = data_source(ml_collections.ConfigDict(
+        {"name": name, "builder_config": builder_config, "data_dir": data_dir}), split)
     for i in range(len(source)):
         yield text_of(source[i][text_key])
 

@@ -84,18 +84,21 @@ def dense_matmul(x: jax.Array, kernel: jax.Array, platform: str) -> jax.Array:
     return _matmul_over_tokens(x, kernel)
 
 
-def _matmul_over_tokens(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    y = x.reshape(-1, x.shape[-1]) @ kernel
+def _matmul_over_tokens(x: jax.Array, kernel: jax.Array, precision=None,
+                        preferred_element_type=None) -> jax.Array:
+    y = jnp.matmul(x.reshape(-1, x.shape[-1]), kernel, precision=precision,
+                   preferred_element_type=preferred_element_type)
     return y.reshape(*x.shape[:-1], kernel.shape[-1])
 
 
 def _dot_general_over_tokens(x: jax.Array, kernel: jax.Array, dimension_numbers, precision=None,
                              preferred_element_type=None, out_sharding=None) -> jax.Array:
-    """`nnx.Linear`'s `dot_general` in `dense_matmul`'s CPU and GPU form."""
-    if (dimension_numbers != (((x.ndim - 1,), (0,)), ((), ())) or precision is not None
-            or preferred_element_type is not None or out_sharding is not None):
-        raise NotImplementedError("dense_matmul computes a plain x @ kernel only")
-    return _matmul_over_tokens(x, kernel)
+    """`nnx.Linear`'s `dot_general` in `dense_matmul`'s CPU and GPU form; it takes the
+    `precision` and `preferred_element_type` that the TPU form (`nnx.Linear`'s own) takes."""
+    if dimension_numbers != (((x.ndim - 1,), (0,)), ((), ())) or out_sharding is not None:
+        raise NotImplementedError("dense_matmul computes x @ kernel over x's last axis only, "
+                                  "without an output sharding")
+    return _matmul_over_tokens(x, kernel, precision, preferred_element_type)
 
 
 def dense(in_features: int, out_features: int, *, platform: str, **kwargs) -> nnx.Linear:
