@@ -21,9 +21,21 @@ Where it departs, and why:
     3e-5 step decay (which suits fine-tuning from pretrained towers).
   * Random resized crop (scale 0.8-1) + flip instead of FLIP's resize + RandAugment: the builder
     already stores square face crops with a margin.
+  * From-scratch CLIP/SigLIP (big_vision) settings rather than those FLIP fine-tuned CLIP and
+    BERT with: warmup 5k steps from 0 (FLIP: 20k from 1e-6); AdamW b2 0.98, eps 1e-6, gradient
+    clipping at norm 1 and weight decay on kernels only (FLIP: torch's defaults, no clipping,
+    decay on all); a MAP-pooled image tower with tanh GELU, LayerNorm eps 1e-6 and no pre-norm,
+    a text tower pooled at its last token, and 768-d embeddings (FLIP: CLIP's class token,
+    quick GELU and eps 1e-5, BERT's [CLS], 768->256 projections); the logit scale (1/0.07 at
+    init, as FLIP's temperature) capped at 100 as CLIP caps it (FLIP clamps the temperature
+    to [0.001, 0.5]).
+  * `total_steps` is 15 epochs of the v2 parquet's 13.2M rows (FLIP's log: 15.3M samples per
+    epoch). Fewer images still download, and over fewer the same steps are more epochs: set
+    `--config.total_steps` from the train split's size that the build reports.
 """
 
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 NUM_TRAIN_PAIRS = 13_200_000  # FaceCaption-v2.parquet rows (before link rot and filtering)
 
@@ -37,9 +49,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     resolution = ml_collections.FieldReference(224)
     max_len = ml_collections.FieldReference(64)
+    # Unset fields are typed placeholders (None until set) and sequences are tuples: the
+    # --config.FIELD flags cannot set a field holding a plain None or a list.
     c.data = dict(
-        name="facecaption15m", builder_config=None, data_dir="./data", manual_dir=None,
-        build_if_missing=False, train_split="train", image_key="image", text_key="caption",
+        name="facecaption15m", builder_config=placeholder(str), data_dir="./data",
+        manual_dir=placeholder(str), build_if_missing=False, train_split="train",
+        image_key="image", text_key="caption",
         image_size=resolution, global_batch_size=batch, num_workers=16, read_threads=16,
         prefetch=512,
         augment=dict(crop_scale=(0.8, 1.0), crop_ratio=(0.9, 1.1), flip=True),
@@ -48,13 +63,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.tokenizer = dict(path="./data/tokenizers/facecaption15m_spm32k.model",
                        vocab_size=32_000, max_len=max_len, train_if_missing=False)
     c.model = dict(
-        image=dict(variant="B/16", width=None, depth=None, mlp_dim=None, num_heads=None,
+        # width/depth/mlp_dim/num_heads: set to override the variant's.
+        image=dict(variant="B/16", width=placeholder(int), depth=placeholder(int),
+                   mlp_dim=placeholder(int), num_heads=placeholder(int),
                    image_size=resolution, pool="map", posemb="learn", pre_norm=False,
-                   proj_dim=None, proj_bias=True),
-        text=dict(variant="B", width=None, depth=None, mlp_dim=None, num_heads=None,
+                   proj_dim=placeholder(int), proj_bias=True),
+        text=dict(variant="B", width=placeholder(int), depth=placeholder(int),
+                  mlp_dim=placeholder(int), num_heads=placeholder(int),
                   max_len=max_len, pool="last", causal=False, eos_id=1, proj_dim=768,
                   proj_bias=True),
-        temperature_init=1 / 0.07, bias_init=None, max_temperature=100.0,
+        temperature_init=1 / 0.07, bias_init=placeholder(float), max_temperature=100.0,
         gelu="tanh", ln_eps=1e-6, dtype="bfloat16",
         # Activations kept for backward: "none" (all), "dots" (projection outputs only) or
         # "full" (block inputs only). With scan, "dots" halves the scratch of "none" and was
@@ -65,29 +83,30 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         # nnx.scan over the stacked blocks: one compiled block per tower instead of 12
         # (compile-time numbers in experiments/results/compile_time.md); export unstacks.
         scan_layers=True,
-        # "auto": cuDNN's fused attention on an NVIDIA GPU in bf16/fp16, else XLA's ("dot");
+        # "auto": cuDNN's fused attention on an NVIDIA GPU in bf16, else XLA's ("dot");
         # see flipjax.models.layers.ATTENTION_IMPLEMENTATIONS.
         attention="auto",
     )
     # A Hugging Face SiglipModel/CLIPModel directory (safetensors) to start from, and which
     # towers to load from it; `t`/`b` load only with both (flipjax/export/hf_import.py).
-    c.init_from = dict(path=None, towers=("img", "txt"))
+    c.init_from = dict(path=placeholder(str), towers=("img", "txt"))
     c.loss = "softmax"
-    # Per-device loss memory O(B^2/n): the (B, B) logits at a 4k+ batch would not fit.
+    # shard_map losses: per-device memory O(B^2/n) by construction, whatever the partitioner
+    # makes of the global loss (experiments/results/loss_memory.md).
     c.loss_impl = "sharded"
     c.grad_accum_steps = 1  # >1: GradCache micro-batches, for a batch that doesn't fit
     c.nonfinite = "raise"  # or "skip": keep the old params, count it, carry on
     c.optim = dict(lr=5e-4, end_lr_fraction=0.0, warmup_steps=5_000, b1=0.9, b2=0.98, eps=1e-6,
                    weight_decay=0.05, grad_clip_norm=1.0,
                    mu_dtype="bfloat16", decay_regex=r".*/kernel",
-                   frozen_regex="", lr_mults=[])
+                   frozen_regex="", lr_mults=())
 
     # True only where XLA runs on the CPU: reuse its scratch buffers' host memory across steps
     # instead of page-faulting them back in (flipjax/train/host_memory.py).
     c.keep_freed_host_memory = False
     # One axis of size -1 takes the remaining devices; on a pod prefer fsdp within a slice.
-    c.mesh = [("data", -1), ("fsdp", 1)]
-    c.sharding_rules = [(".*", "fsdp")]
+    c.mesh = (("data", -1), ("fsdp", 1))
+    c.sharding_rules = ((".*", "fsdp"),)
     c.fsdp_min_size_mb = 4.0
 
     c.checkpoint = dict(every_steps=1_000, keep=3, async_save=True)

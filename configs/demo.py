@@ -10,6 +10,7 @@ smoke runs: `--config=configs/demo.py:tiny`.
 """
 
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -21,9 +22,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     resolution = ml_collections.FieldReference(64)
     max_len = ml_collections.FieldReference(32)
 
+    # Unset fields are typed placeholders (None until set) and sequences are tuples: the
+    # --config.FIELD flags cannot set a field holding a plain None or a list.
     c.data = dict(
-        name="synthetic_faces", builder_config=None, data_dir="./data", manual_dir=None,
-        build_if_missing=True, train_split="train", image_key="image", text_key="caption",
+        name="synthetic_faces", builder_config=placeholder(str), data_dir="./data",
+        manual_dir=placeholder(str), build_if_missing=True, train_split="train",
+        image_key="image", text_key="caption",
         image_size=resolution, global_batch_size=128, num_workers=0, read_threads=2,
         prefetch=64,
         augment=dict(crop_scale=(0.7, 1.0), crop_ratio=(0.9, 1.1), flip=True),
@@ -35,16 +39,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model = dict(
         image=dict(variant="Ti/16", width=128, depth=3, mlp_dim=512, num_heads=4,
                    image_size=resolution, pool="map", posemb="learn", pre_norm=False,
-                   proj_dim=None, proj_bias=True),
+                   proj_dim=placeholder(int), proj_bias=True),
         text=dict(variant="Ti", width=128, depth=2, mlp_dim=512, num_heads=4, max_len=max_len,
                   pool="last", causal=False, eos_id=1, proj_dim=128, proj_bias=True),
-        temperature_init=10.0, bias_init=None, max_temperature=100.0,
+        temperature_init=10.0, bias_init=placeholder(float), max_temperature=100.0,
         gelu="tanh", ln_eps=1e-6, dtype="float32", remat="none", scan_layers=False,
         attention="auto",
     )
     # A Hugging Face SiglipModel/CLIPModel directory (safetensors) to start from, and which
     # towers to load from it; `t`/`b` load only with both (flipjax/export/hf_import.py).
-    c.init_from = dict(path=None, towers=("img", "txt"))
+    c.init_from = dict(path=placeholder(str), towers=("img", "txt"))
     c.loss = "softmax"
     # "sharded": shard_map loss, O(B^2/n) memory per device (flipjax/train/sharded_losses.py).
     c.loss_impl = "global"
@@ -54,14 +58,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.nonfinite = "raise"
     c.optim = dict(lr=1e-3, end_lr_fraction=0.01, warmup_steps=100, b1=0.9, b2=0.98, eps=1e-8,
                    weight_decay=0.05, grad_clip_norm=1.0,
-                   mu_dtype=None, decay_regex=r".*/kernel",
-                   frozen_regex="", lr_mults=[])
+                   mu_dtype=placeholder(str), decay_regex=r".*/kernel",
+                   frozen_regex="", lr_mults=())
 
     # XLA:CPU's per-step scratch buffers stay in the heap instead of being page-faulted back
     # in every step (flipjax/train/host_memory.py); for CPU runs only.
     c.keep_freed_host_memory = True
-    c.mesh = [("data", -1), ("fsdp", 1)]
-    c.sharding_rules = [(".*", "fsdp")]
+    c.mesh = (("data", -1), ("fsdp", 1))
+    c.sharding_rules = ((".*", "fsdp"),)
     c.fsdp_min_size_mb = 4.0
 
     c.checkpoint = dict(every_steps=200, keep=2, async_save=True)
@@ -88,7 +92,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.tokenizer.path = "./data/tokenizers/synthetic_faces_tiny_spm200.model"
         tiny_size = dict(width=64, depth=2, mlp_dim=256, num_heads=2)
         c.model.image.update(variant="mu/8", **tiny_size)
-        c.model.text.update(variant="mu", proj_dim=None, **tiny_size)
+        c.model.text.update(variant="mu", proj_dim=placeholder(int), **tiny_size)  # None
         c.optim.warmup_steps = 5
         c.checkpoint.every_steps = 10
         c.evals.retrieval.update(every_steps=20, batch_size=32)

@@ -1,12 +1,20 @@
+import ast
+import functools
+import itertools
 import json
+import pathlib
+import re
 import subprocess
 import sys
 import types
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
+from absl import flags
 from conftest import REPO, load_config
+from ml_collections import config_flags
 
 from flipjax.config import ConfigError, validate
 from flipjax.train.sharding import check_tensor_groups, make_mesh
@@ -99,6 +107,47 @@ def test_the_pod_config_validates_shards_and_lowers(tmp_path):
              "text": jax.ShapeDtypeStruct((n, config.model.text.max_len), np.int32,
                                           sharding=setup.batch_sharding)}
     assert "stablehlo.while" in setup.train_step.lower(setup.abstract_state, batch).as_text()
+
+
+def leaf_types(config, prefix=""):
+    """{dotted field: its type as ml_collections overrides it} of every leaf of `config`."""
+    types_ = {}
+    for key, value in config.items():
+        if isinstance(value, ml_collections.ConfigDict):
+            types_.update(leaf_types(value, f"{prefix}{key}."))
+        else:
+            types_[prefix + key] = config.get_type(key)
+    return types_
+
+
+@pytest.mark.parametrize("name,arg", [("base", None), ("demo", None), ("demo", "tiny")])
+def test_every_config_field_can_be_set_on_the_command_line(name, arg):
+    """ml_collections' flags cannot override a field holding a plain None or a list, so an
+    unset field is a typed placeholder and a sequence a tuple."""
+    unsettable = {field: t for field, t in leaf_types(load_config(name, arg)).items()
+                  if t in (type(None), list)}
+    assert not unsettable
+
+
+def test_the_readmes_overrides_parse():
+    """Every `--config.FIELD=VALUE` in README.md parses as `flipjax.main` parses its flags,
+    on configs/base.py and configs/demo.py, and sets the value it says."""
+    readme = (pathlib.Path(REPO) / "README.md").read_text()
+    overrides = re.findall(r"--config\.([\w.]+)=('[^']*'|\S+)", readme)
+    assert len(overrides) >= 8
+    for (field, value), name in itertools.product(overrides, ("base", "demo")):
+        text = value.strip("'")
+        argv = ["main", f"--config={REPO}/configs/{name}.py", f"--config.{field}={text}"]
+        flag_values = flags.FlagValues()
+        config_flags.DEFINE_config_file("config", None, flag_values=flag_values,
+                                        lock_config=True, sys_argv=argv)
+        flag_values(argv)
+        try:
+            want = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            want = text
+        got = functools.reduce(getattr, field.split("."), flag_values.config)
+        assert got == want, (name, field, got, want)
 
 
 def test_workdir_config_of_an_older_run_is_filled_in(tmp_path):

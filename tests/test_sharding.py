@@ -63,7 +63,7 @@ def test_tensor_parallel_mesh_matches_single_device(loss):
     config.mesh = [("data", 1)]
     single_losses, single_params, _ = run_steps(config, jax.devices()[:1], batches)
     config.mesh = [("data", 2), ("fsdp", 2), ("tensor", 2)]
-    config.sharding_rules = TENSOR_PARALLEL_RULES + [(".*", "fsdp")]
+    config.sharding_rules = TENSOR_PARALLEL_RULES + ((".*", "fsdp"),)
     losses, params, state = run_steps(config, jax.devices(), batches)
     np.testing.assert_allclose(losses, single_losses, rtol=1e-5)
     assert_same_trained_params(params, single_params)

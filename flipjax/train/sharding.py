@@ -41,14 +41,14 @@ TENSOR = "tensor"
 # Megatron-style tensor parallelism for every EncoderBlock (and the MAP head): q/k/v and fc1
 # split their output features, `out` and fc2 their input features, so each block needs one
 # all-reduce after attention and one after the MLP. Put them before a catch-all fsdp rule.
-TENSOR_PARALLEL_RULES = [
+TENSOR_PARALLEL_RULES = (
     (r"attn/(q|k|v)/kernel$", ("fsdp", TENSOR)),
     (r"attn/(q|k|v)/bias$", (TENSOR,)),
     (r"attn/out/kernel$", (TENSOR, "fsdp")),
     (r"mlp/fc1/kernel$", ("fsdp", TENSOR)),
     (r"mlp/fc1/bias$", (TENSOR,)),
     (r"mlp/fc2/kernel$", (TENSOR, "fsdp")),
-]
+)
 
 
 def mesh_shape(axes: Sequence[tuple[str, int]], num_devices: int) -> tuple[int, ...]:
