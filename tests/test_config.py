@@ -130,9 +130,10 @@ def test_every_config_field_can_be_set_on_the_command_line(name, arg):
 
 
 def test_the_readmes_overrides_parse():
-    """Every `--config.FIELD=VALUE` in README.md parses as `flipjax.main` parses its flags,
+    """Every `--config.FIELD=VALUE` in the READMEs parses as `flipjax.main` parses its flags,
     on configs/base.py and configs/demo.py, and sets the value it says."""
-    readme = (pathlib.Path(REPO) / "README.md").read_text()
+    readme = "".join((pathlib.Path(REPO) / path).read_text()
+                     for path in ("README.md", "tfds_builders/README.md"))
     overrides = re.findall(r"--config\.([\w.]+)=('[^']*'|\S+)", readme)
     assert len(overrides) >= 8
     for (field, value), name in itertools.product(overrides, ("base", "demo")):

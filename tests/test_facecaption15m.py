@@ -235,3 +235,44 @@ def test_large_jpeg_is_cropped_from_a_reduced_decode() -> None:
 def test_registered_in_cli() -> None:
     assert tfds_builders.builder_class("facecaption15m") is FaceCaption15M
     assert FaceCaption15M.name == "facecaption15m"
+
+
+def test_cli_sets_config_fields(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """`python -m tfds_builders build ... --set FIELD=VALUE` builds the default config with those
+    fields, under the name set: here a center_crop download's boxes map right only with the
+    mode set (see `test_wrong_resize_mode_misplaces_crops`), and the crops have the resolution
+    set. The dataset reads back under that name without the builder's code."""
+    from tfds_builders.__main__ import main
+
+    fixture = ff.make_facecaption15m(tmp_path, "files", resize_mode="center_crop")
+    data_dir = tmp_path / "data"
+    main(["build", "facecaption15m", f"--data_dir={data_dir}",
+          f"--manual_dir={fixture.manual_dir}", "--set", "name=center_crop48",
+          "--set", "img2dataset_resize_mode=center_crop",
+          "--set", "resolution=48", "--set", "min_face_size=16",
+          "--set", f"split_fractions={SPLITS!r}"])
+    assert "facecaption15m/center_crop48/1.0.0" in capsys.readouterr().out
+    reader = tfds.builder_from_directory(str(data_dir / "facecaption15m/center_crop48/1.0.0"))
+    assert "With img2dataset_resize_mode='center_crop'" in reader.info.config_description
+    source = tfds.data_source("facecaption15m/center_crop48", split="train",
+                              data_dir=str(data_dir))
+    got = {r["id"].decode(): r for r in source}
+    assert set(got) == expected_splits(fixture)["train"]
+    for sample_id, record in got.items():
+        row, image = fixture.kept[sample_id], Image.open(io.BytesIO(record["image"]))
+        assert image.size == (48, 48)
+        if row.scene is not None:
+            want = ff.reference_crop(row.scene, row.scene_box, MARGIN, 48)
+            assert ff.mean_abs_diff(image, want) < 10, sample_id
+
+
+def test_cli_refuses_unknown_fields_and_unnamed_configs(tmp_path: Path) -> None:
+    from tfds_builders.__main__ import main
+
+    build = ["build", "facecaption15m", f"--data_dir={tmp_path}", "--set"]
+    with pytest.raises(SystemExit, match="has no field colour; settable: images_subdir"):
+        main([*build, "colour=red", "--set", "name=red"])
+    with pytest.raises(SystemExit, match="set a new config name with name=NAME"):
+        main([*build, "resolution=128"])
+    with pytest.raises(SystemExit, match="set a new config name with name=NAME"):
+        main([*build, "resolution=128", "--set", "name=files"])

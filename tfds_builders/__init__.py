@@ -11,6 +11,8 @@ a `num_workers: int` keyword argument in its constructor (it may ignore it).
 
 from __future__ import annotations
 
+import ast
+import dataclasses
 import importlib
 from typing import TYPE_CHECKING
 
@@ -35,9 +37,51 @@ def builder_class(name: str) -> type[tfds.core.DatasetBuilder]:
     return getattr(importlib.import_module(module_name), class_name)
 
 
+# Fields every TFDS BuilderConfig has that version and describe a config, not shape its data.
+_TFDS_CONFIG_FIELDS = frozenset({"version", "release_notes", "supported_versions",
+                                 "description", "tags"})
+
+
+def _literal(text: str) -> object:
+    """A Python literal ("0.3", "('a', 1)"), or the text itself ("center_crop")."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def configured(name: str, config: str | None, overrides: dict[str, str]
+               ) -> tfds.core.BuilderConfig:
+    """Builder `name`'s config `config` (default: its first) with `overrides` (field -> text, a
+    Python literal or a plain string) set. The config's own checks run on the new values.
+
+    `overrides` must give the result a `name` of its own: TFDS keeps one config per name, and
+    the dataset is written and read under it (`NAME/CONFIG_NAME`, flipjax's
+    `data.builder_config`)."""
+    configs = builder_class(name).BUILDER_CONFIGS
+    by_name = {c.name: c for c in configs}
+    if not configs or (config is not None and config not in by_name):
+        raise ValueError(f"{name} has no builder config {config!r} to set fields of; its "
+                         f"configs: {', '.join(by_name) or 'none'}")
+    base = by_name[config] if config is not None else configs[0]
+    settable = {f.name for f in dataclasses.fields(base) if f.init} - _TFDS_CONFIG_FIELDS
+    unknown = sorted(set(overrides) - settable)
+    if unknown:
+        raise ValueError(f"{name} config {base.name!r} has no field {', '.join(unknown)}; "
+                         f"settable: {', '.join(sorted(settable))}")
+    new_name = overrides.get("name")
+    if new_name is None or new_name in by_name:
+        raise ValueError(f"set a new config name with name=NAME too (not one of "
+                         f"{', '.join(by_name)}): the dataset is written and read under it")
+    values = {k: v if k == "name" else _literal(v) for k, v in overrides.items()}
+    changed = ", ".join(f"{k}={v!r}" for k, v in values.items() if k != "name")
+    return dataclasses.replace(base, description=f"{base.description} With {changed}.",
+                               **values)
+
+
 def build(name: str, data_dir: str, manual_dir: str | None = None, num_workers: int = 1,
-          config: str | None = None, beam_pipeline_options: str | None = None
-          ) -> tfds.core.DatasetBuilder:
+          config: str | None = None, beam_pipeline_options: str | None = None,
+          config_overrides: dict[str, str] | None = None) -> tfds.core.DatasetBuilder:
     """Builds dataset `name` (config `config`, default config if None) into `data_dir`.
 
     The dataset is written as ArrayRecord, which supports random access through
@@ -46,13 +90,16 @@ def build(name: str, data_dir: str, manual_dir: str | None = None, num_workers: 
     files that must be downloaded by hand (e.g. licensed face datasets). `num_workers` > 1 starts
     "spawn" worker processes, so a calling script needs the usual `if __name__ == "__main__":`
     guard. `beam_pipeline_options` ("runner=DataflowRunner,project=P,...") builds through Apache
-    Beam instead, for builders that support it (facecaption15m).
+    Beam instead, for builders that support it (facecaption15m). `config_overrides` sets fields
+    of the config (see `configured`); it keeps the config's name, and an existing build of that
+    name in `data_dir` is reused as it is.
     """
     import tensorflow_datasets as tfds
 
+    builder_config = configured(name, config, config_overrides) if config_overrides else config
     builder = builder_class(name)(
-        data_dir=data_dir, config=config, file_format="array_record", num_workers=num_workers
-    )
+        data_dir=data_dir, config=builder_config, file_format="array_record",
+        num_workers=num_workers)
     beam_options = None
     if beam_pipeline_options:
         from apache_beam.options.pipeline_options import PipelineOptions

@@ -22,6 +22,10 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--manual_dir", default=None, help="directory of manually downloaded files")
     build.add_argument("--num_workers", type=int, default=1, help="parallel worker processes")
     build.add_argument("--config", default=None, help="builder config name (default: the first)")
+    build.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                       help="set a field of that config (repeatable; VALUE a Python literal or "
+                       "text) and name the result, e.g. --set name=center_crop "
+                       "--set img2dataset_resize_mode=center_crop")
     build.add_argument("--beam_pipeline_options", default=None,
                        help="build with Apache Beam, e.g. 'runner=DirectRunner'"
                        " or 'runner=DataflowRunner,project=P,region=R,temp_location=gs://B/tmp'")
@@ -30,9 +34,16 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     """Parses `argv`, builds the dataset and prints the number of records per split."""
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    malformed = [item for item in args.set if "=" not in item]
+    if malformed:
+        parser.error(f"--set takes FIELD=VALUE, got {', '.join(malformed)}")
+    overrides = dict(item.split("=", 1) for item in args.set)
     try:
         tfds_builders.builder_class(args.name)
+        if overrides:
+            tfds_builders.configured(args.name, args.config, overrides)
     except ValueError as e:
         sys.exit(f"error: {e}")
     config = f" (config {args.config})" if args.config else ""
@@ -40,7 +51,8 @@ def main(argv: list[str] | None = None) -> None:
     start = time.monotonic()
     builder = tfds_builders.build(args.name, args.data_dir, manual_dir=args.manual_dir,
                                   num_workers=args.num_workers, config=args.config,
-                                  beam_pipeline_options=args.beam_pipeline_options)
+                                  beam_pipeline_options=args.beam_pipeline_options,
+                                  config_overrides=overrides)
     elapsed = time.monotonic() - start
     print(f"Built {builder.info.full_name} in {elapsed:.1f}s at {builder.data_dir}")
     for split_name, split in builder.info.splits.items():

@@ -11,7 +11,8 @@ Conventions:
     applied), right/bottom exclusive. That is how the boxes of FaceCaption-15M were made: the
     images were downloaded with img2dataset, which decodes with OpenCV's `IMREAD_UNCHANGED`
     (EXIF orientation ignored) and re-encodes without EXIF, and the face detector ran on those
-    pixels. The EXIF orientation is applied to the crop afterwards, so stored faces are upright.
+    pixels. An EXIF orientation the file carries is applied to the crop afterwards (files that
+    img2dataset re-encoded carry none).
   * Every stored image is RGB JPEG. Transparent images are composited on white (as img2dataset
     does), palette and grey images are expanded, CMYK goes through Pillow's conversion and 16-bit
     images are scaled to 8 bits.

@@ -80,7 +80,8 @@ class FaceCaption15M(FaceDatasetBuilder):
 
     Each record is one parquet row of `FaceCaption-v2.parquet` joined with its image:
       * `image`: RGB JPEG of the face box widened by `margin` on each side, squared, clamped to
-        the image, made upright (EXIF) and resized so its short side is `resolution` px.
+        the image, made upright by the file's EXIF orientation if any, and resized so its
+        short side is `resolution` px.
       * `caption`: the FaceCaption-15M caption; `laion_caption`: the original LAION alt text
         ("" when absent); `id`: the row's `_id`.
       * `box`: int32 [x1, y1, x2, y2], the parquet box as given (pixels of the original image);
