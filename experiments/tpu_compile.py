@@ -40,7 +40,7 @@ from absl import app, flags  # noqa: E402
 from jax.experimental import topologies  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from flipjax.train.sharding import make_mesh  # noqa: E402
+from flipjax.train.sharding import TENSOR_PARALLEL_RULES, make_mesh  # noqa: E402
 from flipjax.train.step import TrainSetup  # noqa: E402
 
 config_flags.DEFINE_config_file("config", "configs/base.py:batch=32768", "Training config.",
@@ -48,6 +48,8 @@ config_flags.DEFINE_config_file("config", "configs/base.py:batch=32768", "Traini
 flags.DEFINE_list("topologies", ["v5e:16x16"], "TPU topologies, as jax names them.")
 flags.DEFINE_list("losses", ["sigmoid", "softmax"], "config.loss of each row.")
 flags.DEFINE_list("meshes", ["data=-1 fsdp=1"], "config.mesh of each row: 'AXIS=SIZE ...'.")
+flags.DEFINE_bool("tensor_parallel", False, "Put TENSOR_PARALLEL_RULES before the config's "
+                  "sharding rules (for meshes with a tensor axis).")
 flags.DEFINE_string("output", None, "Also write the table to this markdown file.")
 FLAGS = flags.FLAGS
 
@@ -77,13 +79,17 @@ def compile_step(config, devices: list) -> tuple[jax.stages.Compiled, float]:
 def main(argv: list[str]) -> None:
     del argv
     config = FLAGS.config
+    if FLAGS.tensor_parallel:
+        config.sharding_rules = TENSOR_PARALLEL_RULES + tuple(config.sharding_rules)
     lines = [
         f"`python experiments/tpu_compile.py {shlex.join(sys.argv[1:])}` — jax {jax.__version__}, "
         f"compiled without a TPU; {config.model.image.variant} + {config.model.text.variant} "
         f"text, {config.data.image_size} px, global batch {config.data.global_batch_size}, "
         f"{config.model.dtype}, remat {config.model.remat!r}, scan_layers "
         f"{config.model.scan_layers}, loss_impl {config.loss_impl!r}, Adam mu "
-        f"{config.optim.mu_dtype}. GiB per chip.", "",
+        f"{config.optim.mu_dtype}"
+        + (", Megatron rules for the tensor axis" if FLAGS.tensor_parallel else "")
+        + ". GiB per chip.", "",
         "| topology | chips | mesh | loss | pairs per chip | compile s | temp | arguments "
         "| outputs (not aliased) | total | HBM | fits |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|"]
