@@ -68,8 +68,10 @@ def dense_matmul(x: jax.Array, kernel: jax.Array, platform: str) -> jax.Array:
     either way.
     The products and values are the same, and remat policies still see a plain dot. On a
     TPU the product keeps its (batch, seq) axes, as `nnx.Linear` computes it: there merging
-    197 tokens into the batch axis can cost a relayout copy (TPU tiles the last two axes;
-    not measured there).
+    197 tokens into the batch axis costs relayout copies (TPU tiles the last two axes).
+    Compiled for a v5e without one, `configs/base.py`'s step at 128 pairs per chip needs
+    8.35 GiB of scratch per chip in this form and 10.16 GiB flattened
+    (`experiments/results/tpu_compile.md`).
 
     Why the platform is an argument, decided when the model is built for its device
     (`make_model`), rather than `jax.default_backend()` at trace time: a deviceless compile
