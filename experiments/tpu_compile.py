@@ -12,7 +12,9 @@ it; about 140 MB, never in CI); no TPU, and a CPU host is enough:
 
     JAX_PLATFORMS=cpu python experiments/tpu_compile.py --topologies=v5e:16x16 \\
         --config=configs/base.py:batch=32768 --losses=sigmoid,softmax \\
-        --meshes="data=-1 fsdp=1","data=16 fsdp=16" --output=experiments/results/tpu_compile.md
+        --meshes="data=-1 fsdp=1","data=16 fsdp=16"
+
+(`experiments/results/tpu_compile.md` collects the tables of several such commands.)
 
 `--config` takes overrides as `flipjax.main` does (`--config.model.remat=full`). "total" is
 what the step needs on one chip at once: scratch (temp) + arguments (train state and batch
@@ -35,7 +37,6 @@ os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-4")
 os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
 
 import jax  # noqa: E402
-import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 from jax.experimental import topologies  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
@@ -66,13 +67,8 @@ def parse_mesh(text: str) -> tuple[tuple[str, int], ...]:
 def compile_step(config, devices: list) -> tuple[jax.stages.Compiled, float]:
     """The config's train step compiled for `devices` (a topology's), and its compile seconds."""
     setup = TrainSetup(config, config.tokenizer.vocab_size, make_mesh(config.mesh, devices))
-    n, size = config.data.global_batch_size, config.data.image_size
-    batch = {"image": jax.ShapeDtypeStruct((n, size, size, 3), np.uint8,
-                                           sharding=setup.batch_sharding),
-             "text": jax.ShapeDtypeStruct((n, config.model.text.max_len), np.int32,
-                                          sharding=setup.batch_sharding)}
     start = time.perf_counter()
-    compiled = setup.train_step.lower(setup.abstract_state, batch).compile()
+    compiled = setup.train_step.lower(setup.abstract_state, setup.abstract_batch).compile()
     return compiled, time.perf_counter() - start
 
 

@@ -80,9 +80,10 @@ def configured(name: str, config: str | None, overrides: dict[str, str]
 
 
 def build(name: str, data_dir: str, manual_dir: str | None = None, num_workers: int = 1,
-          config: str | None = None, beam_pipeline_options: str | None = None,
-          config_overrides: dict[str, str] | None = None) -> tfds.core.DatasetBuilder:
-    """Builds dataset `name` (config `config`, default config if None) into `data_dir`.
+          config: str | tfds.core.BuilderConfig | None = None,
+          beam_pipeline_options: str | None = None) -> tfds.core.DatasetBuilder:
+    """Builds dataset `name` (config `config`: a name, a config object such as `configured`
+    returns, or None for the default) into `data_dir`.
 
     The dataset is written as ArrayRecord, which supports random access through
     `tfds.data_source` / Grain without TensorFlow. An already built dataset is reused, so this is
@@ -90,16 +91,12 @@ def build(name: str, data_dir: str, manual_dir: str | None = None, num_workers: 
     files that must be downloaded by hand (e.g. licensed face datasets). `num_workers` > 1 starts
     "spawn" worker processes, so a calling script needs the usual `if __name__ == "__main__":`
     guard. `beam_pipeline_options` ("runner=DataflowRunner,project=P,...") builds through Apache
-    Beam instead, for builders that support it (facecaption15m). `config_overrides` sets fields
-    of the config (see `configured`); it keeps the config's name, and an existing build of that
-    name in `data_dir` is reused as it is.
+    Beam instead, for builders that support it (facecaption15m).
     """
     import tensorflow_datasets as tfds
 
-    builder_config = configured(name, config, config_overrides) if config_overrides else config
     builder = builder_class(name)(
-        data_dir=data_dir, config=builder_config, file_format="array_record",
-        num_workers=num_workers)
+        data_dir=data_dir, config=config, file_format="array_record", num_workers=num_workers)
     beam_options = None
     if beam_pipeline_options:
         from apache_beam.options.pipeline_options import PipelineOptions

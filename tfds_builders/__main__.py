@@ -42,17 +42,17 @@ def main(argv: list[str] | None = None) -> None:
     overrides = dict(item.split("=", 1) for item in args.set)
     try:
         tfds_builders.builder_class(args.name)
-        if overrides:
-            tfds_builders.configured(args.name, args.config, overrides)
+        config = (tfds_builders.configured(args.name, args.config, overrides) if overrides
+                  else args.config)
     except ValueError as e:
         sys.exit(f"error: {e}")
-    config = f" (config {args.config})" if args.config else ""
-    print(f"Building {args.name}{config} into {args.data_dir} with {args.num_workers} worker(s)...")
+    config_name = overrides.get("name", args.config)
+    label = f" (config {config_name})" if config_name else ""
+    print(f"Building {args.name}{label} into {args.data_dir} with {args.num_workers} worker(s)...")
     start = time.monotonic()
     builder = tfds_builders.build(args.name, args.data_dir, manual_dir=args.manual_dir,
-                                  num_workers=args.num_workers, config=args.config,
-                                  beam_pipeline_options=args.beam_pipeline_options,
-                                  config_overrides=overrides)
+                                  num_workers=args.num_workers, config=config,
+                                  beam_pipeline_options=args.beam_pipeline_options)
     elapsed = time.monotonic() - start
     print(f"Built {builder.info.full_name} in {elapsed:.1f}s at {builder.data_dir}")
     for split_name, split in builder.info.splits.items():

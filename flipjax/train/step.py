@@ -70,6 +70,13 @@ class TrainSetup:
         self.state_shardings = infer_shardings(self.abstract_state, mesh, config.sharding_rules,
                                                config.fsdp_min_size_mb)
         self.batch_sharding = batch_sharding(mesh)
+        # The global batch the step takes, for lowering it without data (deviceless compiles).
+        n, size = config.data.global_batch_size, config.data.image_size
+        self.abstract_batch = {
+            "image": jax.ShapeDtypeStruct((n, size, size, 3), jnp.uint8,
+                                          sharding=self.batch_sharding),
+            "text": jax.ShapeDtypeStruct((n, config.model.text.max_len), jnp.int32,
+                                         sharding=self.batch_sharding)}
         self.init = jax.jit(init_fn, out_shardings=self.state_shardings)
         self.train_step = jax.jit(
             make_train_step(self.graphdef, self.tx, self.schedule, config, mesh),
