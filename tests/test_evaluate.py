@@ -1,5 +1,7 @@
 """Evaluation metrics against hand-made inputs with known answers (no model, no data)."""
 
+import itertools
+
 import numpy as np
 import pytest
 
@@ -14,6 +16,7 @@ from flipjax.evaluate.linear_probe import (
 )
 from flipjax.evaluate.prompts import PROMPTS, prompts_for
 from flipjax.evaluate.retrieval import (
+    Ranks,
     block_rows,
     ranks_image_to_text,
     ranks_text_to_image,
@@ -34,9 +37,10 @@ S = np.array([
     [0.9, 0.9, 0.9, 0.9, 0.9, 0.9],   # image 4: no caption
 ])
 I2T = np.array([0, 3, 1, 5, 6])
-# Caption j's rank: images scoring strictly above S[OWNER[j], j] in column j (c4 ties image 3
-# at 0.5, which doesn't count against it).
+# Caption j's rank: images scoring strictly above S[OWNER[j], j] in column j; c1 ties image 4
+# at 0.9 and c4 ties image 3 at 0.5, so each is one place lower half the time.
 T2I = np.array([4, 0, 4, 3, 1, 3])
+T2I_TIED = np.array([0, 1, 0, 0, 1, 0])
 
 
 def hand_made():
@@ -46,8 +50,14 @@ def hand_made():
 @pytest.mark.parametrize("max_bytes", [1, 40, 1 << 28])
 def test_ranks_known_and_independent_of_block_size(max_bytes):
     img, txt = hand_made()
-    np.testing.assert_array_equal(ranks_image_to_text(img, txt, OWNER, max_bytes), I2T)
-    np.testing.assert_array_equal(ranks_text_to_image(img, txt, OWNER, max_bytes), T2I)
+    i2t = ranks_image_to_text(img, txt, OWNER, max_bytes)
+    np.testing.assert_array_equal(i2t.above[:4], I2T[:4])
+    np.testing.assert_array_equal(i2t.tied, 0)
+    np.testing.assert_array_equal(i2t.tied_own, [1, 1, 1, 1, 0])  # image 4 has no caption
+    t2i = ranks_text_to_image(img, txt, OWNER, max_bytes)
+    np.testing.assert_array_equal(t2i.above, T2I)
+    np.testing.assert_array_equal(t2i.tied, T2I_TIED)
+    np.testing.assert_array_equal(t2i.tied_own, 1)
 
 
 def test_recall_at_k_several_captions_per_image():
@@ -57,24 +67,68 @@ def test_recall_at_k_several_captions_per_image():
     assert r["i2t_R@1"] == pytest.approx(25.0)
     assert r["i2t_R@2"] == pytest.approx(50.0)
     assert r["i2t_R@4"] == pytest.approx(75.0)
-    # Caption ranks 4, 0, 4, 3, 1, 3.
-    assert r["t2i_R@1"] == pytest.approx(100 / 6)
-    assert r["t2i_R@2"] == pytest.approx(200 / 6)
+    # Caption ranks 4, 0, 4, 3, 1, 3, c1 and c4 tied with one other image each.
+    assert r["t2i_R@1"] == pytest.approx(50 / 6)
+    assert r["t2i_R@2"] == pytest.approx(150 / 6)
     assert r["t2i_R@4"] == pytest.approx(400 / 6)
-    assert r["mean_R"] == pytest.approx(np.mean([25, 50, 75, 100 / 6, 200 / 6, 400 / 6]))
+    assert r["mean_R"] == pytest.approx(np.mean([25, 50, 75, 50 / 6, 150 / 6, 400 / 6]))
 
 
-def test_ties_count_for_the_query_and_perfect_retrieval():
+def test_ties_among_own_captions_do_not_count_against_the_query():
     emb = np.eye(4, dtype=np.float32)
     owner = np.array([0, 1, 2, 3, 0])
-    txt = np.concatenate([emb, emb[:1]])
+    txt = np.concatenate([emb, emb[:1]])  # image 0's two captions embed identically
     r = recall_at_k(emb, txt, owner, ks=(1,))
     assert r == {"i2t_R@1": 100.0, "t2i_R@1": 100.0, "mean_R": 100.0}
 
 
+def test_a_text_tower_that_ignores_its_input_scores_chance():
+    """Every caption embeds the same: ranking images by any caption, or captions for any
+    image, is a coin toss over the gallery, not a perfect score."""
+    rng = np.random.default_rng(0)
+    img = rng.normal(size=(8, 4)).astype(np.float32)
+    txt = np.tile(rng.normal(size=(1, 4)).astype(np.float32), (8, 1))
+    r = recall_at_k(img, txt, np.arange(8), ks=(1, 4))
+    assert r["i2t_R@1"] == pytest.approx(100 / 8)
+    assert r["i2t_R@4"] == pytest.approx(400 / 8)
+
+
+def test_duplicate_captions_split_their_credit():
+    """Images 0 and 1 share a caption string (identical embeddings): each image ranks its own
+    copy first half the time; with k = 2 both copies fit."""
+    img = np.eye(3, dtype=np.float32)
+    shared = np.array([1.0, 1.0, 0.0], np.float32)
+    txt = np.stack([shared, shared, img[2]])
+    ranks = ranks_image_to_text(img, txt, np.arange(3))
+    np.testing.assert_array_equal(ranks.tied, [1, 1, 0])
+    np.testing.assert_allclose(ranks.hit_rate(1), [0.5, 0.5, 1.0])
+    np.testing.assert_allclose(ranks.hit_rate(2), [1.0, 1.0, 1.0])
+
+
+@pytest.mark.parametrize("above,tied,tied_own,k,expected", [
+    (0, 0, 1, 1, 1.0), (1, 0, 1, 1, 0.0), (0, 1, 1, 1, 1 / 2), (0, 1, 2, 1, 2 / 3),
+    (0, 3, 1, 2, 2 / 4), (0, 3, 2, 2, 1 - (3 / 5) * (2 / 4)), (2, 5, 1, 3, 1 / 6),
+    (0, 0, 0, 5, 0.0),
+])
+def test_hit_rate_is_the_probability_under_random_tie_order(above, tied, tied_own, k, expected):
+    ranks = Ranks(np.array([above]), np.array([tied]), np.array([tied_own]))
+    assert ranks.hit_rate(k)[0] == pytest.approx(expected)
+    # The same probability by enumerating every order of the tied items.
+    orders = list(itertools.permutations([0] * tied + [1] * tied_own))
+    hits = [above + order.index(1) < k for order in orders] if tied_own else [False]
+    assert ranks.hit_rate(k)[0] == pytest.approx(np.mean(hits))
+
+
+def test_non_finite_embeddings_are_an_error():
+    img, txt = hand_made()
+    img[2, 0] = np.nan
+    with pytest.raises(ValueError, match="1 of 5 image embeddings hold NaN or Inf"):
+        recall_at_k(img, txt, OWNER)
+
+
 def test_block_rows_fits_budget_for_30k_by_300k():
     rows = block_rows(300_000, 1 << 28)
-    assert rows * 300_000 * 5 <= 1 << 28 and rows >= 100
+    assert rows * 300_000 * 6 <= 1 << 28 and rows >= 100
     assert block_rows(10, 1) == 1
 
 

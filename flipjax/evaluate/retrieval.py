@@ -2,14 +2,22 @@
 per image; an image query is answered if any of its captions is in the top K, a caption query if
 its own image is).
 
-Ranks are counted, not sorted: a query's rank is how many gallery items score strictly above its
-best correct item (ties are resolved in the query's favour). Scores are computed in blocks of
-queries sized from a memory budget, so a 30k-image x 300k-caption gallery never materialises:
-with the default 256 MiB budget an image->text block is ~180 rows of 300k float32 scores
-(+ a same-shaped bool comparison), where the full matrix would take 36 GB.
+Ranks are counted, not sorted. For each query we count the gallery items scoring strictly above
+its best correct item and the items tied with it, and report the recall expected when ties are
+broken uniformly at random. Ties are common in face caption sets: attribute captions such as
+"She is smiling." repeat word for word across images, and identical strings embed identically;
+a collapsed tower ties everything. Counting ties for the query would score a text tower that
+ignores its input at 100% image->text R@1; counting them against it would penalise a model for
+a gallery's duplicates. The expected value gives the constant tower chance level and splits a
+duplicate's credit evenly. Scores are computed in blocks of queries sized from a memory budget,
+so a 30k-image x 300k-caption gallery never materialises: with the default 256 MiB budget an
+image->text block is ~150 rows of 300k float32 scores (+ two same-shaped bool comparisons),
+where the full matrix would take 36 GB.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import ml_collections
 import numpy as np
@@ -21,17 +29,47 @@ BLOCK_BYTES = 1 << 28
 
 
 def block_rows(gallery_size: int, max_bytes: int) -> int:
-    """Query rows per block: a row costs 4 bytes of score and 1 byte of comparison per item."""
-    return max(1, max_bytes // (5 * max(1, gallery_size)))
+    """Query rows per block: a row costs 4 bytes of score and 2 bytes of comparisons per item."""
+    return max(1, max_bytes // (6 * max(1, gallery_size)))
+
+
+@dataclasses.dataclass(frozen=True)
+class Ranks:
+    """Where each query's correct answers land in the gallery, ties kept apart.
+
+    `above`: items scoring strictly above the query's best correct item; `tied`: other items
+    scoring the same as it; `tied_own`: correct items with that best score (1 or more; 0 for a
+    query with no correct item, which is never answered).
+    """
+
+    above: np.ndarray
+    tied: np.ndarray
+    tied_own: np.ndarray
+
+    def hit_rate(self, k: int) -> np.ndarray:
+        """Per query, the probability that a correct item is in the top `k` when tied items are
+        ordered uniformly at random.
+
+        The `tied + tied_own` items take places `above`, `above + 1`, ... in random order; the
+        query misses when the first `k - above` of them are all wrong, with probability
+        prod_{i < k - above} (tied - i) / (tied + tied_own - i).
+        """
+        slots = k - self.above
+        tied = self.tied.astype(np.float64)
+        total = tied + self.tied_own
+        miss = np.ones(len(self.above))
+        for i in range(k):
+            factor = np.clip(tied - i, 0, None) / np.maximum(total - i, 1)
+            miss *= np.where(i < slots, factor, 1.0)
+        return np.where((slots > 0) & (self.tied_own > 0), 1.0 - miss, 0.0)
 
 
 def ranks_image_to_text(img: np.ndarray, txt: np.ndarray, caption_owner: np.ndarray,
-                        max_bytes: int = BLOCK_BYTES) -> np.ndarray:
-    """For each image, how many captions score strictly above its best own caption; images
-    without a caption get rank len(txt) (never retrieved)."""
+                        max_bytes: int = BLOCK_BYTES) -> Ranks:
+    """For each image, the captions above, and tied with, its best own caption."""
     order = np.argsort(caption_owner, kind="stable")
     sorted_owner = caption_owner[order]
-    ranks = np.empty(len(img), np.int64)
+    above, tied, tied_own = (np.zeros(len(img), np.int64) for _ in range(3))
     block = block_rows(len(txt), max_bytes)
     for s in range(0, len(img), block):
         e = min(len(img), s + block)
@@ -39,37 +77,46 @@ def ranks_image_to_text(img: np.ndarray, txt: np.ndarray, caption_owner: np.ndar
         # The best own score comes from this same product, so rounding can't make a caption
         # outrank itself.
         own = order[np.searchsorted(sorted_owner, s): np.searchsorted(sorted_owner, e)]
+        rows = caption_owner[own] - s
         best_own = np.full(e - s, -np.inf, scores.dtype)
-        np.maximum.at(best_own, caption_owner[own] - s, scores[caption_owner[own] - s, own])
-        ranks[s:e] = np.where(np.isfinite(best_own),
-                              (scores > best_own[:, None]).sum(axis=1), len(txt))
-    return ranks
+        np.maximum.at(best_own, rows, scores[rows, own])
+        np.add.at(tied_own[s:e], rows, scores[rows, own] == best_own[rows])
+        above[s:e] = (scores > best_own[:, None]).sum(axis=1)
+        tied[s:e] = (scores == best_own[:, None]).sum(axis=1) - tied_own[s:e]
+    return Ranks(above, tied, tied_own)
 
 
 def ranks_text_to_image(img: np.ndarray, txt: np.ndarray, caption_owner: np.ndarray,
-                        max_bytes: int = BLOCK_BYTES) -> np.ndarray:
-    """For each caption, how many images score strictly above the image it describes."""
-    ranks = np.empty(len(txt), np.int64)
+                        max_bytes: int = BLOCK_BYTES) -> Ranks:
+    """For each caption, the images above, and tied with, the image it describes."""
+    above, tied = np.empty(len(txt), np.int64), np.empty(len(txt), np.int64)
     block = block_rows(len(img), max_bytes)
     for s in range(0, len(txt), block):
         scores = txt[s: s + block] @ img.T
         own = scores[np.arange(len(scores)), caption_owner[s: s + block]]
-        ranks[s: s + block] = (scores > own[:, None]).sum(axis=1)
-    return ranks
+        above[s: s + block] = (scores > own[:, None]).sum(axis=1)
+        tied[s: s + block] = (scores == own[:, None]).sum(axis=1) - 1
+    return Ranks(above, tied, np.ones(len(txt), np.int64))
 
 
 def recall_at_k(img: np.ndarray, txt: np.ndarray, caption_owner: np.ndarray,
                 ks: tuple[int, ...] = (1, 5, 10), max_bytes: int = BLOCK_BYTES
                 ) -> dict[str, float]:
     """{'i2t_R@1': ..., 't2i_R@1': ..., ..., 'mean_R': ...} in percent; image queries are the
-    images that have at least one caption."""
+    images that have at least one caption. Non-finite embeddings (a diverged checkpoint) raise
+    ValueError rather than rank in some arbitrary way."""
+    for name, emb in (("image", img), ("text", txt)):
+        if not np.isfinite(emb).all():
+            bad = int((~np.isfinite(emb).all(axis=1)).sum())
+            raise ValueError(f"{bad} of {len(emb)} {name} embeddings hold NaN or Inf; "
+                             "retrieval needs finite embeddings (is the checkpoint diverged?)")
     has_caption = np.bincount(caption_owner, minlength=len(img)) > 0
-    i2t = ranks_image_to_text(img, txt, caption_owner, max_bytes)[has_caption]
+    i2t = ranks_image_to_text(img, txt, caption_owner, max_bytes)
     t2i = ranks_text_to_image(img, txt, caption_owner, max_bytes)
     out = {}
     for k in ks:
-        out[f"i2t_R@{k}"] = 100.0 * float(np.mean(i2t < k))
-        out[f"t2i_R@{k}"] = 100.0 * float(np.mean(t2i < k))
+        out[f"i2t_R@{k}"] = 100.0 * float(np.mean(i2t.hit_rate(k)[has_caption]))
+        out[f"t2i_R@{k}"] = 100.0 * float(np.mean(t2i.hit_rate(k)))
     out["mean_R"] = float(np.mean(list(out.values())))
     return out
 
