@@ -85,3 +85,20 @@ def test_probe_choice_ignores_poisoned_test_cache(saved_run, tmp_path):
     for key in ("chosen_l2", "chosen_epochs", "val_score", "num_train", "num_val"):
         assert dirty[key] == clean[key], key
     assert dirty["mean_acc"] != clean["mean_acc"]  # the poisoned cache was read, for test only
+
+
+def test_feature_cache_is_keyed_by_the_datasets_build(saved_run, tmp_path):
+    """A copy of the dataset elsewhere (or a rebuild) gets its own cache file, so features of
+    one build are never served for another."""
+    import shutil
+
+    from flipjax.evaluate.features import feature_cache_path
+
+    config = saved_run[0]
+    copy = ml_collections.ConfigDict(config.data.to_dict())
+    copy.data_dir = str(tmp_path / "copy")
+    shutil.copytree(config.data.data_dir, copy.data_dir)
+    paths = [feature_cache_path(str(tmp_path), cfg, "test", "attributes", 1, "abc")
+             for cfg in (config.data, config.data, copy)]
+    assert paths[0] == paths[1] != paths[2]
+    assert paths[2].name.startswith("synthetic_faces-tiny_test_attributes_step1_")

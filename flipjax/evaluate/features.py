@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 from collections.abc import Callable, Iterator
 
 import grain
@@ -126,12 +127,24 @@ def label_array(values: list) -> np.ndarray:
     return (array > 0).astype(np.int32) if array.ndim == 2 else array.astype(np.int64)
 
 
+def source_identity(data_cfg: ml_collections.ConfigDict, split: str) -> str:
+    """Which build of a split the records come from: its directory and its size, so that a
+    moved, rebuilt or re-versioned dataset is embedded anew rather than served from cache."""
+    info = data_source(data_cfg, split).dataset_info
+    directory = info.data_dir if "://" in info.data_dir else os.path.abspath(info.data_dir)
+    stats = info.splits[split.split("[")[0]]
+    return f"{directory}|{stats.num_examples}|{stats.num_bytes}"
+
+
 def feature_cache_path(cache_dir: str, data_cfg: ml_collections.ConfigDict, split: str,
                        label_key: str, step: int, fingerprint: str) -> epath.Path:
+    """The cache file of a split's features at a checkpoint step; its hash covers the model
+    fingerprint and the split's `source_identity`."""
     dataset = data_cfg.name + (f"-{data_cfg.builder_config}" if data_cfg.builder_config else "")
     split_name = split.replace("/", "_").replace("[", "_").replace("]", "").replace(":", "-")
+    key = hashlib.sha256(f"{fingerprint}|{source_identity(data_cfg, split)}".encode())
     return storage_path(cache_dir) / (f"{dataset}_{split_name}_{label_key}_step{step}_"
-                                      f"{fingerprint}.npz")
+                                      f"{key.hexdigest()[:12]}.npz")
 
 
 def image_features(embedder: Embedder, params: dict, data_cfg: ml_collections.ConfigDict,
@@ -140,8 +153,9 @@ def image_features(embedder: Embedder, params: dict, data_cfg: ml_collections.Co
     """{"features": image embeddings (N, D), "labels": `label_key` of each record}.
 
     With `cache_dir` and `step` the result is read from / written to an .npz keyed by dataset,
-    split, label, checkpoint step and the model fingerprint, so re-evaluating a checkpoint
-    (several probes, several hyperparameter grids) embeds each split once.
+    split, label, checkpoint step, the model fingerprint and the split's build, so
+    re-evaluating a checkpoint (several probes, several hyperparameter grids) embeds each split
+    once.
     """
     path = None
     if cache_dir is not None and step is not None:
