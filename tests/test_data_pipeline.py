@@ -7,12 +7,13 @@ from PIL import Image
 
 from flipjax.data.pipeline import (
     EvalPreprocess,
+    TrainPreprocess,
     center_crop,
     data_source,
     make_train_dataset,
     random_resized_crop,
 )
-from flipjax.data.tokenizer import EOS_ID, Tokenizer
+from flipjax.data.tokenizer import EOS_ID, Tokenizer, captions_of, text_of
 from flipjax.data.tokenizer import main as tokenizer_main
 
 
@@ -70,6 +71,27 @@ def test_epochs_cover_the_split_and_reshuffle(tiny_config):
               for _ in range(2)]
     assert Counter(epochs[0]) == expected == Counter(epochs[1])
     assert epochs[0] != epochs[1]
+
+
+def test_a_record_with_several_captions_trains_on_each_of_them(tiny_config):
+    """MM-CelebA-HQ and CelebA-Dialog keep a list of captions per image: training draws one
+    per visit, never the list's printed form."""
+    tok = tokenizer_of(tiny_config)
+    cfg = tiny_config.data.copy_and_resolve_references()
+    cfg.text_key = "captions"
+    jpeg = io.BytesIO()
+    Image.new("RGB", (40, 40), (90, 60, 30)).save(jpeg, format="JPEG")
+    captions = ["a smiling woman.", "a man with a beard."]
+    record = {"image": jpeg.getvalue(),
+              "captions": np.array([c.encode() for c in captions], dtype=object)}
+    preprocess = TrainPreprocess(cfg, tok)
+    seen = {tok.decode(preprocess.random_map(record, np.random.default_rng(seed))["text"])
+            for seed in range(20)}
+    assert seen == set(captions)
+    assert captions_of(record["captions"]) == captions == captions_of(captions)
+    assert captions_of(b"one caption") == ["one caption"]
+    with pytest.raises(TypeError, match="captions_of"):
+        text_of(record["captions"])
 
 
 def test_crops():

@@ -25,7 +25,7 @@ import tensorflow_datasets as tfds
 from jax.sharding import NamedSharding
 from PIL import Image
 
-from flipjax.data.tokenizer import Tokenizer, text_of
+from flipjax.data.tokenizer import Tokenizer, captions_of
 from tfds_builders.face_crop import to_rgb
 
 Batch = dict[str, np.ndarray]
@@ -75,8 +75,12 @@ class TrainPreprocess(grain.transforms.RandomMap):
                                     self.ratio, rng)
         if self.flip and rng.random() < 0.5:
             image = image.transpose(Image.FLIP_LEFT_RIGHT)
-        return {"image": np.asarray(image, np.uint8),
-                "text": self.tokenizer.encode(text_of(record[self.text_key]))}
+        # A record with several captions trains on one of them, drawn anew each epoch.
+        captions = captions_of(record[self.text_key])
+        if not captions:
+            raise ValueError(f"a record's {self.text_key!r} holds no caption")
+        caption = captions[rng.integers(len(captions))] if len(captions) > 1 else captions[0]
+        return {"image": np.asarray(image, np.uint8), "text": self.tokenizer.encode(caption)}
 
 
 class EvalPreprocess(grain.transforms.Map):

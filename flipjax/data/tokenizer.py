@@ -46,8 +46,21 @@ def train_sentencepiece(texts: Iterable[str], output_path: str, vocab_size: int,
 
 
 def text_of(value: bytes | str) -> str:
-    """A record's caption as text: TFDS string features read back as UTF-8 bytes."""
-    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+    """A record's text field as text: TFDS string features read back as UTF-8 bytes."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8")
+    if isinstance(value, str):
+        return value
+    raise TypeError(f"expected one string, got {type(value).__name__}; a field holding "
+                    "several captions is read with captions_of")
+
+
+def captions_of(value: bytes | str | Sequence[bytes | str]) -> list[str]:
+    """A record's captions: one string (e.g. FaceCaption's `caption`) or a sequence of them
+    (MM-CelebA-HQ's and CelebA-Dialog's `captions`, read back as an array)."""
+    if isinstance(value, bytes | str):
+        return [text_of(value)]
+    return [text_of(v) for v in value]
 
 
 class Tokenizer:
@@ -100,7 +113,7 @@ def dataset_texts(name: str, data_dir: str, split: str, text_key: str,
     source = data_source(ml_collections.ConfigDict(
         {"name": name, "builder_config": builder_config, "data_dir": data_dir}), split)
     for i in range(len(source)):
-        yield text_of(source[i][text_key])
+        yield from captions_of(source[i][text_key])
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -23,7 +23,7 @@ from flax import nnx
 from tqdm import tqdm
 
 from flipjax.data.pipeline import EvalPreprocess, data_source, normalize_images
-from flipjax.data.tokenizer import Tokenizer, text_of
+from flipjax.data.tokenizer import Tokenizer, captions_of, text_of
 from flipjax.models import TwoTowers
 from flipjax.storage import storage_path, write_bytes_whole
 from flipjax.train.sharding import batch_sharding, batch_shards, process0_flag, replicated
@@ -106,9 +106,8 @@ def embed_split(embedder: Embedder, params: dict, data_cfg: ml_collections.Confi
         images.append(embedder.images(params, np.stack([r["image"] for r in recs])))
         if text_key is not None:
             for i, r in enumerate(recs):
-                value = r[text_key]
-                texts = [value] if isinstance(value, (bytes, str)) else list(value)
-                captions += [text_of(t) for t in texts]
+                texts = captions_of(r[text_key])
+                captions += texts
                 owners += [num_images + i] * len(texts)
         num_images += len(recs)
     out = {"image": np.concatenate(images)}
