@@ -119,3 +119,23 @@ def test_eval_preprocess_any_mode(mode, want):
     out = EvalPreprocess(32, "image").map({"image": buf.getvalue(), "id": b"x"})
     assert out["image"].shape == (32, 32, 3) and out["id"] == b"x"
     np.testing.assert_allclose(out["image"].reshape(-1, 3).mean(0), want, atol=4)
+
+
+@pytest.mark.parametrize("mode,fill,key", [
+    ("RGB", (0, 0, 0), (0, 0, 0)), ("L", 0, 0), ("I;16", 0, 0)])
+def test_a_png_colour_key_is_transparent_over_white(mode, fill, key):
+    """PNG's tRNS chunk marks one colour as transparent (no alpha channel): those pixels are
+    shown on white, as by an alpha channel and by the exported Hugging Face processor."""
+    from tfds_builders.face_crop import to_rgb
+
+    image = Image.new(mode, (8, 4), fill)
+    image.paste(Image.new(mode, (4, 4), (200, 10, 10) if mode == "RGB" else 40000 if
+                          mode == "I;16" else 150), (4, 0))
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", transparency=key)
+    decoded = Image.open(io.BytesIO(buf.getvalue()))
+    assert decoded.info.get("transparency") is not None
+    rgb = np.asarray(to_rgb(decoded))
+    np.testing.assert_array_equal(rgb[:, :4], 255)  # the keyed colour
+    right = {"RGB": (200, 10, 10), "L": (150,) * 3, "I;16": (round(40000 / 257),) * 3}[mode]
+    np.testing.assert_array_equal(rgb[:, 4:], np.broadcast_to(right, (4, 4, 3)))

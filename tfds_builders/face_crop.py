@@ -207,11 +207,14 @@ def load_pixels(img: Image.Image, draft_scale: int = 1) -> tuple[Image.Image, fl
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
-    """Converts any decoded mode to 8-bit RGB the way a viewer would display it."""
+    """Converts any decoded mode to 8-bit RGB the way a viewer would display it: transparent
+    pixels (an alpha channel, or PNG's tRNS colour key in `info["transparency"]`) on white, as
+    Hugging Face's `convert_to_rgb` (the exported processor's) does."""
+    key = img.info.get("transparency")
+    if key is not None and img.mode not in _HIGH_DEPTH_MODES:
+        img = img.convert("RGBA")
     if img.mode == "RGB":
         return img
-    if img.mode == "P" and "transparency" in img.info:
-        img = img.convert("RGBA")
     if img.mode in _ALPHA_MODES:
         rgba = img.convert("RGBA")
         background = Image.new("RGB", rgba.size, (255, 255, 255))
@@ -221,9 +224,12 @@ def to_rgb(img: Image.Image) -> Image.Image:
         values = np.asarray(img, dtype=np.float64)
         # 16-bit data spans 0..65535; 32-bit integer or float data of unknown range is shown
         # as 8-bit if it fits, else scaled like 16-bit.
+        keyed = values == key if isinstance(key, int | float) else None
         if img.mode.startswith("I;16") or values.max(initial=0) > 255:
             values = values / 257.0
         grey = np.clip(np.rint(values), 0, 255).astype(np.uint8)
+        if keyed is not None:
+            grey[keyed] = 255
         return Image.fromarray(grey).convert("RGB")
     try:
         return img.convert("RGB")
