@@ -209,6 +209,23 @@ def test_split_assignment_is_stable_and_proportional() -> None:
         assert records.split_of(f"id{i}".encode(), SPLITS) == want
 
 
+def test_an_id_and_its_padded_spelling_share_split_and_image() -> None:
+    """Records and the join strip an `_id`'s surrounding whitespace, so the split hash and the
+    sidecar index must too: else " abc" and "abc" could be one record in two splits, or a
+    sidecar's padded id would miss its row."""
+    spellings = [b"id7", b"id7 ", " id7\t", "id7"]
+    assert {records.id_bytes(v) for v in spellings} == {b"id7"}
+    for i in range(50):  # enough ids that a raw-bytes hash would have split some pairs
+        assert (records.split_of(records.id_bytes(f" id{i} ".encode()), SPLITS)
+                == records.split_of(records.id_bytes(f"id{i}"), SPLITS))
+    assert records.id_bytes(b"\xff id") == b"\xff id"  # not UTF-8: hashed as it is
+    index = layouts.ShardIndex()
+    for sidecar_id in ("id7 ", "  ", None):
+        layouts._add_entry(index, {"_id": sidecar_id}, layouts.ImageRef("a.jpg"))
+    assert [sample_id for sample_id, _ in index.entries] == ["id7"]
+    assert index.ignored[layouts.SIDECAR_WITHOUT_ID] == 2
+
+
 def test_map_box_follows_img2dataset_geometry() -> None:
     box = (100.0, 50.0, 200.0, 150.0)
     assert layouts.map_box(box, (400, 200), (400, 200), "border") == box

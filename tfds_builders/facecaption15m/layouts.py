@@ -206,10 +206,10 @@ def _add_entry(index: ShardIndex, meta: dict | None, ref: ImageRef | None) -> No
         return  # A failed download: its row is reported as missing_image.
     elif ref is None:
         index.ignored[SIDECAR_WITHOUT_IMAGE] += 1
-    elif meta.get("_id") in (None, ""):
+    elif meta.get("_id") is None or str(meta["_id"]).strip() == "":
         index.ignored[SIDECAR_WITHOUT_ID] += 1
     else:
-        sample_id = str(meta["_id"])
+        sample_id = str(meta["_id"]).strip()  # as `records.row_id` reads the parquet's
         index.entries.append((sample_id, dataclasses.replace(
             ref, original_size=_original_size(meta))))
 

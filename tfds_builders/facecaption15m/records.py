@@ -104,7 +104,7 @@ def row_groups(path: epath.Path) -> list[RowGroup]:
 
 
 def split_of(raw_id: bytes, split_fractions: Sequence[tuple[str, float]]) -> str:
-    """Deterministic split of a record from a hash of its raw `_id` bytes."""
+    """Deterministic split of a record from a hash of its `_id` bytes (`id_bytes`)."""
     value = int.from_bytes(hashlib.sha256(raw_id).digest()[:8], "big") / 2.0**64
     cumulative = 0.0
     for name, fraction in split_fractions:
@@ -115,12 +115,17 @@ def split_of(raw_id: bytes, split_fractions: Sequence[tuple[str, float]]) -> str
 
 
 def id_bytes(value: object) -> bytes:
-    """Raw bytes of an `_id` (parquet cell or sidecar value) for hashing into a split."""
+    """The bytes of an `_id` (parquet cell or sidecar value) that decide its split: the id as
+    records and the join know it (text, surrounding whitespace stripped), so that two spellings
+    of one id can never land in two splits; ids that are not UTF-8 hash as they are."""
     if value is None:
         return b""
     if isinstance(value, bytes):
-        return value
-    return str(value).encode("utf-8")
+        try:
+            value = value.decode("utf-8")
+        except UnicodeDecodeError:
+            return value
+    return str(value).strip().encode("utf-8")
 
 
 def read_rows(group: RowGroup, columns: Sequence[str], split: str,
