@@ -21,6 +21,7 @@ from tfds_builders.face_crop import (
     EMPTY_CAPTION,
     INVALID_UTF8,
     MISSING_ANNOTATION,
+    TRAIN_TEST_OVERLAP,
     Skip,
 )
 
@@ -118,13 +119,18 @@ class MMCelebAHQ(ImageSetBuilder):
         images = find_path(manual, ["CelebA-HQ-img", "image/images"], "the image folder")
         captions = find_path(manual, ["celeba-caption", "text/celeba-caption"],
                              "the caption folder")
+        names = {split: read_split_file(find_path(manual, [f"{split}/filenames.pickle"],
+                                                  f"the {split} split"))
+                 for split in ("train", "test")}
+        test_names = set(names["test"])
         out = {}
         for split in ("train", "test"):
-            names = read_split_file(find_path(manual, [f"{split}/filenames.pickle"],
-                                              f"the {split} split"))
             entries, seen = [], set()
-            for name in names:
+            for name in names[split]:
                 self.report.records_read += 1
+                if split == "train" and name in test_names:  # retrieval's test must not leak
+                    self.report.skipped[TRAIN_TEST_OVERLAP] += 1
+                    continue
                 if name in seen:
                     self.report.skipped[DUPLICATE_ID] += 1
                     continue
