@@ -135,7 +135,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             due_save = step % config.checkpoint.every_steps == 0 or step == total or preempted
             due_evals = ({n for n, e in config.evals.items() if step % e.every_steps == 0}
                          if step < total else set(config.evals))
-            if step % config.log_every_steps == 0 or due_save or due_evals:
+            due_log = step % config.log_every_steps == 0 or due_save or due_evals
+            if due_log:
                 values = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
                 stop_if_nonfinite(values["nonfinite_steps"], step)
                 seconds = (time.perf_counter() - last_time) / (step - last_step)
@@ -148,11 +149,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 if progress.disable:  # no terminal: a log line instead of the bar
                     logging.info("step %d/%d loss %.4f lr %.2e %.1f images/s", step, total,
                                  values["loss"], values["lr"], values["images_per_s"])
-                # Evaluation and logging time stays out of the next interval's step time.
-                last_time, last_step = time.perf_counter(), step
             if due_save:
                 checkpoint.save(manager, step, state, data_iter)
                 writer.flush()  # the lines up to a checkpoint are never logged again
+            if due_log:
+                # Evaluation, logging and saving stay out of the next interval's step time.
+                last_time, last_step = time.perf_counter(), step
             if preempted:
                 preempted_at = step
                 break
