@@ -15,7 +15,8 @@ Where it departs, and why:
   * Two-tower CLIP/SigLIP-style model trained with softmax InfoNCE over the global batch. FLIP is
     BLIP-style: ITC with momentum encoders and a 61,440-entry feature queue, plus an image-text
     matching head with cross-attention. A large global batch (here 4,096, vs FLIP's 640) gives
-    the negatives the queue gave, without a second (momentum) model; `loss="sigmoid"` is SigLIP.
+    the negatives the queue gave, without a second (momentum) model; `loss="sigmoid"` is SigLIP
+    (set `model.bias_init=-10.0` and `model.temperature_init=10.0` with it, as SigLIP does).
   * Trained from scratch with a SentencePiece tokenizer trained on the captions, instead of from
     CLIP ViT-B/16 + bert-base-uncased weights; lr 5e-4 with warmup + cosine instead of FLIP's
     3e-5 step decay (which suits fine-tuning from pretrained towers).
@@ -96,6 +97,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.loss_impl = "sharded"
     c.grad_accum_steps = 1  # >1: GradCache micro-batches, for a batch that doesn't fit
     c.nonfinite = "raise"  # or "skip": keep the old params, count it, carry on
+    # decay_regex, frozen_regex and lr_mults' patterns match whole parameter names such as
+    # "img/encoder/layers/mlp/fc1/kernel" (e.g. frozen_regex="img/.*" freezes the image tower);
+    # a freeze or multiplier rule that matches nothing is an error.
     c.optim = dict(lr=5e-4, end_lr_fraction=0.0, warmup_steps=5_000, b1=0.9, b2=0.98, eps=1e-6,
                    weight_decay=0.05, grad_clip_norm=1.0,
                    mu_dtype="bfloat16", decay_regex=r".*/kernel",

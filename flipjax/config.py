@@ -6,11 +6,13 @@ Each problem is reported as one line naming the config field and what to do abou
 from __future__ import annotations
 
 import os
+import re
 
 import jax
 import ml_collections
+from flax import nnx
 
-from flipjax.models import embedding_dims
+from flipjax.models import embedding_dims, make_model
 from flipjax.models.layers import (
     ATTENTION_IMPLEMENTATIONS,
     REMAT_POLICIES,
@@ -22,6 +24,7 @@ from flipjax.models.vit import POOLS as IMAGE_POOLS
 from flipjax.models.vit import POSEMBS
 from flipjax.storage import storage_path
 from flipjax.train.losses import LOSSES
+from flipjax.train.optimizer import param_groups
 from flipjax.train.sharding import (
     batch_shards,
     check_strategy,
@@ -78,8 +81,24 @@ def validate(config: ml_collections.ConfigDict) -> None:
             check_strategy(pattern, strategy, [name for name, _ in config.mesh])
         except ValueError as e:
             raise ConfigError(str(e)) from None
+    optim = config.optim
+    patterns = [("optim.decay_regex", optim.decay_regex),
+                ("optim.frozen_regex", optim.frozen_regex)]
+    patterns += [(f"optim.lr_mults[{i}]", rule[0]) for i, rule in enumerate(optim.lr_mults)]
+    patterns += [(f"sharding_rules[{i}]", rule[0]) for i, rule in enumerate(config.sharding_rules)]
+    for field, pattern in patterns:
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise ConfigError(f"config.{field}: {pattern!r} is not a regular expression ({e})"
+                              ) from None
     check(config.loss in LOSSES, "loss", f"unknown loss {config.loss!r}; use one of "
           f"{sorted(LOSSES)}")
+    # SigLIP's learnable bias, started at -10, is what keeps the B-1 negatives per row from
+    # swamping the first steps; a sigmoid loss without one is an easy slip, not a recipe.
+    check(config.loss != "sigmoid" or model.get("bias_init") is not None, "model.bias_init",
+          "the sigmoid loss needs a learnable bias: set it (SigLIP: -10.0, with "
+          "model.temperature_init=10.0)")
     check(config.loss_impl in LOSS_IMPLS, "loss_impl",
           f"{config.loss_impl!r} is not one of {LOSS_IMPLS}")
     accum = config.grad_accum_steps
@@ -145,6 +164,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
                 ProbeConfig.from_eval_cfg(eval_cfg)
             except ValueError as e:
                 raise ConfigError(f"config.evals.{name}.kind: {e}") from None
+    # Rules that label no parameter, checked on the model's names (shapes only, no weights).
+    abstract_params = nnx.eval_shape(lambda: nnx.to_pure_dict(nnx.state(make_model(
+        model, vocab_size=config.tokenizer.vocab_size), nnx.Param)))
+    try:
+        param_groups(abstract_params, optim)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     if not data.build_if_missing:
         check(dataset_dir_exists(data), "data.name",
               f"dataset {data.name!r} is not built under {data.data_dir!r}; build it with "

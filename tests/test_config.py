@@ -8,6 +8,7 @@ import subprocess
 import sys
 import types
 
+import jax
 import ml_collections
 import numpy as np
 import pytest
@@ -40,6 +41,11 @@ from flipjax.train.workdir import load_workdir_config
     ("log_every_steps", 0, r"config\.log_every_steps: 0 must be positive"),
     ("checkpoint.every_steps", 0, r"config\.checkpoint\.every_steps: 0 must be positive"),
     ("evals.retrieval.every_steps", 0, r"config\.evals\.retrieval\.every_steps: 0 must be"),
+    ("optim.frozen_regex", "img/(", r"config\.optim\.frozen_regex: 'img/\(' is not a regular"),
+    ("optim.lr_mults", [("txt/[", 0.1)], r"config\.optim\.lr_mults\[0\]: 'txt/\[' is not"),
+    ("sharding_rules", [("*", "fsdp")], r"config\.sharding_rules\[0\]: '\*' is not a regular"),
+    ("loss", "sigmoid", r"config\.model\.bias_init: the sigmoid loss needs a learnable bias"),
+    ("optim.frozen_regex", "img", r"config\.optim\.frozen_regex='img' matches no parameter"),
 ])
 def test_validation_names_the_field(field, value, message):
     config = load_config()
@@ -50,6 +56,29 @@ def test_validation_names_the_field(field, value, message):
     node[last] = value
     with pytest.raises(ConfigError, match=message):
         validate(config)
+
+
+def test_freeze_and_lr_rules_must_match_a_parameter():
+    """Rules match whole names; a rule written as a prefix (or a sharding rule's
+    "params/img/...") would freeze nothing, and says so instead."""
+    from flipjax.train.optimizer import param_groups
+
+    config = load_config()
+    params = TrainSetup(config, 200, make_mesh(config.mesh)).abstract_state["params"]
+    for pattern in ("img", "img/", "params/img/.*"):
+        config.optim.frozen_regex = pattern
+        with pytest.raises(ValueError, match=r"config\.optim\.frozen_regex='.*' matches no "):
+            param_groups(params, config.optim)
+    config.optim.frozen_regex = "img/.*"
+    config.optim.lr_mults = (("txt/.*", 0.1), ("txt/encoder/.*", 0.5))  # the second is shadowed
+    with pytest.raises(ValueError, match=r"config\.optim\.lr_mults\[1\]='txt/encoder/\.\*'"):
+        param_groups(params, config.optim)
+    config.optim.lr_mults = (("txt/.*", 0.1),)
+    labels = param_groups(params, config.optim)
+    groups = {}
+    for path, label in jax.tree_util.tree_leaves_with_path(labels):
+        groups.setdefault(label, set()).add(path[0].key)
+    assert groups == {"frozen": {"img"}, "lr_mult_0": {"txt"}, "default": {"t"}}
 
 
 def test_validation_names_a_linear_probes_kind():

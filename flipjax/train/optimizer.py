@@ -29,7 +29,12 @@ def make_schedule(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.Sch
 
 
 def param_groups(params: Any, cfg: ml_collections.ConfigDict) -> Any:
-    """Labels each parameter: 'frozen', 'lr_mult_<i>' (first matching rule) or 'default'."""
+    """Labels each parameter: 'frozen', 'lr_mult_<i>' (first matching rule) or 'default'.
+
+    Rules match whole parameter names as `leaf_names` writes them, e.g. `img/.*` or
+    `txt/encoder/.*`. A rule that labels no parameter is an error: a misspelt freeze would
+    otherwise train the tower it was meant to keep.
+    """
     frozen = re.compile(cfg.frozen_regex) if cfg.frozen_regex else None
     mults = [(re.compile(pattern), i) for i, (pattern, _) in enumerate(cfg.lr_mults)]
 
@@ -38,7 +43,19 @@ def param_groups(params: Any, cfg: ml_collections.ConfigDict) -> Any:
             return FROZEN
         return next((f"lr_mult_{i}" for rx, i in mults if rx.fullmatch(name)), "default")
 
-    return jax.tree.map(label, leaf_names(params))
+    names = leaf_names(params)
+    labels = jax.tree.map(label, names)
+    used = set(jax.tree.leaves(labels))
+    rules = ([("optim.frozen_regex", cfg.frozen_regex, FROZEN)] if frozen is not None else []) + [
+        (f"optim.lr_mults[{i}]", pattern, f"lr_mult_{i}")
+        for i, (pattern, _) in enumerate(cfg.lr_mults)]
+    unused = [f"{field}={pattern!r}" for field, pattern, group in rules if group not in used]
+    if unused:
+        examples = ", ".join(jax.tree.leaves(names)[:4])
+        raise ValueError(f"config.{', '.join(unused)} matches no parameter (or only ones an "
+                         f"earlier rule took). Rules match whole names such as {examples}; "
+                         "e.g. 'img/.*' for the image tower")
+    return labels
 
 
 def make_optimizer(cfg: ml_collections.ConfigDict, params: Any,
