@@ -55,8 +55,8 @@ def tiny_model_cfg(kind: str):
     if kind == "siglip":  # MAP pooling, last-token text, text projection, logit bias.
         cfg.text.proj_dim = 64
         cfg.bias_init = -2.0
-    elif kind == "siglip_scan":  # Scanned layers: export unstacks, import stacks.
-        cfg.text.proj_dim = 64
+    elif kind == "siglip_scan":  # Scanned layers (export unstacks, import stacks); a text
+        cfg.text.update(proj_dim=64, proj_bias=False)  # head without bias (HF's is zero).
         cfg.scan_layers = True
     elif kind == "siglip_sincos":  # Fixed 2-D position embeddings, exact GELU, no text head.
         cfg.image.posemb = "sincos2d"
@@ -252,6 +252,8 @@ def test_processor_matches_eval_preprocessing(model_type, tiny_config, tmp_path)
     tok = Tokenizer(spm_path, config.tokenizer.max_len)
     captions += ["A Woman, SMILING; clean-shaven?!", "  extra   spaces ", "", "x" * 100,
                  "Ünïcode ﬁ x² 日本"]
+    if model_type == "bpe":  # the default; a Unigram lattice matches "</s>" as its piece
+        captions.append("a man </s> <unk> hat")
     ids = processor(text=captions, padding="max_length", truncation=True)["input_ids"]
     np.testing.assert_array_equal(np.asarray(ids), tok.encode_batch(captions))
 
@@ -314,8 +316,12 @@ def test_cli_exports_a_workdir(tiny_config, tmp_path):
     assert "| retrieval/i2t_R@1 | 12.5000 | 10 |" in card and "training step 10" in card
 
     pixels, _ = inputs(config.model, tok.vocab_size)
-    ids = processor(text=["a young woman smiling", "a man"], padding="max_length",
-                    truncation=True, return_tensors="np")["input_ids"]
+    # As the README and the model card call it: the processor's whole output goes to the
+    # model, so it must hold no attention_mask (flipjax attends to the EOS padding).
+    text = processor(text=["a young woman smiling", "a man"], padding="max_length",
+                     truncation=True, return_tensors="np")
+    assert set(text) == {"input_ids"}
+    ids = text["input_ids"]
     params = jax.device_get(state["params"])
     assert_close(flipjax_outputs(config.model, params, pixels, ids, tok.vocab_size),
                  torch_outputs(model, pixels, ids))

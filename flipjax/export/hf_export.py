@@ -134,7 +134,9 @@ def to_hf_state_dict(flat: dict[str, np.ndarray], model_cfg: ml_collections.Conf
     for tower, width in (("img", d["img"].width), ("txt", d["txt"].width)):
         if f"{tower}/head/kernel" not in flat:
             flat[f"{tower}/head/kernel"] = np.eye(width, dtype=np.float32)
-            flat[f"{tower}/head/bias"] = np.zeros((width,), np.float32)
+        # A head without bias (proj_bias=False) exports a zero one where HF has a bias.
+        out_dim = flat[f"{tower}/head/kernel"].shape[-1]
+        flat.setdefault(f"{tower}/head/bias", np.zeros((out_dim,), np.float32))
     flat.setdefault("b", np.zeros((), np.float32))
     if arch == CLIP:
         # HF CLIP's patch conv has no bias: adding it to every patch position is the same sum.
@@ -185,9 +187,14 @@ def fast_tokenizer(spm_model: bytes, max_len: int) -> PreTrainedTokenizerFast:
     backend.post_processor = processors.TemplateProcessing(single=f"$A {eos}",
                                                            special_tokens=[(eos, EOS_ID)])
     unk = proto.pieces[proto.trainer_spec.unk_id].piece
+    # Input ids only: flipjax attends to the EOS padding and SigLIP pools the last position,
+    # so an attention_mask hiding the padding would change the embeddings. Special-token
+    # strings inside a caption ("</s>") are text, as SentencePiece reads them (BPE models; a
+    # Unigram lattice still matches them as pieces).
     return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=eos, pad_token=eos,
                                    unk_token=unk, model_max_length=max_len,
-                                   padding_side="right", truncation_side="right")
+                                   padding_side="right", truncation_side="right",
+                                   model_input_names=["input_ids"], split_special_tokens=True)
 
 
 def export_processor(output: str, arch: str, spm_path: str, max_len: int, image_size: int,
