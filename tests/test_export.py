@@ -198,6 +198,29 @@ def test_import_one_tower_resamples_position_embeddings(tmp_path):
     assert "t" not in report.loaded and "img/encoder/layers/1/mlp/fc2/kernel" in report.loaded
 
 
+@pytest.mark.parametrize("change,message", [
+    (dict(gelu="tanh"), r"config\.model\.gelu is 'tanh', the checkpoint's 'quick'"),
+    (dict(ln_eps=1e-6), r"config\.model\.ln_eps is 1e-06, the checkpoint's 1e-05"),
+    (dict(text=dict(causal=False)), r"config\.model\.text\.causal is False"),
+    (dict(image=dict(num_heads=2)), r"config\.model\.image\.num_heads is 2, the checkpoint's 4"),
+])
+def test_import_refuses_a_model_that_computes_differently(change, message, tmp_path):
+    """Settings no weight shape shows: every parameter would load, and the towers would still
+    compute something else than the checkpoint's."""
+    random_hf_model("clip", tmp_path)
+    cfg, vocab = model_config_from_hf(str(tmp_path))
+    for key, value in change.items():
+        if isinstance(value, dict):
+            cfg[key].update(value)
+        else:
+            cfg[key] = value
+    params = nnx.to_pure_dict(nnx.state(make_model(cfg, vocab_size=vocab), nnx.Param))
+    with pytest.raises(ValueError, match=message):
+        load_into_params(params, str(tmp_path), ("img", "txt"), cfg)
+    if "text" in change:  # only the image tower is loaded: the text tower's settings are free
+        load_into_params(params, str(tmp_path), ("img",), cfg)
+
+
 def test_refuses_pickles(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "clip"}))
     (tmp_path / "pytorch_model.bin").write_bytes(b"not unpickled")

@@ -23,6 +23,7 @@ from absl import logging
 
 from flipjax.export.mapping import CLIP, FLIP_GELU, SIGLIP, flatten, rename_table, unflatten_into
 from flipjax.models.layers import has_stacked_layers, stack_layers, unstack_layers
+from flipjax.models.two_towers import tower_size
 
 PICKLE_SUFFIXES = (".bin", ".pth", ".pt", ".ckpt", ".pkl", ".pickle")
 MODEL_TYPES = {"siglip": SIGLIP, "clip": CLIP}
@@ -137,6 +138,33 @@ def _num_layers(tensors: dict, prefix: str) -> int:
     return len({k[len(prefix):].split(".")[0] for k in tensors if k.startswith(prefix)})
 
 
+def check_same_computation(model_cfg: ml_collections.ConfigDict, path: str,
+                           towers: Sequence[str]) -> None:
+    """Raises ValueError where `model_cfg` would compute something else than the checkpoint's
+    `towers` with the same weights: the settings no weight shape shows (activation, LayerNorm
+    eps, head count, the text tower's mask and pooling, CLIP's pre-encoder LayerNorm).
+    Poolings with parameters (MAP head, class token) show in the import report instead."""
+    want, _ = model_config_from_hf(path)
+    fields = [("gelu",), ("ln_eps",)]
+    if "img" in towers:
+        fields += [("image", "num_heads"), ("image", "pre_norm")]
+    if "txt" in towers:
+        fields += [("text", "num_heads"), ("text", "causal"), ("text", "pool")]
+
+    def value(cfg: ml_collections.ConfigDict, field: tuple[str, ...]) -> object:
+        if field[-1] == "num_heads":
+            return tower_size(cfg[field[0]], with_patch=field[0] == "image")[0].num_heads
+        return cfg[field[0]] if len(field) == 1 else cfg[field[0]][field[1]]
+
+    wrong = [f"config.model.{'.'.join(f)} is {value(model_cfg, f)!r}, the checkpoint's "
+             f"{value(want, f)!r}" for f in fields
+             if (not math.isclose(value(model_cfg, f), value(want, f)) if f == ("ln_eps",)
+                 else value(model_cfg, f) != value(want, f))]
+    if wrong:
+        raise ValueError(f"init_from {path}: the model would compute something else with these "
+                         f"weights: {'; '.join(wrong)}")
+
+
 def load_into_params(params: dict, path: str, towers: Sequence[str],
                      model_cfg: ml_collections.ConfigDict) -> tuple[dict, ImportReport]:
     """Loads the HF model at `path` into `params` (an NNX pure dict) for `towers` ("img",
@@ -148,6 +176,7 @@ def load_into_params(params: dict, path: str, towers: Sequence[str],
         raise ValueError(f"towers must be a non-empty subset of ('img', 'txt'), got {towers}")
     config, tensors = read_hf_dir(path)
     arch = hf_architecture(config)
+    check_same_computation(model_cfg, path, towers)
     per_layer = unstack_layers(params)
     flat = flatten(per_layer)
     selected = set(towers) | ({"t", "b"} if set(towers) == {"img", "txt"} else set())
