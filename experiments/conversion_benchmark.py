@@ -1,8 +1,9 @@
 """Conversion benchmark: records/s (total and per core) of the local multi-process build of the
-`facecaption15m` TFDS builder, `flat` layout, on real-size JPEGs with one real face each.
+`facecaption15m` TFDS builder on real-size JPEGs with one real face each, per image layout.
 
     python -m experiments.conversion_benchmark                     # 2000 images, 1 and 2 workers
     python -m experiments.conversion_benchmark --num_images=50 --workers=1   # smoke test
+    python -m experiments.conversion_benchmark --workers=2 --layouts=flat,webdataset,parquet
 
 Why a made-up fixture and not the real download: FaceCaption-15M originals are only
 distributed on request. What dominates conversion cost is decoding a 0.25-2 MP JPEG, cropping
@@ -13,8 +14,12 @@ face box in a FaceCaption-v2-style parquet. Face sizes are spread (15-60% of the
 because the builder decodes JPEGs at reduced DCT scale when the face crop is large, so the face
 size distribution changes the cost.
 
+The `webdataset` and `parquet` layouts hold the same files as img2dataset's output formats
+would with `--resize_mode no` (shards of 10000 samples; parquet row groups of 100 rows, as
+img2dataset writes them), so the layouts differ only in how an image is found and read.
+
 The fixture is kept in `--workdir` and reused by later runs with the same size and seed (and by
-`experiments/input_pipeline_benchmark.py`, which reads the 2-worker build). Writes
+`experiments/input_pipeline_benchmark.py`, which reads the 2-worker `flat` build). Writes
 `experiments/results/conversion.md`.
 """
 
@@ -44,6 +49,8 @@ def define_flags() -> None:
     fixture and build helpers without their flags clashing with its own."""
     flags.DEFINE_integer("num_images", 2000, "Images (parquet rows) in the fixture.")
     flags.DEFINE_list("workers", ["1", "2"], "num_workers values to build with, one build each.")
+    flags.DEFINE_list("layouts", ["flat"], "Image layouts to build from (flat, webdataset, "
+                      "parquet), each with every num_workers.")
     flags.DEFINE_string("workdir", DEFAULT_WORKDIR,
                         "Where the fixture (manual_dir) and the builds go; kept between runs.")
     flags.DEFINE_integer("seed", 0, "Fixture seed.")
@@ -177,8 +184,53 @@ def make_fixture(root: Path, num_images: int, seed: int) -> Path:
     return manual_dir
 
 
-def build_dir(workdir: Path, num_images: int, seed: int, workers: int) -> Path:
-    return workdir / f"tfds_n{num_images}_s{seed}_w{workers}"
+SHARD_SAMPLES, ROW_GROUP = 10_000, 100  # img2dataset's defaults
+
+
+def img2dataset_copy(manual_dir: Path, layout: str) -> Path:
+    """`manual_dir` with its images in img2dataset's `layout` output (as downloaded with
+    `--resize_mode no`: the sidecar's original size is the stored one); made once."""
+    import io
+    import tarfile
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out = manual_dir.with_name(f"{manual_dir.name}_{layout}")
+    if (out / "DONE").exists():
+        return out
+    shutil.rmtree(out, ignore_errors=True)
+    (out / "images").mkdir(parents=True)
+    shutil.copy(manual_dir / "FaceCaption-v2.parquet", out)
+    files = sorted((manual_dir / "images").iterdir())
+    for shard, start in enumerate(range(0, len(files), SHARD_SAMPLES)):
+        samples = []
+        for i, path in enumerate(files[start: start + SHARD_SAMPLES]):
+            with Image.open(path) as img:
+                width, height = img.size
+            samples.append({"key": f"{shard:05d}{i:04d}", "status": "success", "_id": path.stem,
+                            "width": width, "height": height, "original_width": width,
+                            "original_height": height, "jpg": path.read_bytes()})
+        name = out / "images" / f"{shard:05d}"
+        if layout == "parquet":
+            columns = {k: [s[k] for s in samples] for k in samples[0]}
+            pq.write_table(pa.table(columns), f"{name}.parquet", row_group_size=ROW_GROUP)
+            continue
+        with tarfile.open(f"{name}.tar", "w") as tar:
+            for sample in samples:
+                meta = {k: v for k, v in sample.items() if k != "jpg"}
+                for ext, data in (("json", json.dumps(meta).encode()), ("jpg", sample["jpg"])):
+                    info = tarfile.TarInfo(f"{sample['key']}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    (out / "DONE").touch()
+    return out
+
+
+def build_dir(workdir: Path, num_images: int, seed: int, workers: int,
+              layout: str = CONFIG) -> Path:
+    suffix = "" if layout == CONFIG else f"_{layout}"
+    return workdir / f"tfds_n{num_images}_s{seed}_w{workers}{suffix}"
 
 
 def cpu_model() -> str:
@@ -191,14 +243,15 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def run_build(manual_dir: Path, data_dir: Path, workers: int) -> tuple[float, dict]:
+def run_build(manual_dir: Path, data_dir: Path, workers: int,
+              layout: str = CONFIG) -> tuple[float, dict]:
     """Builds from scratch (a reused dataset would time nothing); returns (seconds, report)."""
     import tfds_builders
 
     shutil.rmtree(data_dir, ignore_errors=True)
     t0 = time.perf_counter()
     builder = tfds_builders.build(DATASET, str(data_dir), manual_dir=str(manual_dir),
-                                  num_workers=workers, config=CONFIG)
+                                  num_workers=workers, config=layout)
     seconds = time.perf_counter() - t0
     return seconds, json.loads((Path(builder.data_path) / "skipped.json").read_text())
 
@@ -221,28 +274,33 @@ def main(argv: list[str]) -> None:
     manual_dir = make_fixture(workdir, FLAGS.num_images, FLAGS.seed)
     fixture = json.loads((manual_dir / "fixture.json").read_text())
     results = []
-    for workers in (int(w) for w in FLAGS.workers):
-        seconds, report = run_build(manual_dir, build_dir(workdir, FLAGS.num_images, FLAGS.seed,
-                                                          workers), workers)
-        written = sum(report["records_written"].values())
-        results.append((workers, seconds, report, written))
-        print(f"num_workers={workers}: {written} records in {seconds:.1f} s "
-              f"({written / seconds:.1f} records/s)", flush=True)
+    for layout in FLAGS.layouts:
+        source = manual_dir if layout == CONFIG else img2dataset_copy(manual_dir, layout)
+        for workers in (int(w) for w in FLAGS.workers):
+            data_dir = build_dir(workdir, FLAGS.num_images, FLAGS.seed, workers, layout)
+            seconds, report = run_build(source, data_dir, workers, layout)
+            written = sum(report["records_written"].values())
+            results.append((layout, workers, seconds, report, written))
+            print(f"{layout}, num_workers={workers}: {written} records in {seconds:.1f} s "
+                  f"({written / seconds:.1f} records/s)", flush=True)
 
+    value = lambda name: (",".join(FLAGS[name].value) if isinstance(FLAGS[name].value, list)
+                          else FLAGS[name].value)
     command = "python -m experiments.conversion_benchmark " + " ".join(
-        f"--{name}={FLAGS[name].value if name != 'workers' else ','.join(FLAGS.workers)}"
-        for name in ("num_images", "workers", "seed"))
+        f"--{name}={value(name)}" for name in ("num_images", "workers", "layouts", "seed"))
     rows = []
-    for workers, seconds, report, written in results:
+    for layout, workers, seconds, report, written in results:
         rate = written / seconds
-        rows.append([workers, report["records_read"], written, f"{seconds:.1f}", f"{rate:.1f}",
-                     f"{rate / min(workers, os.cpu_count() or 1):.1f}"])
-    first = results[0][2]
+        rows.append([layout, workers, report["records_read"], written, f"{seconds:.1f}",
+                     f"{rate:.1f}", f"{rate / min(workers, os.cpu_count() or 1):.1f}"])
+    first = results[0][3]
     skipped = ", ".join(f"{k}: {v}" for k, v in first["skipped"].items()) or "none"
     ignored = ", ".join(f"{k}: {v}" for k, v in first["ignored_images"].items()) or "none"
     splits = ", ".join(f"{k}: {v}" for k, v in first["records_written"].items())
-    same = all(r[2] == first for r in results)
-    text = f"""# FaceCaption-15M conversion benchmark (local build, `flat` layout)
+    # The reports name their dataset config (the layout); the counts must agree.
+    counts = lambda report: {k: v for k, v in report.items() if k != "dataset"}
+    same = all(counts(r[3]) == counts(first) for r in results)
+    text = f"""# FaceCaption-15M conversion benchmark (local build)
 
 `{command}`
 
@@ -253,11 +311,15 @@ Fixture: {fixture['images']} JPEGs (quality 90), {MIN_SIDE}-{MAX_SIDE} px a side
 {fixture['mean_megapixels']:.2f} MP, {fixture['megabytes']:.0f} MB in all; one ORL face each, \
 face box height min/median/max {'/'.join(str(v) for v in fixture['face_height_px'])} px; \
 made in {fixture['seconds']:.0f} s (not part of the timings). Build: \
-`tfds_builders.build("{DATASET}", data_dir, manual_dir=..., num_workers=N, config="{CONFIG}")` \
+`tfds_builders.build("{DATASET}", data_dir, manual_dir=..., num_workers=N, config=LAYOUT)` \
 from an empty data_dir, 256 px crops, ArrayRecord output; time = the whole \
 `download_and_prepare` (parquet reads, crops in the worker pool, TFDS shuffle and write).
+The img2dataset layouts hold the same JPEGs ({SHARD_SAMPLES} samples a shard, parquet row groups
+of {ROW_GROUP} rows); their copies are made once, outside the timings. A parquet image is read
+with its row group, which each worker keeps for the next rows (the metadata parquet and
+img2dataset's shards share one row order), so a group is read about once per worker.
 
-""" + _table(["num_workers", "records read", "records written", "seconds",
+""" + _table(["layout", "num_workers", "records read", "records written", "seconds",
                          "records/s", "records/s per core"], rows) + f"""
 records/s per core = records/s / num_workers. The parent process also works (parquet reading,
 the join, TFDS serialisation and the ArrayRecord write), so with num_workers = nproc the worker
@@ -267,7 +329,7 @@ num_workers > 1 build pays ~3 pool start-ups (about a second each here) that a 1
 amortises but a {fixture['images']}-row one does not.
 
 Skip report (`skipped.json`): splits written {splits}; skipped: {skipped}; ignored images:
-{ignored}. {'Identical for every num_workers.' if same else 'Reports DIFFER between builds.'}
+{ignored}. {'Identical for every build.' if same else 'Reports DIFFER between builds.'}
 """
     write(FLAGS.output, text)
 

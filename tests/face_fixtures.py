@@ -288,7 +288,9 @@ def make_facecaption15m(root: Path, layout: str, resize_mode: str = "border",
     For the img2dataset layouts, plain RGB JPEG rows are stored resized with `resize_mode`
     (other files are stored as downloaded, like `--disable_all_reencoding`), and the fixture
     adds an orphan image, a broken sidecar, a sidecar without `_id` and an image without a
-    sidecar. The webdataset fixture also has a second shard cut off in the middle of an image.
+    sidecar. The webdataset fixture also has a second shard cut off in the middle of an image;
+    the parquet one (img2dataset --output_format parquet: no sidecar can be broken or missing
+    there) a second shard cut off in the middle, and a row per failed download.
     """
     rows = facecaption_rows()
     manual_dir = root / "manual"
@@ -300,17 +302,22 @@ def make_facecaption15m(root: Path, layout: str, resize_mode: str = "border",
             if row.image is not None and row.id not in (None, "") and row.reason != "duplicate_id":
                 (images_dir / f"{row.id}.{row.ext}").write_bytes(row.image)
     else:
-        if layout == "webdataset":
+        if layout in ("webdataset", "parquet"):
             cut_img, cut_box = scene(33)
-            rows.append(Row(id="tar_cut", box=json.dumps(cut_box), image=encode(cut_img),
-                            reason="truncated_image"))
+            rows.append(Row(id="shard_cut", box=json.dumps(cut_box), image=encode(cut_img),
+                            reason="truncated_image" if layout == "webdataset" else
+                            "missing_image"))
         samples = _img2dataset_samples(rows, resize_mode, image_size)
         ignored = dict(FACECAPTION_IGNORED)
         if layout == "files":
             _write_files_layout(images_dir, samples)
-        else:
+        elif layout == "webdataset":
             _write_webdataset_layout(images_dir, samples)
             ignored["unreadable_tar"] = 1
+        else:
+            _write_parquet_layout(images_dir, samples, rows)
+            del ignored["bad_sidecar"], ignored["image_without_sidecar"]
+            ignored["unreadable_parquet"] = 1
     write_facecaption_parquet(manual_dir / "FaceCaption-v2.parquet", rows)
     skipped = collections.Counter(row.reason for row in rows if row.reason)
     return FaceCaptionFixture(
@@ -349,9 +356,36 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
+def _write_parquet_layout(images_dir: Path, samples: list, rows: list[Row]) -> None:
+    """img2dataset's parquet output: one row per sample, the image in the `jpg` column beside
+    the sidecar fields, and the failed downloads as rows without an image. Shard 00000 holds
+    all but the `shard_cut` sample, which is in shard 00001, cut off in the middle."""
+    failed = [{"_id": row.id, "status": "failed_to_download"} for row in rows
+              if row.image is None and row.id not in (None, "")]
+    entries = [(data, meta) for _, data, meta in samples if isinstance(meta, dict)]
+    entries += [(None, meta) for meta in failed]
+    cut = next(e for e in entries if e[1].get("_id") == "shard_cut")
+    columns = ("key", "jpg", "status", "_id", "width", "height", "original_width",
+               "original_height", "url", "error_message")
+    for shard, part in enumerate(([e for e in entries if e is not cut], [cut])):
+        table = {name: [] for name in columns}
+        for i, (data, meta) in enumerate(part):
+            cells = {**meta, "key": f"{shard:05d}{i:04d}", "jpg": data}
+            for name in columns:
+                table[name].append(cells.get(name))
+        schema = pa.schema([(name, pa.binary() if name == "jpg" else pa.int64() if "width" in
+                             name or "height" in name else pa.string()) for name in columns])
+        buffer = io.BytesIO()
+        pq.write_table(pa.table(table, schema=schema), buffer, row_group_size=3)
+        data = buffer.getvalue()
+        (images_dir / f"{shard:05d}.parquet").write_bytes(data if shard == 0 else
+                                                          data[: len(data) // 2])
+        (images_dir / f"{shard:05d}_stats.json").write_text("{}")
+
+
 def _write_webdataset_layout(images_dir: Path, samples: list) -> None:
-    """Shard 00000 holds all samples but the `tar_cut` one, which ends shard 00001, cut off."""
-    cut = next(s for s in samples if isinstance(s[2], dict) and s[2].get("_id") == "tar_cut")
+    """Shard 00000 holds all samples but the `shard_cut` one, which ends shard 00001, cut off."""
+    cut = next(s for s in samples if isinstance(s[2], dict) and s[2].get("_id") == "shard_cut")
     for shard, part in enumerate(([s for s in samples if s is not cut], [cut])):
         buffer = io.BytesIO()
         with tarfile.open(fileobj=buffer, mode="w") as tar:

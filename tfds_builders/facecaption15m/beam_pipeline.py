@@ -92,7 +92,7 @@ class _CropFaces(beam.DoFn):
         _, grouped = element
         markers = list(grouped["rows"])
         rows = sorted((r for r in markers if r is not None), key=lambda r: r.index)
-        images = sorted(grouped.get("images", ()), key=lambda ref: (ref.path, ref.offset))
+        images = sorted(grouped.get("images", ()), key=lambda ref: ref.position)
         self._count(IGNORED, layouts.DUPLICATE_IMAGE, max(0, len(images) - 1))
         if not markers:
             self._count(IGNORED, layouts.NOT_IN_PARQUET, min(1, len(images)))

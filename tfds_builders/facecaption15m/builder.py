@@ -29,8 +29,8 @@ class FaceCaption15MConfig(tfds.core.BuilderConfig):
     """Input layout, crop geometry and split fractions.
 
     Attributes:
-      layout: "auto" (detected from `<manual_dir>/<images_subdir>`), "files", "webdataset" or
-        "flat"; see `layouts`.
+      layout: "auto" (detected from `<manual_dir>/<images_subdir>`), "files", "webdataset",
+        "parquet" or "flat"; see `layouts`.
       img2dataset_resize_mode: the `--resize_mode` img2dataset was run with ("border" is its
         default); it decides how parquet boxes map onto the stored images. Ignored for "flat".
       resolution, margin, min_face_size, max_pixels, jpeg_quality: see `face_crop.CropSpec`.
@@ -107,8 +107,8 @@ class FaceCaption15M(FaceDatasetBuilder):
     MANUAL_DOWNLOAD_INSTRUCTIONS = """\
     Put FaceCaption-v2.parquet (huggingface.co/datasets/OpenFace-CQUPT/FaceCaption-15M) in
     manual_dir and the images in manual_dir/images/, in one of these layouts:
-      * img2dataset --output_format files or webdataset, run with
-        --save_additional_columns '["_id"]' (the sidecar JSON must hold `_id`);
+      * img2dataset --output_format files, webdataset or parquet, run with
+        --save_additional_columns '["_id"]' (the sidecar must hold `_id`);
       * the originals as distributed by the authors, named <_id>.<ext>.
     See tfds_builders/README.md for the full commands.
     """
@@ -189,9 +189,9 @@ class FaceCaption15M(FaceDatasetBuilder):
                 if sample_id not in index:
                     index[sample_id] = ref
                     continue
-                # Same choice as the Beam join: the image first in (shard path, offset) order.
+                # Same choice as the Beam join: the image first in shard order.
                 self.report.ignored_images[layouts.DUPLICATE_IMAGE] += 1
-                if (ref.path, ref.offset) < (index[sample_id].path, index[sample_id].offset):
+                if ref.position < index[sample_id].position:
                     index[sample_id] = ref
         return index
 

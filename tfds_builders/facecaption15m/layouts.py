@@ -1,6 +1,6 @@
 """Where the FaceCaption-15M images are and how to find the one belonging to a parquet row.
 
-FaceCaption-15M ships only URLs and boxes, so users bring images in one of three layouts
+FaceCaption-15M ships only URLs and boxes, so users bring images in one of four layouts
 (all under `<manual_dir>/images/`):
 
   * `files`: `img2dataset --output_format files`, numbered shard directories
@@ -8,13 +8,16 @@ FaceCaption-15M ships only URLs and boxes, so users bring images in one of three
     per-shard `00000.parquet` / `00000_stats.json` beside them.
   * `webdataset`: `img2dataset --output_format webdataset`, tar shards `00000.tar` whose
     members `000000123.jpg` / `.json` / `.txt` share a key.
+  * `parquet`: `img2dataset --output_format parquet`, shards `00000.parquet` with one row per
+    sample: the image bytes in a column named by `--encode_format` (`jpg`, `png` or `webp`)
+    beside the sidecar's fields as columns.
   * `flat`: the originals distributed on request, one file `<_id>.<ext>` per image.
 
-img2dataset names files by its own sequential key, not by `_id`, so for the first two layouts
-the join goes through the sidecar JSON, which holds `_id` when img2dataset ran with
-`--save_additional_columns '["_id"]'`. The sidecar also records `original_width` /
-`original_height`: img2dataset resizes by default, and the parquet box refers to the original
-image, so `map_box` converts it with the resize mode img2dataset used.
+img2dataset names files by its own sequential key, not by `_id`, so for the img2dataset
+layouts the join goes through the sidecar (JSON, or the parquet row's columns), which holds
+`_id` when img2dataset ran with `--save_additional_columns '["_id"]'`. The sidecar also records
+`original_width` / `original_height`: img2dataset resizes by default, and the parquet box refers
+to the original image, so `map_box` converts it with the resize mode img2dataset used.
 
 Nothing here imports TensorFlow Datasets; the functions run in pool workers and Beam workers.
 """
@@ -23,19 +26,27 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import itertools
 import json
 import tarfile
 from collections.abc import Iterator
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 from etils import epath
 
-from tfds_builders.face_crop import MISSING_IMAGE, TRUNCATED_IMAGE, Box, Skip
+from tfds_builders.face_crop import CORRUPT_IMAGE, MISSING_IMAGE, TRUNCATED_IMAGE, Box, Skip
 
 FILES = "files"
 WEBDATASET = "webdataset"
+PARQUET = "parquet"
 FLAT = "flat"
-LAYOUTS = (FILES, WEBDATASET, FLAT)
+LAYOUTS = (FILES, WEBDATASET, PARQUET, FLAT)
+# img2dataset --encode_format values, which name the image column of its parquet output.
+PARQUET_IMAGE_COLUMNS = ("jpg", "png", "webp")
+# The sidecar fields read from a parquet shard (the image bytes are read per row, later).
+_PARQUET_META_COLUMNS = ("_id", "status", "original_width", "original_height")
 AUTO = "auto"
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -50,6 +61,7 @@ SIDECAR_WITHOUT_ID = "sidecar_without_id"
 SIDECAR_WITHOUT_IMAGE = "sidecar_without_image"
 IMAGE_WITHOUT_SIDECAR = "image_without_sidecar"
 UNREADABLE_TAR = "unreadable_tar"
+UNREADABLE_PARQUET = "unreadable_parquet"
 DUPLICATE_IMAGE = "duplicate_image"
 NOT_IN_PARQUET = "not_in_parquet"
 
@@ -58,6 +70,8 @@ _LAYOUT_HELP = f"""\
                00000/000000123.jpg with a 000000123.json sidecar holding "_id"
   webdataset - img2dataset --output_format webdataset: tar shards such as 00000.tar with
                members 000000123.jpg and 000000123.json holding "_id"
+  parquet    - img2dataset --output_format parquet: shards such as 00000.parquet with an
+               image column (jpg, png or webp) and an "_id" column
   flat       - original images named <_id>.<ext>, ext one of {", ".join(IMAGE_EXTENSIONS)}"""
 
 _SAMPLE_ENTRIES = 2000
@@ -69,7 +83,8 @@ class LayoutError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class ImageRef:
-    """Where one image's bytes are: a plain file, or a byte range inside a tar shard.
+    """Where one image's bytes are: a plain file, a byte range inside a tar shard, or (with
+    `column`, the image column) row `length` of row group `offset` of a parquet shard.
 
     `original_size` is the (width, height) the parquet box refers to, as recorded by
     img2dataset; None when unknown (the flat layout stores the originals themselves).
@@ -79,9 +94,17 @@ class ImageRef:
     offset: int = -1
     length: int = -1
     original_size: tuple[int, int] | None = None
+    column: str | None = None
+
+    @property
+    def position(self) -> tuple[str, int, int]:
+        """Shard order, which decides between duplicate images of one `_id`."""
+        return self.path, self.offset, self.length
 
     def read(self) -> bytes:
         """Returns the encoded image; Skip(MISSING_IMAGE) / Skip(TRUNCATED_IMAGE) on failure."""
+        if self.column is not None:
+            return self._read_parquet_row()
         try:
             with epath.Path(self.path).open("rb") as f:
                 if self.offset < 0:
@@ -93,6 +116,32 @@ class ImageRef:
         if len(data) != self.length:
             raise Skip(TRUNCATED_IMAGE, f"tar member at {self.path}:{self.offset} is cut off")
         return data
+
+    def _read_parquet_row(self) -> bytes:
+        try:
+            images = _parquet_row_group(self.path, self.offset, self.column)
+        except FileNotFoundError as e:
+            raise Skip(MISSING_IMAGE, str(e)) from None
+        except (pa.ArrowException, OSError) as e:
+            raise Skip(CORRUPT_IMAGE, f"{self.path} row group {self.offset}: {e}") from None
+        if self.length >= len(images) or not images[self.length]:
+            raise Skip(MISSING_IMAGE, f"{self.path} row group {self.offset} has no image in "
+                                      f"row {self.length}")
+        return images[self.length]
+
+
+@functools.lru_cache(maxsize=2)
+def _parquet_row_group(path: str, group: int, column: str) -> tuple[bytes | None, ...]:
+    """The images of one row group of a parquet shard, kept for the next rows.
+
+    Parquet compresses a column by pages, so one image costs its row group's read (img2dataset
+    writes groups of 100 rows). img2dataset keeps its url list's order within and across
+    shards, and the build visits rows in the same (the metadata parquet's) order, so the rows
+    of a group arrive one after another and this cache reads each group about once per worker.
+    """
+    with epath.Path(path).open("rb") as f:
+        return tuple(pq.ParquetFile(f).read_row_group(group, columns=[column])
+                     .column(0).to_pylist())
 
 
 @dataclasses.dataclass
@@ -127,22 +176,51 @@ def detect_layout(images_dir: epath.Path, layout: str = AUTO) -> str:
         raise LayoutError(f"Image directory {images_dir} not found. Expected one of:\n"
                           f"{_LAYOUT_HELP}\nFound: {_describe(images_dir.parent)}")
     sample = list(itertools.islice(images_dir.iterdir(), _SAMPLE_ENTRIES))
+    parquets = [p for p in sample if p.suffix == ".parquet"]
+    # img2dataset also writes a metadata-only NNNNN.parquet beside files/webdataset shards:
+    # parquet shards are those with an image column (a few are looked at, not thousands).
+    with_images = any(parquet_image_column(p) for p in parquets[:3])
     found = {
         WEBDATASET: [p for p in sample if p.suffix == ".tar"],
         FILES: [p for p in sample if p.name.isdigit() and p.is_dir()],
+        PARQUET: parquets if with_images else [],
         FLAT: [p for p in sample if p.suffix.lower() in IMAGE_EXTENSIONS],
     }
     present = [name for name in LAYOUTS if found[name]]
     if (layout == AUTO and len(present) != 1) or (layout != AUTO and not found[layout]):
         wanted = "exactly one of" if layout == AUTO else f"the {layout!r} layout, i.e."
         counts = (f"{len(found[WEBDATASET])} tar shards, {len(found[FILES])} numbered shard "
-                  f"directories, {len(found[FLAT])} image files")
+                  f"directories, {len(found[PARQUET])} parquet shards with images, "
+                  f"{len(found[FLAT])} image files")
         raise LayoutError(f"Cannot use the images in {images_dir}. Expected {wanted}:\n"
                           f"{_LAYOUT_HELP}\nFound {counts}; {_describe(images_dir)}")
     chosen = present[0] if layout == AUTO else layout
-    if chosen != FLAT:
+    if chosen == PARQUET:
+        _check_parquet_has_id(found[PARQUET][0])
+    elif chosen != FLAT:
         _check_sidecars_have_id(found[chosen][0], chosen)
     return chosen
+
+
+def parquet_image_column(path: epath.Path) -> str | None:
+    """The image column of an img2dataset parquet shard; None for a metadata-only or an
+    unreadable parquet."""
+    try:
+        with path.open("rb") as f:
+            names = pq.ParquetFile(f).schema_arrow.names
+    except (pa.ArrowException, OSError):
+        return None
+    return next((name for name in PARQUET_IMAGE_COLUMNS if name in names), None)
+
+
+def _check_parquet_has_id(shard: epath.Path) -> None:
+    with shard.open("rb") as f:
+        names = pq.ParquetFile(f).schema_arrow.names
+    if "_id" not in names:
+        raise LayoutError(
+            f"The img2dataset parquet shard {shard} has no \"_id\" column, so images cannot be "
+            f"matched to parquet rows. Re-run img2dataset with --save_additional_columns "
+            f"'[\"_id\"]'. Columns found: {sorted(names)}")
 
 
 def _check_sidecars_have_id(shard: epath.Path, layout: str) -> None:
@@ -180,6 +258,8 @@ def list_shards(images_dir: epath.Path, layout: str) -> list[str]:
         return sorted(str(p) for p in images_dir.iterdir() if p.name.isdigit() and p.is_dir())
     if layout == WEBDATASET:
         return sorted(str(p) for p in images_dir.glob("*.tar"))
+    if layout == PARQUET:
+        return sorted(str(p) for p in images_dir.glob("*.parquet"))
     raise ValueError(f"layout {layout!r} has no shards")
 
 
@@ -216,7 +296,9 @@ def _add_entry(index: ShardIndex, meta: dict | None, ref: ImageRef | None) -> No
 
 def index_shard(shard: str, layout: str) -> ShardIndex:
     """Reads the sidecars of one img2dataset shard; never raises on bad content."""
-    return _index_files_shard(shard) if layout == FILES else _index_tar_shard(shard)
+    index = {FILES: _index_files_shard, WEBDATASET: _index_tar_shard,
+             PARQUET: _index_parquet_shard}[layout]
+    return index(shard)
 
 
 def _index_files_shard(shard: str) -> ShardIndex:
@@ -259,6 +341,27 @@ def _index_tar_shard(shard: str) -> ShardIndex:
     for key in sorted(sidecars):
         _add_entry(index, _parse_sidecar(sidecars[key]), images.get(key))
     index.ignored[IMAGE_WITHOUT_SIDECAR] += len(images.keys() - sidecars.keys())
+    return index
+
+
+def _index_parquet_shard(shard: str) -> ShardIndex:
+    """Reads the sidecar columns of every row (not the images): a row is a sample."""
+    index = ShardIndex()
+    column = parquet_image_column(epath.Path(shard))
+    try:
+        if column is None:  # a partial download, or not img2dataset's
+            raise pa.ArrowInvalid(f"{shard} has no image column {PARQUET_IMAGE_COLUMNS}")
+        with epath.Path(shard).open("rb") as f:
+            shard_file = pq.ParquetFile(f)
+            names = [n for n in _PARQUET_META_COLUMNS if n in shard_file.schema_arrow.names]
+            groups = [shard_file.read_row_group(g, columns=names).to_pylist()
+                      for g in range(shard_file.metadata.num_row_groups)]
+    except (pa.ArrowException, OSError):
+        index.ignored[UNREADABLE_PARQUET] += 1
+        return index
+    for group, metas in enumerate(groups):
+        for row, meta in enumerate(metas):
+            _add_entry(index, meta, ImageRef(shard, offset=group, length=row, column=column))
     return index
 
 
