@@ -2,17 +2,17 @@
 per image; an image query is answered if any of its captions is in the top K, a caption query if
 its own image is).
 
-Ranks are counted, not sorted. For each query we count the gallery items scoring strictly above
-its best correct item and the items tied with it, and report the recall expected when ties are
-broken uniformly at random. Ties are common in face caption sets: attribute captions such as
-"She is smiling." repeat word for word across images, and identical strings embed identically;
-a collapsed tower ties everything. Counting ties for the query would score a text tower that
-ignores its input at 100% image->text R@1; counting them against it would penalise a model for
-a gallery's duplicates. The expected value gives the constant tower chance level and splits a
-duplicate's credit evenly. Scores are computed in blocks of queries sized from a memory budget,
-so a 30k-image x 300k-caption gallery never materialises: with the default 256 MiB budget an
-image->text block is ~150 rows of 300k float32 scores (+ two same-shaped bool comparisons),
-where the full matrix would take 36 GB.
+Ranks are counted, not sorted. For each query we count the gallery items scoring above its best
+correct item and the items tied with it (within `TIE_TOLERANCE`), and report the recall expected
+when ties are broken uniformly at random. Ties are common in face caption sets: attribute
+captions such as "She is smiling." repeat word for word across images, and identical strings
+embed identically; a collapsed tower ties everything. Counting ties for the query would score a
+text tower that ignores its input at 100% image->text R@1; counting them against it would
+penalise a model for a gallery's duplicates. The expected value gives the constant tower chance
+level and splits a duplicate's credit evenly. Scores are computed in blocks of queries sized
+from a memory budget, so a 30k-image x 300k-caption gallery never materialises: with the default
+256 MiB budget an image->text block is ~180 rows of 300k float32 scores (+ a same-shaped bool
+comparison), where the full matrix would take 36 GB.
 """
 
 from __future__ import annotations
@@ -28,9 +28,29 @@ from flipjax.evaluate.features import Embedder, embed_split
 BLOCK_BYTES = 1 << 28
 
 
+# Scores (cosine similarities) this close count as tied: identical embeddings can come out of
+# a matrix product a few float32 roundings apart (a one-row block, the edge of a tile).
+TIE_TOLERANCE = 1e-6
+
+
 def block_rows(gallery_size: int, max_bytes: int) -> int:
-    """Query rows per block: a row costs 4 bytes of score and 2 bytes of comparisons per item."""
-    return max(1, max_bytes // (6 * max(1, gallery_size)))
+    """Query rows per block: a row costs 4 bytes of score and 1 byte of comparison per item."""
+    return max(1, max_bytes // (5 * max(1, gallery_size)))
+
+
+def _tolerance(best: np.ndarray) -> np.ndarray:
+    return np.where(np.isfinite(best), TIE_TOLERANCE * np.maximum(1.0, np.abs(best)), 0.0)
+
+
+def _count_above_and_level(scores: np.ndarray, best: np.ndarray
+                           ) -> tuple[np.ndarray, np.ndarray]:
+    """Per row, the items scoring above `best` and those within its tie tolerance (including
+    the correct items themselves). Overwrites `scores`, so a block needs no second array."""
+    tol = _tolerance(best)[:, None]
+    scores -= best[:, None]
+    above = (scores > tol).sum(axis=1)
+    np.abs(scores, out=scores)
+    return above, (scores <= tol).sum(axis=1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,9 +100,10 @@ def ranks_image_to_text(img: np.ndarray, txt: np.ndarray, caption_owner: np.ndar
         rows = caption_owner[own] - s
         best_own = np.full(e - s, -np.inf, scores.dtype)
         np.maximum.at(best_own, rows, scores[rows, own])
-        np.add.at(tied_own[s:e], rows, scores[rows, own] == best_own[rows])
-        above[s:e] = (scores > best_own[:, None]).sum(axis=1)
-        tied[s:e] = (scores == best_own[:, None]).sum(axis=1) - tied_own[s:e]
+        own_gap = np.abs(scores[rows, own] - best_own[rows])
+        np.add.at(tied_own[s:e], rows, own_gap <= _tolerance(best_own)[rows])
+        above[s:e], level = _count_above_and_level(scores, best_own)
+        tied[s:e] = level - tied_own[s:e]
     return Ranks(above, tied, tied_own)
 
 
@@ -94,8 +115,8 @@ def ranks_text_to_image(img: np.ndarray, txt: np.ndarray, caption_owner: np.ndar
     for s in range(0, len(txt), block):
         scores = txt[s: s + block] @ img.T
         own = scores[np.arange(len(scores)), caption_owner[s: s + block]]
-        above[s: s + block] = (scores > own[:, None]).sum(axis=1)
-        tied[s: s + block] = (scores == own[:, None]).sum(axis=1) - 1
+        above[s: s + block], level = _count_above_and_level(scores, own)
+        tied[s: s + block] = level - 1
     return Ranks(above, tied, np.ones(len(txt), np.int64))
 
 
