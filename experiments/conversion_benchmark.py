@@ -15,8 +15,9 @@ because the builder decodes JPEGs at reduced DCT scale when the face crop is lar
 size distribution changes the cost.
 
 The `webdataset` and `parquet` layouts hold the same files as img2dataset's output formats
-would with `--resize_mode no` (shards of 10000 samples; parquet row groups of 100 rows, as
-img2dataset writes them), so the layouts differ only in how an image is found and read.
+would with `--resize_mode no` (shards of 10000 samples; parquet row groups of 100 rows; rows in
+a shuffled order, as img2dataset writes them when downloads finish), so the layouts differ
+only in how an image is found and read.
 
 The fixture is kept in `--workdir` and reused by later runs with the same size and seed (and by
 `experiments/input_pipeline_benchmark.py`, which reads the 2-worker `flat` build). Writes
@@ -196,13 +197,14 @@ def img2dataset_copy(manual_dir: Path, layout: str) -> Path:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    out = manual_dir.with_name(f"{manual_dir.name}_{layout}")
+    out = manual_dir.with_name(f"{manual_dir.name}_{layout}_shuffled")
     if (out / "DONE").exists():
         return out
     shutil.rmtree(out, ignore_errors=True)
     (out / "images").mkdir(parents=True)
     shutil.copy(manual_dir / "FaceCaption-v2.parquet", out)
     files = sorted((manual_dir / "images").iterdir())
+    np.random.default_rng(0).shuffle(files)  # img2dataset writes as downloads finish
     for shard, start in enumerate(range(0, len(files), SHARD_SAMPLES)):
         samples = []
         for i, path in enumerate(files[start: start + SHARD_SAMPLES]):
@@ -315,9 +317,9 @@ made in {fixture['seconds']:.0f} s (not part of the timings). Build: \
 from an empty data_dir, 256 px crops, ArrayRecord output; time = the whole \
 `download_and_prepare` (parquet reads, crops in the worker pool, TFDS shuffle and write).
 The img2dataset layouts hold the same JPEGs ({SHARD_SAMPLES} samples a shard, parquet row groups
-of {ROW_GROUP} rows); their copies are made once, outside the timings. A parquet image is read
-with its row group, which each worker keeps for the next rows (the metadata parquet and
-img2dataset's shards share one row order), so a group is read about once per worker.
+of {ROW_GROUP} rows, rows shuffled as downloads finish); their copies are made once, outside the
+timings. A parquet image is read with its row group: the build visits a split's images in shard
+order and each worker keeps its last groups, so a group is read about once per worker.
 
 """ + _table(["layout", "num_workers", "records read", "records written", "seconds",
                          "records/s", "records/s per core"], rows) + f"""

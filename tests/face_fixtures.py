@@ -290,7 +290,7 @@ def make_facecaption15m(root: Path, layout: str, resize_mode: str = "border",
     adds an orphan image, a broken sidecar, a sidecar without `_id` and an image without a
     sidecar. The webdataset fixture also has a second shard cut off in the middle of an image;
     the parquet one (img2dataset --output_format parquet: no sidecar can be broken or missing
-    there) a second shard cut off in the middle, and a row per failed download.
+    there) a first shard cut off in the middle, and a row per failed download.
     """
     rows = facecaption_rows()
     manual_dir = root / "manual"
@@ -358,28 +358,31 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 def _write_parquet_layout(images_dir: Path, samples: list, rows: list[Row]) -> None:
     """img2dataset's parquet output: one row per sample, the image in the `jpg` column beside
-    the sidecar fields, and the failed downloads as rows without an image. Shard 00000 holds
-    all but the `shard_cut` sample, which is in shard 00001, cut off in the middle."""
+    the sidecar fields, failed downloads as rows without an image, rows in the order downloads
+    finished (shuffled). Shard 00000, listed first, holds only the `shard_cut` sample and is
+    cut off in the middle; shard 00001 holds the others, its sizes typed float64 (as older
+    img2dataset versions inferred them when the first rows were failed downloads)."""
     failed = [{"_id": row.id, "status": "failed_to_download"} for row in rows
               if row.image is None and row.id not in (None, "")]
     entries = [(data, meta) for _, data, meta in samples if isinstance(meta, dict)]
     entries += [(None, meta) for meta in failed]
+    np.random.default_rng(0).shuffle(entries)
     cut = next(e for e in entries if e[1].get("_id") == "shard_cut")
     columns = ("key", "jpg", "status", "_id", "width", "height", "original_width",
                "original_height", "url", "error_message")
-    for shard, part in enumerate(([e for e in entries if e is not cut], [cut])):
+    for shard, part in enumerate(([cut], [e for e in entries if e is not cut])):
         table = {name: [] for name in columns}
         for i, (data, meta) in enumerate(part):
             cells = {**meta, "key": f"{shard:05d}{i:04d}", "jpg": data}
             for name in columns:
                 table[name].append(cells.get(name))
-        schema = pa.schema([(name, pa.binary() if name == "jpg" else pa.int64() if "width" in
+        schema = pa.schema([(name, pa.binary() if name == "jpg" else pa.float64() if "width" in
                              name or "height" in name else pa.string()) for name in columns])
         buffer = io.BytesIO()
         pq.write_table(pa.table(table, schema=schema), buffer, row_group_size=3)
         data = buffer.getvalue()
-        (images_dir / f"{shard:05d}.parquet").write_bytes(data if shard == 0 else
-                                                          data[: len(data) // 2])
+        (images_dir / f"{shard:05d}.parquet").write_bytes(data[: len(data) // 2] if shard == 0
+                                                          else data)
         (images_dir / f"{shard:05d}_stats.json").write_text("{}")
 
 

@@ -183,9 +183,9 @@ def test_img2dataset_without_id_column_fails_early(tmp_path: Path) -> None:
 
 def test_img2dataset_parquet_without_id_column_fails_early(tmp_path: Path) -> None:
     fixture = _manual_dir_with(tmp_path, "parquet")
-    shard = fixture.manual_dir / "images" / "00000.parquet"
+    shard = fixture.manual_dir / "images" / "00001.parquet"  # 00000 is the cut-off one
     pq.write_table(pq.read_table(shard).drop_columns(["_id"]), shard)
-    with pytest.raises(layouts.LayoutError, match=r"00000.parquet has no \"_id\" column.*"
+    with pytest.raises(layouts.LayoutError, match=r"00001.parquet has no \"_id\" column.*"
                        r"--save_additional_columns"):
         build(fixture, tmp_path / "data", config("noid"))
 

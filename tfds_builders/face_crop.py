@@ -307,9 +307,10 @@ def crop_face(img: Image.Image, box: Box, spec: CropSpec) -> bytes:
     """Cuts the face `box` out of an image from `open_image` and returns JPEG bytes.
 
     `box` is in pixels of the stored image (see module docstring). The crop is a square
-    around the box with `spec.margin` context, clamped to the image, made upright, RGB, and
-    resized so its short side is `spec.resolution`. Large JPEGs are decoded at reduced scale
-    when the crop allows, which makes multi-megapixel originals several times cheaper.
+    around the box with `spec.margin` context, moved to fit the image (`crop_window`), made
+    upright, RGB, and resized so its short side is `spec.resolution`. Large JPEGs are decoded
+    at reduced scale when the crop allows, which makes multi-megapixel originals several times
+    cheaper.
     """
     orientation = exif_orientation(img)
     visible = clip_box(box, img.size)

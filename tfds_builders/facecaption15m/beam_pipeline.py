@@ -4,8 +4,11 @@ The local build holds an `_id` -> image index in memory; here the join is a CoGr
 nothing scales with the dataset on any single machine. Per split:
 
     parquet row groups --ReadRows--> (_id, Row | None) --\
-                                                          CoGroupByKey --CropFaces--> examples
+                                                          CoGroupByKey --Pair, CropFaces--> examples
     img2dataset shards --IndexShards--> (_id, ImageRef) -/
+
+For img2dataset's parquet output the (row, image) pairs are grouped by image row group before
+cropping, so that each group is read once.
 
 The row and image checks are the functions of `records` and `layouts`, as in the local build,
 so both modes write the same records. Skip reasons are Beam counters in the builder's
@@ -76,19 +79,19 @@ class _IndexShards(beam.DoFn):
                 yield sample_id, ref
 
 
-class _CropFaces(beam.DoFn):
-    """(_id, {"rows": [...], "images": [...]}) -> (key, example), resolving duplicates the way
-    the local build does: first row in parquet order, first image in shard order."""
+class _PairRowWithImage(beam.DoFn):
+    """(_id, {"rows": [...], "images": [...]}) -> (row, image or None), resolving duplicates
+    the way the local build does: first row in parquet order, first image in shard order."""
 
-    def __init__(self, namespace: str, settings: records.ImageSettings) -> None:
+    def __init__(self, namespace: str) -> None:
         self._namespace = namespace
-        self._settings = settings
 
     def _count(self, group: str, reason: str, n: int = 1) -> None:
         if n:
             Metrics.counter(self._namespace, f"{group}/{reason}").inc(n)
 
-    def process(self, element: tuple[str, dict[str, list[Any]]]) -> Iterator[tuple[str, dict]]:
+    def process(self, element: tuple[str, dict[str, list[Any]]]
+                ) -> Iterator[tuple[records.Row, layouts.ImageRef | None]]:
         _, grouped = element
         markers = list(grouped["rows"])
         rows = sorted((r for r in markers if r is not None), key=lambda r: r.index)
@@ -100,12 +103,33 @@ class _CropFaces(beam.DoFn):
         if not rows:
             return
         self._count(SKIPPED, DUPLICATE_ID, len(rows) - 1)
-        ok, value = capture_skip(records.make_example_task,
-                                 (rows[0], images[0] if images else None, self._settings))
+        yield rows[0], images[0] if images else None
+
+
+def _by_row_group(pair: tuple[records.Row, layouts.ImageRef | None]) -> tuple[tuple, tuple]:
+    """Keys a pair by its image's parquet row group (a row without image by its own id)."""
+    row, ref = pair
+    return ((ref.path, ref.offset) if ref is not None else (row.id, -1)), pair
+
+
+def _rows_in_group_order(keyed: tuple[tuple, Any]) -> list:
+    return sorted(keyed[1], key=lambda pair: pair[1].length if pair[1] is not None else -1)
+
+
+class _CropFaces(beam.DoFn):
+    """(row, image or None) -> (key, example), or a skip counted by reason."""
+
+    def __init__(self, namespace: str, settings: records.ImageSettings) -> None:
+        self._namespace = namespace
+        self._settings = settings
+
+    def process(self, pair: tuple[records.Row, layouts.ImageRef | None]
+                ) -> Iterator[tuple[str, dict]]:
+        ok, value = capture_skip(records.make_example_task, (*pair, self._settings))
         if ok:
             yield value
         else:
-            self._count(SKIPPED, value)
+            Metrics.counter(self._namespace, f"{SKIPPED}/{value}").inc()
 
 
 def generate_examples(*, namespace: str, split: str, split_fractions: Sequence[tuple[str, float]],
@@ -126,8 +150,17 @@ def generate_examples(*, namespace: str, split: str, split_fractions: Sequence[t
                 | "Shards" >> beam.Create(shards)
                 | "IndexShards" >> beam.ParDo(_IndexShards(
                     namespace, settings.layout, split, split_fractions, count_index_problems)))
-        return (joined
-                | "JoinOnId" >> beam.CoGroupByKey()
-                | "CropFaces" >> beam.ParDo(_CropFaces(namespace, settings)))
+        pairs = (joined
+                 | "JoinOnId" >> beam.CoGroupByKey()
+                 | "PairRowWithImage" >> beam.ParDo(_PairRowWithImage(namespace)))
+        if settings.layout == layouts.PARQUET:
+            # A parquet image is read with its row group: bring a group's rows together so
+            # that the worker reads each group once (`layouts._parquet_row_group`), not once
+            # per image as the join's order would.
+            pairs = (pairs
+                     | "KeyByRowGroup" >> beam.Map(_by_row_group)
+                     | "GroupByRowGroup" >> beam.GroupByKey()
+                     | "RowsInGroupOrder" >> beam.FlatMap(_rows_in_group_order))
+        return pairs | "CropFaces" >> beam.ParDo(_CropFaces(namespace, settings))
 
     return _examples()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -79,9 +79,9 @@ class FaceCaption15M(FaceDatasetBuilder):
     """Face crops of FaceCaption-15M (Dai et al. 2024) with their captions.
 
     Each record is one parquet row of `FaceCaption-v2.parquet` joined with its image:
-      * `image`: RGB JPEG of the face box widened by `margin` on each side, squared, clamped to
-        the image, made upright by the file's EXIF orientation if any, and resized so its
-        short side is `resolution` px.
+      * `image`: RGB JPEG of the face box widened by `margin` on each side, squared, moved to
+        fit the image (`face_crop.crop_window`), made upright by the file's EXIF orientation if
+        any, and resized so its short side is `resolution` px.
       * `caption`: the FaceCaption-15M caption; `laion_caption`: the original LAION alt text
         ("" when absent); `id`: the row's `_id`.
       * `box`: int32 [x1, y1, x2, y2], the parquet box as given (pixels of the original image);
@@ -238,7 +238,14 @@ class FaceCaption15M(FaceDatasetBuilder):
                 progress.update(group.num_rows)
             progress.close()
 
-        outcomes = self._parallel(records.make_example_task, tasks())
+        work: Iterable = tasks()
+        if settings.layout == layouts.PARQUET:
+            # A parquet image is read with its row group, and img2dataset writes rows in the
+            # order downloads finish: visiting the split's images in shard order reads each
+            # group about once per worker instead of once per image. TFDS orders the written
+            # examples by key, so the dataset is the same; the split's tasks are held in memory.
+            work = sorted(work, key=lambda task: task[1].position if task[1] else ("", -1, -1))
+        outcomes = self._parallel(records.make_example_task, work)
         yield from self._nonempty(split, self._keep_successes(outcomes))
         if index is not None:
             self.report.ignored_images[layouts.NOT_IN_PARQUET] += sum(

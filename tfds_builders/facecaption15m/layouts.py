@@ -135,9 +135,9 @@ def _parquet_row_group(path: str, group: int, column: str) -> tuple[bytes | None
     """The images of one row group of a parquet shard, kept for the next rows.
 
     Parquet compresses a column by pages, so one image costs its row group's read (img2dataset
-    writes groups of 100 rows). img2dataset keeps its url list's order within and across
-    shards, and the build visits rows in the same (the metadata parquet's) order, so the rows
-    of a group arrive one after another and this cache reads each group about once per worker.
+    writes groups of 100 rows). Both builds visit a split's images in shard order (the local
+    one sorts them, Beam groups them by row group), so the rows of a group arrive one after
+    another and this cache reads each group about once per worker.
     """
     with epath.Path(path).open("rb") as f:
         return tuple(pq.ParquetFile(f).read_row_group(group, columns=[column])
@@ -176,14 +176,14 @@ def detect_layout(images_dir: epath.Path, layout: str = AUTO) -> str:
         raise LayoutError(f"Image directory {images_dir} not found. Expected one of:\n"
                           f"{_LAYOUT_HELP}\nFound: {_describe(images_dir.parent)}")
     sample = list(itertools.islice(images_dir.iterdir(), _SAMPLE_ENTRIES))
-    parquets = [p for p in sample if p.suffix == ".parquet"]
+    parquets = sorted(p for p in sample if p.suffix == ".parquet")
     # img2dataset also writes a metadata-only NNNNN.parquet beside files/webdataset shards:
     # parquet shards are those with an image column (a few are looked at, not thousands).
-    with_images = any(parquet_image_column(p) for p in parquets[:3])
+    with_images = [p for p in parquets[:3] if parquet_image_column(p)]
     found = {
         WEBDATASET: [p for p in sample if p.suffix == ".tar"],
         FILES: [p for p in sample if p.name.isdigit() and p.is_dir()],
-        PARQUET: parquets if with_images else [],
+        PARQUET: with_images + parquets[3:] if with_images else [],
         FLAT: [p for p in sample if p.suffix.lower() in IMAGE_EXTENSIONS],
     }
     present = [name for name in LAYOUTS if found[name]]
@@ -224,8 +224,12 @@ def _check_parquet_has_id(shard: epath.Path) -> None:
 
 
 def _check_sidecars_have_id(shard: epath.Path, layout: str) -> None:
-    """Fails early when img2dataset ran without keeping `_id`, since then nothing can join."""
-    sidecar = next(_iter_sidecars(shard, layout), None)
+    """Fails early when img2dataset ran without keeping `_id`, since then nothing can join.
+    A damaged shard is no evidence either way: the index counts it later."""
+    try:
+        sidecar = next(_iter_sidecars(shard, layout), None)
+    except (tarfile.TarError, OSError, EOFError):
+        return
     if sidecar is None:
         return
     name, payload = sidecar
@@ -272,10 +276,16 @@ def _parse_sidecar(payload: bytes) -> dict | None:
 
 
 def _original_size(meta: dict) -> tuple[int, int] | None:
-    width, height = meta.get("original_width"), meta.get("original_height")
-    if isinstance(width, int) and isinstance(height, int) and width > 0 and height > 0:
-        return width, height
-    return None
+    """img2dataset's recorded original size; whole floats count too (a parquet column that
+    older img2dataset versions typed float64 when its first rows were failed downloads)."""
+    size = []
+    for value in (meta.get("original_width"), meta.get("original_height")):
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            return None
+        size.append(value)
+    return size[0], size[1]
 
 
 def _add_entry(index: ShardIndex, meta: dict | None, ref: ImageRef | None) -> None:
