@@ -5,9 +5,11 @@
 
 Needs the datasets built under TFDS_DIR. Scores the frozen towers' embeddings over each test
 split (COCO protocol: every caption of an image is a query, an image query is answered by any of
-its captions). This is zero-shot retrieval: the official FLIP code instead fine-tunes the
-projections and an ITM head, so its numbers are not comparable one to one. Writes
-experiments/results/retrieval_benchmarks.md.
+its captions): MM-CelebA-HQ's 10 captions per image, CelebA-Dialog's overall caption (its
+attribute-wise sentences, e.g. "This person is not wearing eyeglasses.", fit thousands of
+images and are no retrieval queries). This is zero-shot retrieval: the official FLIP code
+instead fine-tunes the projections and an ITM head, so its numbers are not comparable one to
+one. Writes experiments/results/retrieval_benchmarks.md.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 from experiments.common import benchmark_parser, evaluate, fmt, load_run, markdown_table, write
 
 COLUMNS = [f"{d}_R@{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)] + ["mean_R"]
+TEXT_KEYS = {"mm_celeba_hq": "captions", "celeba_dialog": "caption"}
 
 
 def main() -> None:
@@ -26,7 +29,7 @@ def main() -> None:
     run = load_run(args.workdir, args.step)
     datasets = args.datasets.split(",")
     evals = {name: dict(type="retrieval", dataset=name, builder_config=None,
-                        data_dir=args.data_dir, split=args.split, text_key="captions",
+                        data_dir=args.data_dir, split=args.split, text_key=TEXT_KEYS[name],
                         every_steps=1, batch_size=args.batch_size) for name in datasets}
     results = evaluate(run, evals)
     rows = [[name] + [fmt(results[name][c]) for c in COLUMNS] for name in datasets]

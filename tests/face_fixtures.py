@@ -603,8 +603,8 @@ def make_mm_celeba_hq(root: Path, size: int = 320) -> EvalFixture:
 
 
 def make_celeba_dialog(root: Path, size: int = 320) -> EvalFixture:
-    """CelebA-Dialog: images, captions_hq.json (one entry missing, one malformed, one blank),
-    the CelebA-HQ mapping and CelebA's partition file."""
+    """CelebA-Dialog: images, captions_hq.json (one entry missing, one malformed, one blank,
+    one with a null attribute caption), the CelebA-HQ mapping and CelebA's partition file."""
     manual = root / "manual"
     bad_images = dict(zip((1, 2, 3, 4), _bad_images().values(), strict=True))
     captions, mapping, partition = {}, ["idx         orig_idx  orig_file"], []
@@ -621,8 +621,10 @@ def make_celeba_dialog(root: Path, size: int = 320) -> EvalFixture:
                  "attribute_wise_captions": {a: f"{a} caption {i}." for a in attributes}}
         if i == 9:
             entry["attribute_wise_captions"]["Bangs"] = 3
-        if i == 10:
-            entry = {"overall_caption": " ", "attribute_wise_captions": {"Bangs": ""}}
+        if i == 10:  # attribute captions, but no overall one to query with
+            entry = {"overall_caption": " ", "attribute_wise_captions": {"Bangs": "Bangs."}}
+        if i == 11:
+            entry["attribute_wise_captions"]["Smiling"] = None
         if i != 8:
             captions[f"{i}.jpg"] = entry
         reason = {8: "missing_annotation", 9: "bad_annotation", 10: "empty_caption"}.get(i) \
@@ -631,8 +633,10 @@ def make_celeba_dialog(root: Path, size: int = 320) -> EvalFixture:
             skipped[reason] += 1
             continue
         expected = [f"Overall caption {i}."] + [
-            f"{a} caption {i}." for a in ("Bangs", "Eyeglasses", "No_Beard", "Smiling", "Young")]
-        splits[("train", "validation", "test")[i % 3]][str(i)] = {"captions": expected}
+            f"{a} caption {i}." for a in ("Bangs", "Eyeglasses", "No_Beard", "Smiling", "Young")
+            if (i, a) != (11, "Smiling")]
+        splits[("train", "validation", "test")[i % 3]][str(i)] = {
+            "caption": expected[0], "captions": expected}
     mapping.insert(3, "not a mapping line")
     _write(manual / "text" / "captions_hq.json", json.dumps(captions).encode())
     _write(manual / "CelebA-HQ-to-CelebA-mapping.txt", ("\n".join(mapping) + "\n").encode())

@@ -140,7 +140,9 @@ def test_celeba_dialog(tmp_path: Path) -> None:
         for image_id, want in expected.items():
             got = records[split][image_id]
             assert [c.decode() for c in got["captions"]] == want["captions"]
+            assert got["caption"].decode() == want["caption"]
             assert decode(got["image"]).size == (256, 256)
+    assert "11" in records["test"]  # its null attribute caption is dropped, not fatal
 
 
 def test_registered_in_cli() -> None:

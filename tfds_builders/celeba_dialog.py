@@ -6,6 +6,7 @@ import inspect
 import json
 from typing import Any
 
+import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
@@ -29,20 +30,22 @@ from tfds_builders.mm_celeba_hq import caption_features
 DIALOG_ATTRIBUTES: tuple[str, ...] = ("Bangs", "Eyeglasses", "No_Beard", "Smiling", "Young")
 
 
-def dialog_captions(entry: object) -> list[str] | None:
-    """[overall caption, attribute-wise captions in DIALOG_ATTRIBUTES order, then any other
-    attribute keys alphabetically], blanks dropped; None if the entry is malformed."""
+def dialog_captions(entry: object) -> tuple[str, list[str]] | None:
+    """(overall caption, attribute-wise captions in DIALOG_ATTRIBUTES order, then any other
+    attribute keys alphabetically), stripped, blank or null attribute captions dropped; None
+    if the entry is malformed."""
     if not isinstance(entry, dict):
         return None
-    per_attribute = entry.get("attribute_wise_captions", {})
-    if not isinstance(per_attribute, dict):
+    overall = entry.get("overall_caption") or ""
+    per_attribute = entry.get("attribute_wise_captions") or {}
+    if not isinstance(overall, str) or not isinstance(per_attribute, dict):
         return None
     keys = [k for k in DIALOG_ATTRIBUTES if k in per_attribute]
     keys += sorted(k for k in per_attribute if k not in DIALOG_ATTRIBUTES)
-    texts = [entry.get("overall_caption", "")] + [per_attribute[k] for k in keys]
+    texts = [per_attribute[k] for k in keys if per_attribute[k] is not None]
     if not all(isinstance(t, str) for t in texts):
         return None
-    return [t.strip() for t in texts if t.strip()]
+    return overall.strip(), [t.strip() for t in texts if t.strip()]
 
 
 def read_hq_mapping(path: epath.Path) -> list[tuple[str, str] | None]:
@@ -72,15 +75,20 @@ class CelebADialog(ImageSetBuilder):
     are CelebA's official train/validation/test partition, looked up through the CelebA-HQ
     mapping (the same way other CelebA-HQ benchmarks split).
 
-    Records: `image` (RGB JPEG, downscaled to the config's max_short_side), `captions` (the
-    overall caption first, then the attribute-wise captions for Bangs, Eyeglasses, No_Beard,
-    Smiling and Young) and `id` ("N"). Images with no caption entry (the release lacks a
-    few) or no partition are skipped and counted in skipped.json.
+    Records: `image` (RGB JPEG, downscaled to the config's max_short_side), `caption` (the
+    overall caption, which retrieval queries with), `captions` (the overall caption first,
+    then the attribute-wise captions for Bangs, Eyeglasses, No_Beard, Smiling and Young) and
+    `id` ("N"). Images with no caption entry (the release lacks a few), a blank overall
+    caption or no partition are skipped and counted in skipped.json.
     """
 
     name = "celeba_dialog"
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Initial release."}
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {
+        "1.0.0": "Initial release.",
+        "1.1.0": "`caption`: the overall caption alone. A null attribute caption is dropped "
+                 "instead of rejecting the image; a blank overall caption skips it.",
+    }
     BUILDER_CONFIGS = default_image_set_configs()
     MANUAL_DOWNLOAD_INSTRUCTIONS = """\
     Download CelebA-Dialog (github.com/ziqihuangg/CelebA-Dialog): image/ and
@@ -92,7 +100,9 @@ class CelebADialog(ImageSetBuilder):
         return tfds.core.DatasetInfo(
             builder=self,
             description=inspect.cleandoc(CelebADialog.__doc__),
-            features=tfds.features.FeaturesDict(caption_features()),
+            features=tfds.features.FeaturesDict({
+                **caption_features(),
+                "caption": tfds.features.Tensor(shape=(), dtype=np.object_)}),
             metadata=tfds.core.MetadataDict(caption_order=["overall", *DIALOG_ATTRIBUTES]),
             homepage="https://github.com/ziqihuangg/CelebA-Dialog",
             citation="@inproceedings{jiang2021talk, title={Talk-to-Edit: Fine-Grained Facial "
@@ -139,10 +149,12 @@ class CelebADialog(ImageSetBuilder):
             texts = dialog_captions(entry)
             if texts is None:
                 self.report.skipped[BAD_ANNOTATION] += 1
-            elif not texts:
+            elif not texts[0]:
                 self.report.skipped[EMPTY_CAPTION] += 1
             else:
+                overall, per_attribute = texts
                 entries[partition[celeba_file]].append(
-                    (index, str(images / f"{index}.jpg"), {"captions": texts, "id": index}))
+                    (index, str(images / f"{index}.jpg"),
+                     {"caption": overall, "captions": [overall, *per_attribute], "id": index}))
         return {split: self._generate_examples(split, items)
                 for split, items in entries.items()}
