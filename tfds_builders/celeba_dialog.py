@@ -125,7 +125,8 @@ class CelebADialog(ImageSetBuilder):
         mapping = read_hq_mapping(find_path(
             manual, ["CelebA-HQ-to-CelebA-mapping.txt"], "the CelebA-HQ mapping"))
         partition = {}
-        for line in annotation_lines(find_path(manual, ["list_eval_partition.txt"],
+        for line in annotation_lines(find_path(manual, ["list_eval_partition.txt",
+                                                        "Eval/list_eval_partition.txt"],
                                                "the CelebA split file")):
             fields = (line or "").split()
             if len(fields) == 2 and fields[1] in PARTITIONS:
