@@ -6,7 +6,10 @@
 Needs `celeba` / `lfwa` built under TFDS_DIR (`python -m tfds_builders build ...`). Protocol:
 towers frozen, one linear layer (40 independent sigmoid outputs, BCE) on the image embeddings;
 L2 x epochs chosen on the validation split (CelebA's official one; LFWA has none, so a seeded
-10% of its train split), test scored once. Unlike the official FLIP code, no choice ever sees
+10% of its train split), test scored once. Images are resized whole to the model's square
+input (`--eval_resize=squash`, FLIP's `Resize((224, 224))`): a centre crop would cut the neck
+and the top of the head off CelebA's 178x218 portraits, where Wearing_Necktie, Wearing_Hat
+and Receding_Hairline are seen. Unlike the official FLIP code, no choice ever sees
 test data and the LFWA head trains on LFWA train (FLIP's trained on 10% of test). Writes
 experiments/results/attribute_prediction.md.
 """
@@ -22,15 +25,17 @@ SPLITS = {"celeba": dict(train_split="train", val_split="validation", test_split
 
 
 def main() -> None:
-    args = benchmark_parser(__doc__, datasets="celeba,lfwa",
-                            out="experiments/results/attribute_prediction.md").parse_args()
+    parser = benchmark_parser(__doc__, datasets="celeba,lfwa",
+                              out="experiments/results/attribute_prediction.md")
+    parser.add_argument("--eval_resize", default="squash", choices=["squash", "center_crop"])
+    args = parser.parse_args()
 
     run = load_run(args.workdir, args.step)
     datasets = args.datasets.split(",")
     evals = {}
     for name in datasets:
         common = dict(dataset=name, builder_config=None, data_dir=args.data_dir,
-                      every_steps=1, batch_size=args.batch_size)
+                      eval_resize=args.eval_resize, every_steps=1, batch_size=args.batch_size)
         evals[f"{name}_probe"] = dict(type="linear_probe", label_key="attributes",
                                       kind="multilabel", l2_grid=(0.0, 1e-4, 1e-3, 1e-2),
                                       epochs_grid=(10, 30, 100), probe_batch_size=1024,
@@ -51,7 +56,8 @@ def main() -> None:
         attr_rows.append([attr] + [fmt(results[f"{d}_{kind}"].get(f"acc/{attr}"), 2)
                                    for d in datasets for kind in ("probe", "zeroshot")])
     text = (
-        f"# Attribute prediction: `{args.workdir}` (step {run.step})\n\n"
+        f"# Attribute prediction: `{args.workdir}` (step {run.step}), images "
+        f"`{args.eval_resize}`\n\n"
         "Linear probe on frozen image embeddings (mAcc = mean over the 40 attributes of test "
         "accuracy, %, at sigmoid > 0.5); hyperparameters chosen on validation only. Majority: "
         "each attribute's most common train value. Zero-shot: prompt ensembles, no training.\n\n"

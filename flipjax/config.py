@@ -12,6 +12,7 @@ import jax
 import ml_collections
 from flax import nnx
 
+from flipjax.data.pipeline import EVAL_RESIZES
 from flipjax.models import embedding_dims, make_model
 from flipjax.models.layers import (
     ATTENTION_IMPLEMENTATIONS,
@@ -156,6 +157,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
               f"unknown evaluator {eval_cfg.type!r}; use one of {sorted(EVALUATORS)}")
         check(eval_cfg.every_steps > 0, f"evals.{name}.every_steps",
               f"{eval_cfg.every_steps} must be positive")
+        resize = eval_cfg.get("eval_resize", "center_crop")
+        check(resize in EVAL_RESIZES, f"evals.{name}.eval_resize",
+              f"{resize!r} is not one of {sorted(EVAL_RESIZES)}")
         ebs = eval_cfg.get("batch_size", EVAL_BATCH_SIZE)
         check(ebs % shards == 0, f"evals.{name}.batch_size",
               f"{ebs} is not divisible by the {shards} batch shards")

@@ -46,6 +46,8 @@ from flipjax.train.workdir import load_workdir_config
     ("sharding_rules", [("*", "fsdp")], r"config\.sharding_rules\[0\]: '\*' is not a regular"),
     ("loss", "sigmoid", r"config\.model\.bias_init: the sigmoid loss needs a learnable bias"),
     ("optim.frozen_regex", "img", r"config\.optim\.frozen_regex='img' matches no parameter"),
+    ("evals.retrieval.eval_resize", "stretch",
+     r"config\.evals\.retrieval\.eval_resize: 'stretch' is not one of"),
 ])
 def test_validation_names_the_field(field, value, message):
     config = load_config()

@@ -1,8 +1,10 @@
 import io
 from collections import Counter
 
+import ml_collections
 import numpy as np
 import pytest
+from conftest import load_config
 from PIL import Image
 
 from flipjax.data.pipeline import (
@@ -139,3 +141,29 @@ def test_a_png_colour_key_is_transparent_over_white(mode, fill, key):
     np.testing.assert_array_equal(rgb[:, :4], 255)  # the keyed colour
     right = {"RGB": (200, 10, 10), "L": (150,) * 3, "I;16": (round(40000 / 257),) * 3}[mode]
     np.testing.assert_array_equal(rgb[:, 4:], np.broadcast_to(right, (4, 4, 3)))
+
+
+def test_squash_keeps_what_a_centre_crop_cuts_off():
+    """A CelebA-shaped portrait (178x218) with a red band at the top (a hat) and a blue one at
+    the bottom (a necktie): "squash" (FLIP's evaluation resize) keeps both, the centre crop
+    neither; an evaluator picks it with `eval_resize`."""
+    from flipjax.evaluate import evaluator_data_config
+    from flipjax.evaluate.features import model_fingerprint
+
+    image = Image.new("RGB", (178, 218), (128, 128, 128))
+    image.paste((255, 0, 0), (0, 0, 178, 15))
+    image.paste((0, 0, 255), (0, 203, 178, 218))
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    record = {"image": buf.getvalue()}
+    squashed = EvalPreprocess(64, "image", "squash").map(record)["image"]
+    cropped = EvalPreprocess(64, "image").map(record)["image"]
+    assert squashed.shape == cropped.shape == (64, 64, 3)
+    np.testing.assert_array_equal(squashed[0, 32], (255, 0, 0))
+    np.testing.assert_array_equal(squashed[-1, 32], (0, 0, 255))
+    assert cropped[:, :, 0].max() < 200 and cropped[:, :, 2].max() < 200
+    config = load_config()
+    data_cfg = evaluator_data_config(config, ml_collections.ConfigDict(dict(eval_resize="squash")))
+    assert data_cfg.eval_resize == "squash"  # and it keys the feature cache apart:
+    assert model_fingerprint(config.model, data_cfg) != model_fingerprint(config.model,
+                                                                           config.data)

@@ -83,15 +83,25 @@ class TrainPreprocess(grain.transforms.RandomMap):
         return {"image": np.asarray(image, np.uint8), "text": self.tokenizer.encode(caption)}
 
 
-class EvalPreprocess(grain.transforms.Map):
-    """Deterministic resize + centre crop; keeps every other field for the evaluators."""
+def squash(image: Image.Image, size: int) -> Image.Image:
+    """The whole image resized to size x size (bicubic), aspect ratio not kept: FLIP's
+    evaluation transform (`Resize((224, 224))`), which keeps what a centre crop of a portrait
+    frame cuts off (CelebA's 178x218 lose the neck and the top of the head)."""
+    return image.resize((size, size), Image.BICUBIC)
 
-    def __init__(self, image_size: int, image_key: str):
-        self.size, self.image_key = image_size, image_key
+
+EVAL_RESIZES = {"center_crop": center_crop, "squash": squash}
+
+
+class EvalPreprocess(grain.transforms.Map):
+    """Deterministic resize (`EVAL_RESIZES`); keeps every other field for the evaluators."""
+
+    def __init__(self, image_size: int, image_key: str, resize: str = "center_crop"):
+        self.size, self.image_key, self.resize = image_size, image_key, EVAL_RESIZES[resize]
 
     def map(self, record: dict) -> dict:
         out = dict(record)
-        out["image"] = np.asarray(center_crop(decode_rgb(record[self.image_key]), self.size),
+        out["image"] = np.asarray(self.resize(decode_rgb(record[self.image_key]), self.size),
                                   np.uint8)
         return out
 

@@ -3,7 +3,9 @@
 Each runs inside training at its interval (results under keys `NAME/...`) and at the end, and
 from `python -m flipjax.evaluate` on a saved checkpoint. An evaluator may read another dataset
 than training does: `dataset=`, `builder_config=`, `data_dir=`, `image_key=`, `text_key=`,
-`attribute_names=` override `config.data` fields for it (`DATA_OVERRIDES`).
+`attribute_names=` override `config.data` fields for it (`DATA_OVERRIDES`), and
+`eval_resize=` picks how its images are brought to the model's size ("center_crop", the
+default, or "squash" as FLIP evaluates CelebA; `flipjax.data.pipeline.EVAL_RESIZES`).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ EVALUATORS = {"retrieval": RetrievalEvaluator, "linear_probe": LinearProbeEvalua
               "zeroshot_attributes": ZeroShotAttributesEvaluator}
 DATA_OVERRIDES = {"dataset": "name", "builder_config": "builder_config",
                   "image_key": "image_key", "text_key": "text_key", "data_dir": "data_dir",
-                  "attribute_names": "attribute_names"}
+                  "attribute_names": "attribute_names", "eval_resize": "eval_resize"}
 
 
 def evaluator_data_config(config: ml_collections.ConfigDict,

@@ -35,7 +35,9 @@ def model_fingerprint(model_cfg: ml_collections.ConfigDict,
     architecture and the eval preprocessing. Keys the on-disk feature cache."""
     blob = json.dumps({"model": model_cfg.to_dict(), "image_size": data_cfg.image_size,
                        "image_key": data_cfg.image_key, "mean": list(data_cfg.mean),
-                       "std": list(data_cfg.std)}, sort_keys=True, default=str)
+                       "std": list(data_cfg.std),
+                       "eval_resize": data_cfg.get("eval_resize", "center_crop")},
+                      sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
@@ -85,7 +87,8 @@ def iterate_records(data_cfg: ml_collections.ConfigDict, split: str, batch_size:
                     desc: str) -> Iterator[list[dict]]:
     """Lists of up to `batch_size` eval-preprocessed records, in split order."""
     records = grain.MapDataset.source(data_source(data_cfg, split)).map(
-        EvalPreprocess(data_cfg.image_size, data_cfg.image_key))
+        EvalPreprocess(data_cfg.image_size, data_cfg.image_key,
+                       data_cfg.get("eval_resize", "center_crop")))
     n = len(records)
     for start in tqdm(range(0, n, batch_size), desc=desc, leave=False,
                       disable=jax.process_index() != 0):
