@@ -6,7 +6,8 @@
 Needs `celeba` / `lfwa` built under TFDS_DIR (`python -m tfds_builders build ...`). Protocol:
 towers frozen, one linear layer (40 independent sigmoid outputs, BCE) on the image embeddings;
 L2 x epochs chosen on the validation split (CelebA's official one; LFWA has none, so a seeded
-10% of its train split), test scored once. Images are resized whole to the model's square
+10% of its train split, whole identities, as CelebA's splits keep people apart), test scored
+once. Images are resized whole to the model's square
 input (`--eval_resize=squash`, FLIP's `Resize((224, 224))`): a centre crop would cut the neck
 and the top of the head off CelebA's 178x218 portraits, where Wearing_Necktie, Wearing_Hat
 and Receding_Hairline are seen. Unlike the official FLIP code, no choice ever sees
@@ -21,7 +22,7 @@ from tfds_builders.builder_utils import CELEBA_ATTRIBUTE_NAMES
 
 SPLITS = {"celeba": dict(train_split="train", val_split="validation", test_split="test"),
           "lfwa": dict(train_split="train", val_split=None, val_fraction=0.1, seed=0,
-                       test_split="test")}
+                       val_group_key="identity", test_split="test")}
 
 
 def main() -> None:

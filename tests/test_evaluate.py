@@ -209,6 +209,16 @@ def test_probe_choice_never_depends_on_test():
                                                                 clean["chosen_epochs"])
 
 
+def test_carve_validation_by_group_keeps_each_person_on_one_side():
+    groups = np.repeat(np.array([f"p{i}" for i in range(30)]), np.arange(1, 31))  # 465 images
+    tr, va = carve_validation(len(groups), 0.1, seed=0, groups=groups)
+    assert not set(groups[tr]) & set(groups[va])
+    assert sorted(np.concatenate([tr, va])) == list(range(len(groups)))
+    largest = 30
+    assert 0.1 * len(groups) <= len(va) < 0.1 * len(groups) + largest
+    np.testing.assert_array_equal(carve_validation(len(groups), 0.1, 0, groups)[1], va)
+
+
 def test_carve_validation_is_seeded_and_disjoint():
     tr, va = carve_validation(100, 0.1, seed=3)
     assert len(va) == 10 and len(tr) == 90

@@ -102,3 +102,17 @@ def test_feature_cache_is_keyed_by_the_datasets_build(saved_run, tmp_path):
              for cfg in (config.data, config.data, copy)]
     assert paths[0] == paths[1] != paths[2]
     assert paths[2].name.startswith("synthetic_faces-tiny_test_attributes_step1_")
+
+
+def test_probe_carves_validation_by_group(saved_run):
+    """`val_group_key` reads each train record's group from the split itself; ids are unique
+    here, so whole groups of one make the usual 10%."""
+    config, _, setup, tokenizer, params = saved_run
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.evals = {"probe": dict(type="linear_probe", train_split="train", val_split=None,
+                                  val_group_key="id", l2_grid=(0.0,), epochs_grid=(1,),
+                                  probe_batch_size=64, batch_size=32)}
+    probe = make_evaluators(config, tokenizer, setup.graphdef, setup.mesh)["probe"]
+    out = probe.run(params)
+    assert out["val_carved"] == 1.0 and out["num_val"] == pytest.approx(0.1 * 512, abs=1)
+    assert out["num_train"] + out["num_val"] == 512

@@ -25,8 +25,9 @@ import numpy as np
 import optax
 from absl import logging
 
+from flipjax.data.pipeline import data_source
 from flipjax.data.tokenizer import Tokenizer
-from flipjax.evaluate.features import Embedder, image_features
+from flipjax.evaluate.features import Embedder, image_features, label_array
 from flipjax.evaluate.prompts import attribute_names
 
 KINDS = ("multilabel", "multiclass")
@@ -182,11 +183,26 @@ def select(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y: n
     return best, {**chosen, "val_score": 100.0 * best_score}
 
 
-def carve_validation(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Seeded (train, val) index split of a train set, for datasets without a validation split."""
-    perm = np.random.default_rng(seed).permutation(n)
+def carve_validation(n: int, fraction: float, seed: int, groups: np.ndarray | None = None
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded (train, val) index split of a train set, for datasets without a validation split.
+
+    With `groups` (e.g. each image's identity) whole groups go to validation, in a seeded
+    order, until it holds `fraction` of the records: a person's attributes mostly stay the
+    same across their photos, so a person on both sides would make validation an easy
+    memory test and favour the least regularised head.
+    """
+    rng = np.random.default_rng(seed)
     num_val = max(1, round(n * fraction))
-    return np.sort(perm[num_val:]), np.sort(perm[:num_val])
+    if groups is None:
+        perm = rng.permutation(n)
+        return np.sort(perm[num_val:]), np.sort(perm[:num_val])
+    names, group_of = np.unique(groups, return_inverse=True)
+    sizes = np.bincount(group_of, minlength=len(names))
+    order = rng.permutation(len(names))
+    taken = order[: int(np.searchsorted(np.cumsum(sizes[order]), num_val)) + 1]
+    in_val = np.isin(group_of, taken)
+    return np.flatnonzero(~in_val), np.flatnonzero(in_val)
 
 
 def linear_probe(train: dict[str, np.ndarray], val: dict[str, np.ndarray],
@@ -216,8 +232,9 @@ def linear_probe(train: dict[str, np.ndarray], val: dict[str, np.ndarray],
 
 class LinearProbeEvaluator:
     """`type="linear_probe"`: fields `train_split` ("train"), `val_split` (None: carve
-    `val_fraction` of train with `seed`), `test_split` ("test"), `label_key` ("attributes"),
-    `kind` (multilabel|multiclass), `l2_grid`, `epochs_grid`, `lr`, `probe_batch_size`."""
+    `val_fraction` of train with `seed`, whole groups of `val_group_key` such as "identity" if
+    set), `test_split` ("test"), `label_key` ("attributes"), `kind` (multilabel|multiclass),
+    `l2_grid`, `epochs_grid`, `lr`, `probe_batch_size`."""
 
     def __init__(self, cfg: ml_collections.ConfigDict, data_cfg: ml_collections.ConfigDict,
                  tokenizer: Tokenizer, embedder: Embedder,
@@ -240,8 +257,13 @@ class LinearProbeEvaluator:
             val = self.features(params, cfg.val_split, step)
             carved = 0.0
         else:
+            group_key = cfg.get("val_group_key")
+            groups = None
+            if group_key:
+                source = data_source(self.data_cfg, train_split)
+                groups = label_array([source[i][group_key] for i in range(len(source))])
             tr, va = carve_validation(len(train["labels"]), cfg.get("val_fraction", 0.1),
-                                      self.probe.seed)
+                                      self.probe.seed, groups)
             train, val = ({k: v[tr] for k, v in train.items()},
                           {k: v[va] for k, v in train.items()})
             carved = 1.0
