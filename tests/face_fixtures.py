@@ -456,8 +456,9 @@ def _write(path: Path, data: bytes | None) -> None:
 
 
 def make_celeba(root: Path) -> EvalFixture:
-    """The official CelebA archive layout (Img/, Anno/, Eval/), with a shuffled attribute
-    column order, a grey image, broken images and bad annotation lines."""
+    """The official CelebA archive layout (Img/, Anno/, Eval/; the attribute file with CRLF line
+    ends), with a shuffled attribute column order, a grey image, broken images and bad
+    annotation lines."""
     manual = root / "manual"
     names = [f"{i:06d}.jpg" for i in range(1, 22)]
     split_of = {n: (i - 1) // 7 for i, n in enumerate(names, 1)}  # 7 train, 7 val, 7 test
@@ -494,7 +495,9 @@ def make_celeba(root: Path) -> EvalFixture:
     header = " ".join(CELEBA_ATTRIBUTES[j] for j in column_order)
     anno = manual / "Anno"
     anno.mkdir(parents=True)
-    (anno / "list_attr_celeba.txt").write_text(f"{len(names)}\n{header}\n" + "\n".join(attr_lines))
+    # As distributed: CRLF line ends, and the header line ends with a space.
+    (anno / "list_attr_celeba.txt").write_bytes(
+        f"{len(names)}\r\n{header} \r\n".encode() + "\r\n".join(attr_lines).encode())
     (anno / "identity_CelebA.txt").write_text("\n".join(identity) + "\n")
     (anno / "list_bbox_celeba.txt").write_text(
         f"{len(names)}\nimage_id x_1 y_1 width height\n" + "\n".join(bbox) + "\n")
