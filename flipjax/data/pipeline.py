@@ -75,7 +75,8 @@ class TrainPreprocess(grain.transforms.RandomMap):
                                     self.ratio, rng)
         if self.flip and rng.random() < 0.5:
             image = image.transpose(Image.FLIP_LEFT_RIGHT)
-        # A record with several captions trains on one of them, drawn anew each epoch.
+        # A record with several captions trains on one of them, drawn anew each epoch; one
+        # caption draws nothing, so single-caption datasets keep their augmentation stream.
         captions = captions_of(record[self.text_key])
         if not captions:
             raise ValueError(f"a record's {self.text_key!r} holds no caption")

@@ -144,22 +144,19 @@ def check_same_computation(model_cfg: ml_collections.ConfigDict, path: str,
     `towers` with the same weights: the settings no weight shape shows (activation, LayerNorm
     eps, head count, the text tower's mask and pooling, CLIP's pre-encoder LayerNorm).
     Poolings with parameters (MAP head, class token) show in the import report instead."""
-    want, _ = model_config_from_hf(path)
-    fields = [("gelu",), ("ln_eps",)]
-    if "img" in towers:
-        fields += [("image", "num_heads"), ("image", "pre_norm")]
-    if "txt" in towers:
-        fields += [("text", "num_heads"), ("text", "causal"), ("text", "pool")]
+    def settings(cfg: ml_collections.ConfigDict) -> dict[str, object]:
+        out = {"gelu": cfg.gelu, "ln_eps": float(cfg.ln_eps)}
+        if "img" in towers:
+            out["image.num_heads"] = tower_size(cfg.image, with_patch=True)[0].num_heads
+            out["image.pre_norm"] = cfg.image.pre_norm
+        if "txt" in towers:
+            out["text.num_heads"] = tower_size(cfg.text, with_patch=False)[0].num_heads
+            out.update({"text.causal": cfg.text.causal, "text.pool": cfg.text.pool})
+        return out
 
-    def value(cfg: ml_collections.ConfigDict, field: tuple[str, ...]) -> object:
-        if field[-1] == "num_heads":
-            return tower_size(cfg[field[0]], with_patch=field[0] == "image")[0].num_heads
-        return cfg[field[0]] if len(field) == 1 else cfg[field[0]][field[1]]
-
-    wrong = [f"config.model.{'.'.join(f)} is {value(model_cfg, f)!r}, the checkpoint's "
-             f"{value(want, f)!r}" for f in fields
-             if (not math.isclose(value(model_cfg, f), value(want, f)) if f == ("ln_eps",)
-                 else value(model_cfg, f) != value(want, f))]
+    ours, theirs = settings(model_cfg), settings(model_config_from_hf(path)[0])
+    wrong = [f"config.model.{name} is {ours[name]!r}, the checkpoint's {theirs[name]!r}"
+             for name in ours if ours[name] != theirs[name]]
     if wrong:
         raise ValueError(f"init_from {path}: the model would compute something else with these "
                          f"weights: {'; '.join(wrong)}")

@@ -46,13 +46,13 @@ def param_groups(params: Any, cfg: ml_collections.ConfigDict) -> Any:
     names = leaf_names(params)
     labels = jax.tree.map(label, names)
     used = set(jax.tree.leaves(labels))
-    rules = ([("optim.frozen_regex", cfg.frozen_regex, FROZEN)] if frozen is not None else []) + [
-        (f"optim.lr_mults[{i}]", pattern, f"lr_mult_{i}")
-        for i, (pattern, _) in enumerate(cfg.lr_mults)]
-    unused = [f"{field}={pattern!r}" for field, pattern, group in rules if group not in used]
+    rules = {FROZEN: f"config.optim.frozen_regex={cfg.frozen_regex!r}"} if frozen else {}
+    rules.update({f"lr_mult_{i}": f"config.optim.lr_mults[{i}]={pattern!r}"
+                  for i, (pattern, _) in enumerate(cfg.lr_mults)})
+    unused = [rule for group, rule in rules.items() if group not in used]
     if unused:
         examples = ", ".join(jax.tree.leaves(names)[:4])
-        raise ValueError(f"config.{', '.join(unused)} matches no parameter (or only ones an "
+        raise ValueError(f"{', '.join(unused)} matches no parameter (or only ones an "
                          f"earlier rule took). Rules match whole names such as {examples}; "
                          "e.g. 'img/.*' for the image tower")
     return labels

@@ -202,18 +202,22 @@ def detect_layout(images_dir: epath.Path, layout: str = AUTO) -> str:
     return chosen
 
 
+def _image_column(names: list[str]) -> str | None:
+    return next((name for name in PARQUET_IMAGE_COLUMNS if name in names), None)
+
+
 def parquet_image_column(path: epath.Path) -> str | None:
     """The image column of an img2dataset parquet shard; None for a metadata-only or an
     unreadable parquet."""
     try:
         with path.open("rb") as f:
-            names = pq.ParquetFile(f).schema_arrow.names
+            return _image_column(pq.ParquetFile(f).schema_arrow.names)
     except (pa.ArrowException, OSError):
         return None
-    return next((name for name in PARQUET_IMAGE_COLUMNS if name in names), None)
 
 
 def _check_parquet_has_id(shard: epath.Path) -> None:
+    """`shard` is one `parquet_image_column` could read."""
     with shard.open("rb") as f:
         names = pq.ParquetFile(f).schema_arrow.names
     if "_id" not in names:
@@ -357,13 +361,14 @@ def _index_tar_shard(shard: str) -> ShardIndex:
 def _index_parquet_shard(shard: str) -> ShardIndex:
     """Reads the sidecar columns of every row (not the images): a row is a sample."""
     index = ShardIndex()
-    column = parquet_image_column(epath.Path(shard))
     try:
-        if column is None:  # a partial download, or not img2dataset's
-            raise pa.ArrowInvalid(f"{shard} has no image column {PARQUET_IMAGE_COLUMNS}")
         with epath.Path(shard).open("rb") as f:
             shard_file = pq.ParquetFile(f)
-            names = [n for n in _PARQUET_META_COLUMNS if n in shard_file.schema_arrow.names]
+            columns = shard_file.schema_arrow.names
+            column = _image_column(columns)
+            if column is None:  # a partial download, or not img2dataset's
+                raise pa.ArrowInvalid(f"{shard} has no image column {PARQUET_IMAGE_COLUMNS}")
+            names = [n for n in _PARQUET_META_COLUMNS if n in columns]
             groups = [shard_file.read_row_group(g, columns=names).to_pylist()
                       for g in range(shard_file.metadata.num_row_groups)]
     except (pa.ArrowException, OSError):
