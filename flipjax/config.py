@@ -13,6 +13,7 @@ import ml_collections
 from flax import nnx
 
 from flipjax.data.pipeline import EVAL_RESIZES
+from flipjax.data.tokenizer import EOS_ID
 from flipjax.models import embedding_dims, make_model
 from flipjax.models.layers import (
     ATTENTION_IMPLEMENTATIONS,
@@ -43,13 +44,19 @@ class ConfigError(ValueError):
 
 
 def dataset_dir_exists(data_cfg: ml_collections.ConfigDict) -> bool:
+    """Whether the config's dataset is built: DATA_DIR/NAME/CONFIG/VERSION, or
+    DATA_DIR/NAME/VERSION for a builder without configs. No `builder_config` means the
+    builder's default (first) one, which TFDS reads then, not any config built there."""
+    import tfds_builders
+
     root = storage_path(data_cfg.data_dir) / data_cfg.name
-    if not root.exists():
-        return False
-    if any(root.glob(f"{data_cfg.builder_config or '*'}/*/dataset_info.json")):
-        return True
-    # A default-config dataset lives at DATA_DIR/NAME/VERSION or DATA_DIR/NAME/CONFIG/VERSION.
-    return not data_cfg.builder_config and any(root.glob("*/dataset_info.json"))
+    config = data_cfg.builder_config
+    if config is None and data_cfg.name in tfds_builders.BUILDERS:
+        configs = tfds_builders.builder_class(data_cfg.name).BUILDER_CONFIGS
+        config = configs[0].name if configs else None
+    if config is not None:
+        return any((root / config).glob("*/dataset_info.json"))
+    return any(root.glob("*/dataset_info.json")) or any(root.glob("*/*/dataset_info.json"))
 
 
 def check(condition: bool, field: str, message: str) -> None:
@@ -141,6 +148,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
           f"{model.image.posemb!r} is not one of {POSEMBS}")
     check(model.text.pool in TEXT_POOLS, "model.text.pool",
           f"{model.text.pool!r} is not one of {TEXT_POOLS}")
+    # Pooling that would see one token only, whatever the caption says:
+    check(not (model.text.pool == "first" and model.text.causal), "model.text.pool",
+          "'first' with model.text.causal=True pools a token that sees only itself; use "
+          "'eos' (CLIP) or 'last' without a causal mask (SigLIP)")
+    check(model.text.pool != "eos" or model.text.get("eos_id", EOS_ID) == EOS_ID,
+          "model.text.eos_id", f"{model.text.get('eos_id')} is not the id our tokenizers end "
+          f"captions with ({EOS_ID}): 'eos' pooling would find none and pool the first token")
     check(model.text.max_len == config.tokenizer.max_len, "tokenizer.max_len",
           f"{config.tokenizer.max_len} differs from config.model.text.max_len "
           f"{model.text.max_len}")
@@ -219,5 +233,5 @@ def _build_missing(config: ml_collections.ConfigDict) -> None:
                             num_workers=os.cpu_count() or 1, config=data.builder_config)
     if config.tokenizer.train_if_missing and not storage_path(config.tokenizer.path).exists():
         texts = dataset_texts(data.name, data.data_dir, data.train_split, data.text_key,
-                              data.builder_config)
+                              data.builder_config, field="config.data.train_split")
         train_sentencepiece(texts, config.tokenizer.path, config.tokenizer.vocab_size)

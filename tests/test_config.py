@@ -83,6 +83,17 @@ def test_freeze_and_lr_rules_must_match_a_parameter():
     assert groups == {"frozen": {"img"}, "lr_mult_0": {"txt"}, "default": {"t"}}
 
 
+@pytest.mark.parametrize("text,message", [
+    (dict(pool="first", causal=True), r"config\.model\.text\.pool: 'first' with "),
+    (dict(pool="eos", causal=True, eos_id=2), r"config\.model\.text\.eos_id: 2 is not"),
+])
+def test_text_pooling_that_ignores_the_caption_is_refused(text, message):
+    config = load_config()
+    config.model.text.update(text)
+    with pytest.raises(ConfigError, match=message):
+        validate(config)
+
+
 def test_validation_names_a_linear_probes_kind():
     config = load_config()
     config.evals.probe = dict(type="linear_probe", every_steps=10, kind="multi")
@@ -120,8 +131,13 @@ def test_the_pod_config_validates_shards_and_lowers(tmp_path):
     with pytest.raises(ConfigError, match=r"config\.data\.name: dataset 'facecaption15m'"):
         validate(config)
     config.data.data_dir = str(tmp_path)
-    (tmp_path / "facecaption15m" / "1.0.0").mkdir(parents=True)
-    (tmp_path / "facecaption15m" / "1.0.0" / "dataset_info.json").write_text("{}")
+    # Another config built there is not the default one TFDS would read.
+    (tmp_path / "facecaption15m" / "flat" / "1.0.0").mkdir(parents=True)
+    (tmp_path / "facecaption15m" / "flat" / "1.0.0" / "dataset_info.json").write_text("{}")
+    with pytest.raises(ConfigError, match=r"config\.data\.name: dataset 'facecaption15m'"):
+        validate(config)
+    (tmp_path / "facecaption15m" / "default" / "1.0.0").mkdir(parents=True)
+    (tmp_path / "facecaption15m" / "default" / "1.0.0" / "dataset_info.json").write_text("{}")
     config.tokenizer.path = str(tmp_path / "spm.model")
     (tmp_path / "spm.model").write_bytes(b"")
     validate(config)

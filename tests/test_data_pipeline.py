@@ -49,6 +49,14 @@ def test_tokenizer_command_trains_on_a_built_dataset(tiny_config, tmp_path, caps
     assert tok.decode(ids) == caption.lower()
     assert int(np.argmax(ids == EOS_ID)) < len(caption.split()) * 2
 
+    args = [f"--dataset={data.name}", f"--data_dir={data.data_dir}",
+            f"--builder_config={data.builder_config}", f"--output={out}"]
+    with pytest.raises(SystemExit):  # a run's config may name it: replaced only when told
+        tokenizer_main(args)
+    assert "exists; pass --overwrite" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=r"--split='train' .*no feature 'captions'"):
+        tokenizer_main([*args, "--overwrite", "--text_key=captions"])
+
 
 def test_train_batches_shapes_and_determinism(tiny_config):
     tok = tokenizer_of(tiny_config)

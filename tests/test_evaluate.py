@@ -79,7 +79,8 @@ def test_ties_among_own_captions_do_not_count_against_the_query():
     owner = np.array([0, 1, 2, 3, 0])
     txt = np.concatenate([emb, emb[:1]])  # image 0's two captions embed identically
     r = recall_at_k(emb, txt, owner, ks=(1,))
-    assert r == {"i2t_R@1": 100.0, "t2i_R@1": 100.0, "mean_R": 100.0}
+    assert r == {"i2t_R@1": 100.0, "t2i_R@1": 100.0, "mean_R": 100.0, "num_images": 4.0,
+                 "num_captions": 5.0}
 
 
 def test_a_text_tower_that_ignores_its_input_scores_chance():

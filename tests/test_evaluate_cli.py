@@ -116,3 +116,24 @@ def test_probe_carves_validation_by_group(saved_run):
     out = probe.run(params)
     assert out["val_carved"] == 1.0 and out["num_val"] == pytest.approx(0.1 * 512, abs=1)
     assert out["num_train"] + out["num_val"] == 512
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(val_splt="validation"), r"config\.evals\.probe\.val_splt: not a field of a "
+                                  r"'linear_probe' evaluator \(did you mean 'val_split'\?\)"),
+    (dict(test_split="tst"), r"config\.evals\.probe\.test_split='tst' .*Unknown split"),
+    (dict(test_split="test[:0]"), r"config\.evals\.probe\.test_split='test\[:0\]'"),
+    (dict(label_key="atributes"), r"config\.evals\.probe\.train_split='train' .* no feature "
+                                  r"'atributes'"),
+    (dict(type="zeroshot_attributes", split="test", attributes=("Smiling", "Eyeglases")),
+     r"config\.evals\.probe\.attributes: \['Eyeglases'\] are not attributes"),
+])
+def test_evaluator_mistakes_stop_before_any_work(saved_run, change, message):
+    """A misspelt field, split or feature is an error naming the field when the evaluators
+    are made (before training), not a default silently kept or a crash at the first eval."""
+    config, setup, tokenizer = saved_run[0], saved_run[2], saved_run[3]
+    config = ml_collections.ConfigDict(config.to_dict())
+    probe = dict(type="linear_probe", every_steps=1)
+    config.evals = {"probe": {**probe, **change}}
+    with pytest.raises(ValueError, match=message):
+        make_evaluators(config, tokenizer, setup.graphdef, setup.mesh)

@@ -5,7 +5,9 @@ parameters, and the exported processor reproduces flipjax's eval preprocessing."
 
 import importlib.util
 import json
+import math
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -33,7 +35,11 @@ from flipjax.export.hf_export import (
     export_model,
     export_processor,
 )
-from flipjax.export.hf_import import load_into_params, model_config_from_hf
+from flipjax.export.hf_import import (
+    check_same_tokenizer,
+    load_into_params,
+    model_config_from_hf,
+)
 from flipjax.export.mapping import flatten
 from flipjax.models import make_model
 from flipjax.train import checkpoint
@@ -221,6 +227,37 @@ def test_import_refuses_a_model_that_computes_differently(change, message, tmp_p
         load_into_params(params, str(tmp_path), ("img",), cfg)
 
 
+def test_text_tower_loads_only_with_the_checkpoints_tokenizer(tiny_data, tmp_path):
+    """SigLIP's tokenizer and ours share the id layout, and often the 32k size: shapes cannot
+    tell that a loaded token embedding would give each id another piece's vector."""
+    _, tokenizer_path = tiny_data
+    other = train_sentencepiece([f"a face number {i} with words" for i in range(300)],
+                                str(tmp_path / "other.model"), 60)
+    with pytest.raises(ValueError, match=r"ships no spiece\.model"):
+        check_same_tokenizer(str(tmp_path), tokenizer_path)
+    shutil.copy(other, tmp_path / "spiece.model")
+    with pytest.raises(ValueError, match=r"its spiece\.model is not config\.tokenizer\.path"):
+        check_same_tokenizer(str(tmp_path), tokenizer_path)
+    check_same_tokenizer(str(tmp_path), other)
+
+
+def test_import_refuses_a_temperature_above_the_cap(tmp_path):
+    """Training clamps t after each step, the first included: a SigLIP checkpoint's scale
+    above the cap (and the bias trained with it) would shift every logit before learning."""
+    hf = random_hf_model("siglip", tmp_path)
+    with torch.no_grad():
+        hf.logit_scale.fill_(math.log(117.3))
+    hf.save_pretrained(str(tmp_path))
+    cfg, vocab = model_config_from_hf(str(tmp_path))
+    params = nnx.to_pure_dict(nnx.state(make_model(cfg, vocab_size=vocab), nnx.Param))
+    with pytest.raises(ValueError, match=r"temperature 117\.3 is above config\.model\."
+                                         r"max_temperature 100"):
+        load_into_params(params, str(tmp_path), ("img", "txt"), cfg)
+    cfg.max_temperature = math.inf
+    params, _ = load_into_params(params, str(tmp_path), ("img", "txt"), cfg)
+    assert math.exp(float(params["t"])) == pytest.approx(117.3, rel=1e-5)
+
+
 def test_refuses_pickles(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "clip"}))
     (tmp_path / "pytorch_model.bin").write_bytes(b"not unpickled")
@@ -348,6 +385,10 @@ def test_cli_exports_a_workdir(tiny_config, tmp_path):
     params = jax.device_get(state["params"])
     assert_close(flipjax_outputs(config.model, params, pixels, ids, tok.vocab_size),
                  torch_outputs(model, pixels, ids))
+
+    # Into a non-empty directory only when told: the user's README.md there would be replaced.
+    assert export_main([f"--workdir={workdir}", f"--output={out}"]) == 2
+    assert export_main([f"--workdir={workdir}", f"--output={out}", "--overwrite"]) == 0
 
     config.model.image.pool = "gap"  # refused with one line naming the field
     (workdir / "config.json").write_text(config.to_json(indent=2))

@@ -16,7 +16,7 @@ from conftest import REPO
 
 from flipjax.config import ConfigError
 from flipjax.data.pipeline import make_train_dataset, to_global
-from flipjax.data.tokenizer import Tokenizer
+from flipjax.data.tokenizer import Tokenizer, train_sentencepiece
 from flipjax.train import checkpoint
 from flipjax.train.sharding import make_mesh
 from flipjax.train.step import TrainSetup
@@ -74,6 +74,45 @@ def test_resume_with_another_batch_size_fails_clearly(tiny_config, tmp_path):
     with pytest.raises(ConfigError, match=rf"config\.data\.global_batch_size: {2 * batch} "
                                           rf"differs from {batch} in .*config\.json"):
         train_and_evaluate(tiny_config, str(tmp_path))
+
+
+def test_a_failing_evaluation_loses_no_training_and_the_tokenizer_stays_the_runs(
+        tiny_config, tmp_path, monkeypatch):
+    """The step's checkpoint is saved before its evaluations run; the workdir keeps the run's
+    tokenizer, which a resume must use; a finished run started again changes nothing."""
+    from flipjax.evaluate.retrieval import RetrievalEvaluator
+    from flipjax.train.workdir import TOKENIZER_FILE, tokenizer_path
+
+    config, workdir = tiny_config, str(tmp_path / "work")
+    config.total_steps, config.checkpoint.every_steps = 2, 2
+    config.evals = {"retrieval": {**config.evals.retrieval, "every_steps": 2}}
+    config.model.image.depth = config.model.text.depth = 1
+
+    def fail(self, params, step=None):
+        raise RuntimeError("evaluation failed")
+
+    monkeypatch.setattr(RetrievalEvaluator, "run", fail)
+    with pytest.raises(RuntimeError, match="evaluation failed"):
+        train_and_evaluate(config, workdir)
+    manager = checkpoint.make_manager(workdir, config.checkpoint)
+    assert manager.all_steps() == [2]
+    manager.close()
+    kept = tmp_path / "work" / TOKENIZER_FILE
+    assert kept.read_bytes() == open(config.tokenizer.path, "rb").read()
+    assert tokenizer_path(config, workdir) == str(kept)
+
+    monkeypatch.undo()
+    saved = (tmp_path / "work" / "config.json").read_text()
+    config.optim.lr = 1.0  # forgot to change --workdir: the finished run is left as it was
+    assert train_and_evaluate(config, workdir) == {}
+    assert (tmp_path / "work" / "config.json").read_text() == saved
+
+    other = train_sentencepiece([f"a face number {i} with words" for i in range(300)],
+                                str(tmp_path / "other.model"), 60)
+    config.tokenizer.path, config.total_steps = other, 4
+    with pytest.raises(ConfigError, match=r"config\.tokenizer\.path: .* is not the tokenizer "
+                                          r"this run trained with"):
+        train_and_evaluate(config, workdir)
 
 
 def test_restore_gives_identical_next_batches_and_losses(tiny_config, tmp_path):

@@ -112,10 +112,30 @@ def dataset_name(name: str, builder_config: str | None) -> str:
     return f"{name}/{builder_config}" if builder_config else name
 
 
-def data_source(cfg: ml_collections.ConfigDict, split: str) -> Sequence[dict]:
-    """The records of one split, by index (the ArrayRecord files, read without TensorFlow)."""
-    return tfds.data_source(dataset_name(cfg.name, cfg.builder_config), split=split,
-                            data_dir=cfg.data_dir)
+def data_source(cfg: ml_collections.ConfigDict, split: str, keys: Sequence[str] = (),
+                field: str | None = None) -> Sequence[dict]:
+    """The records of one split, by index (the ArrayRecord files, read without TensorFlow).
+
+    With `field`, the config field (or flag) that chose `split`, a split that cannot be opened
+    or selects no records, or a feature of `keys` the dataset lacks, is a ValueError naming
+    that field, raised before anything is trained or embedded."""
+    name = dataset_name(cfg.name, cfg.builder_config)
+    if field is None:
+        return tfds.data_source(name, split=split, data_dir=cfg.data_dir)
+    where = f"{field}={split!r} (dataset {name!r} in {cfg.data_dir!r})"
+    try:
+        source = tfds.data_source(name, split=split, data_dir=cfg.data_dir)
+    except Exception as e:  # an unknown split, a dataset not built there: TFDS's first line
+        lines = str(e).strip().splitlines()
+        raise ValueError(f"{where}: {lines[0] if lines else type(e).__name__}") from e
+    features = list(source.dataset_info.features.keys())
+    missing = [k for k in keys if k not in features]
+    if missing:
+        raise ValueError(f"{where}: the dataset has no feature {missing[0]!r}; its features "
+                         f"are {features}")
+    if not len(source):
+        raise ValueError(f"{where}: the split selects no records")
+    return source
 
 
 class ProcessSlice(grain.MapDataset):
@@ -150,7 +170,8 @@ def make_train_dataset(cfg: ml_collections.ConfigDict, tokenizer: Tokenizer,
     """The infinite, per-process training dataset of uint8 images and token ids."""
     num_processes = jax.process_count()
     local_batch = cfg.global_batch_size // num_processes
-    ds = grain.MapDataset.source(data_source(cfg, cfg.train_split))
+    ds = grain.MapDataset.source(data_source(cfg, cfg.train_split, (cfg.image_key, cfg.text_key),
+                                             "config.data.train_split"))
     ds = ds.shuffle(seed=seed).repeat()
     # Augmentation seeds come from the global index (MapDataset is lazy: each process still
     # decodes only its own records), so the batches don't depend on the number of processes.

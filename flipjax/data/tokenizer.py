@@ -13,7 +13,7 @@ Train one with:
 from __future__ import annotations
 
 import io
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 import sentencepiece as spm
@@ -104,16 +104,18 @@ class Tokenizer:
 
 
 def dataset_texts(name: str, data_dir: str, split: str, text_key: str,
-                  builder_config: str | None = None) -> Iterable[str]:
-    """Yields the captions of a built TFDS dataset (ArrayRecord, read without TensorFlow)."""
+                  builder_config: str | None = None, field: str = "--split") -> Iterator[str]:
+    """The captions of a built TFDS dataset (ArrayRecord, read without TensorFlow). The split
+    and `text_key` are checked here, not once SentencePiece pulls the first caption, so that
+    an error names `field` rather than surfacing from inside its trainer."""
     import ml_collections
 
     from flipjax.data.pipeline import data_source
 
     source = data_source(ml_collections.ConfigDict(
-        {"name": name, "builder_config": builder_config, "data_dir": data_dir}), split)
-    for i in range(len(source)):
-        yield from captions_of(source[i][text_key])
+        {"name": name, "builder_config": builder_config, "data_dir": data_dir}), split,
+        (text_key,), field)
+    return (c for i in range(len(source)) for c in captions_of(source[i][text_key]))
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -128,7 +130,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--vocab_size", type=int, default=32_000)
     parser.add_argument("--model_type", default="bpe", choices=["bpe", "unigram"])
     parser.add_argument("--output", required=True, help="path of the .model file to write")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing --output")
     args = parser.parse_args(argv)
+    if storage_path(args.output).exists() and not args.overwrite:
+        # Runs keep a copy of their tokenizer, but configs that name this path would silently
+        # pair new ids with embeddings trained on the old ones.
+        parser.error(f"{args.output} exists; pass --overwrite to replace it")
     path = train_sentencepiece(dataset_texts(args.dataset, args.data_dir, args.split,
                                              args.text_key, args.builder_config),
                                args.output, args.vocab_size, args.model_type)

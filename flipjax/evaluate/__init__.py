@@ -10,6 +10,7 @@ default, or "squash" as FLIP evaluates CelebA; `flipjax.data.pipeline.EVAL_RESIZ
 
 from __future__ import annotations
 
+import difflib
 import json
 
 import ml_collections
@@ -17,6 +18,7 @@ from absl import logging
 from flax import nnx
 from jax.sharding import Mesh
 
+from flipjax.data.pipeline import data_source
 from flipjax.data.tokenizer import Tokenizer
 from flipjax.evaluate.features import Embedder, model_fingerprint
 from flipjax.evaluate.linear_probe import LinearProbeEvaluator
@@ -27,6 +29,8 @@ from flipjax.evaluate.zeroshot import ZeroShotAttributesEvaluator
 EVAL_BATCH_SIZE = 256
 EVALUATORS = {"retrieval": RetrievalEvaluator, "linear_probe": LinearProbeEvaluator,
               "zeroshot_attributes": ZeroShotAttributesEvaluator}
+# Fields every evaluator takes; each type adds its own (`FIELDS`).
+COMMON_FIELDS = ("type", "every_steps", "batch_size")
 DATA_OVERRIDES = {"dataset": "name", "builder_config": "builder_config",
                   "image_key": "image_key", "text_key": "text_key", "data_dir": "data_dir",
                   "attribute_names": "attribute_names", "eval_resize": "eval_resize"}
@@ -51,14 +55,33 @@ def make_evaluators(config: ml_collections.ConfigDict, tokenizer: Tokenizer,
 
     With `cache_dir` (e.g. WORKDIR/features) image features are cached on disk per checkpoint
     step, which `run` then needs to be given.
+
+    Each evaluator's fields are checked against those of its type, and every split it reads
+    is opened and checked for records and the features it needs: a typo stops the run before
+    training rather than at the first evaluation (or never, leaving a default in force).
     """
     out = {}
     for name, eval_cfg in config.evals.items():
         data_cfg = evaluator_data_config(config, eval_cfg)
+        evaluator_cls = EVALUATORS[eval_cfg.type]
+        known = (*COMMON_FIELDS, *DATA_OVERRIDES, *evaluator_cls.FIELDS)
+        for field in eval_cfg:
+            # A misspelt field would otherwise leave its default in force, unnoticed.
+            if field not in known:
+                close = difflib.get_close_matches(field, known, n=1)
+                raise ValueError(f"config.evals.{name}.{field}: not a field of a "
+                                 f"{eval_cfg.type!r} evaluator"
+                                 + (f" (did you mean {close[0]!r}?)" if close else "")
+                                 + f"; its fields: {sorted(known)}")
+        for field, split, keys in evaluator_cls.reads(eval_cfg, data_cfg):
+            data_source(data_cfg, split, keys, f"config.evals.{name}.{field}")
         embedder = Embedder(graphdef, mesh, data_cfg, eval_cfg.get("batch_size", EVAL_BATCH_SIZE),
                             fingerprint=model_fingerprint(config.model, data_cfg))
-        out[name] = EVALUATORS[eval_cfg.type](eval_cfg, data_cfg, tokenizer, embedder,
-                                              cache_dir=cache_dir)
+        try:
+            out[name] = evaluator_cls(eval_cfg, data_cfg, tokenizer, embedder,
+                                      cache_dir=cache_dir)
+        except ValueError as e:
+            raise ValueError(f"config.evals.{name}.{e}") from e
     return out
 
 

@@ -236,6 +236,19 @@ class LinearProbeEvaluator:
     set), `test_split` ("test"), `label_key` ("attributes"), `kind` (multilabel|multiclass),
     `l2_grid`, `epochs_grid`, `lr`, `probe_batch_size`."""
 
+    FIELDS = ("train_split", "val_split", "val_fraction", "val_group_key", "test_split",
+              "label_key", "kind", "l2_grid", "epochs_grid", "lr", "probe_batch_size", "seed")
+
+    @staticmethod
+    def reads(cfg: ml_collections.ConfigDict, data_cfg: ml_collections.ConfigDict
+              ) -> list[tuple[str, str, tuple[str, ...]]]:
+        """(field, split, feature keys) of the records `run` reads."""
+        keys = (data_cfg.image_key, cfg.get("label_key", "attributes"))
+        group = (cfg.val_group_key,) if cfg.get("val_group_key") else ()
+        out = [("train_split", cfg.get("train_split", "train"), keys + group),
+               ("test_split", cfg.get("test_split", "test"), keys)]
+        return out + ([("val_split", cfg.val_split, keys)] if cfg.get("val_split") else [])
+
     def __init__(self, cfg: ml_collections.ConfigDict, data_cfg: ml_collections.ConfigDict,
                  tokenizer: Tokenizer, embedder: Embedder,
                  cache_dir: str | None = None):

@@ -123,9 +123,10 @@ def ranks_text_to_image(img: np.ndarray, txt: np.ndarray, caption_owner: np.ndar
 def recall_at_k(img: np.ndarray, txt: np.ndarray, caption_owner: np.ndarray,
                 ks: tuple[int, ...] = (1, 5, 10), max_bytes: int = BLOCK_BYTES
                 ) -> dict[str, float]:
-    """{'i2t_R@1': ..., 't2i_R@1': ..., ..., 'mean_R': ...} in percent; image queries are the
-    images that have at least one caption. Non-finite embeddings (a diverged checkpoint) raise
-    ValueError rather than rank in some arbitrary way."""
+    """{'i2t_R@1': ..., 't2i_R@1': ..., ..., 'mean_R': ...} in percent, and the numbers of
+    images and captions ranked; image queries are the images that have at least one caption.
+    Non-finite embeddings (a diverged checkpoint) raise ValueError rather than rank in some
+    arbitrary way."""
     for name, emb in (("image", img), ("text", txt)):
         if not np.isfinite(emb).all():
             bad = int((~np.isfinite(emb).all(axis=1)).sum())
@@ -139,11 +140,21 @@ def recall_at_k(img: np.ndarray, txt: np.ndarray, caption_owner: np.ndarray,
         out[f"i2t_R@{k}"] = 100.0 * float(np.mean(i2t.hit_rate(k)[has_caption]))
         out[f"t2i_R@{k}"] = 100.0 * float(np.mean(t2i.hit_rate(k)))
     out["mean_R"] = float(np.mean(list(out.values())))
+    # How many were ranked: recall over a handful of images is near 100% whatever the model.
+    out.update(num_images=float(has_caption.sum()), num_captions=float(len(txt)))
     return out
 
 
 class RetrievalEvaluator:
     """Recall@K of a split's images against its captions (one `text_key` string or a list)."""
+
+    FIELDS = ("split",)
+
+    @staticmethod
+    def reads(cfg: ml_collections.ConfigDict, data_cfg: ml_collections.ConfigDict
+              ) -> list[tuple[str, str, tuple[str, ...]]]:
+        """(field, split, feature keys) of the records `run` reads."""
+        return [("split", cfg.split, (data_cfg.image_key, data_cfg.text_key))]
 
     def __init__(self, cfg: ml_collections.ConfigDict, data_cfg: ml_collections.ConfigDict,
                  tokenizer: Tokenizer, embedder: Embedder,
@@ -154,5 +165,5 @@ class RetrievalEvaluator:
     def run(self, params: dict, step: int | None = None) -> dict[str, float]:
         del step
         emb = embed_split(self.embedder, params, self.data_cfg, self.cfg.split, self.tokenizer,
-                          text_key=self.cfg.get("text_key", self.data_cfg.text_key))
+                          text_key=self.data_cfg.text_key)
         return recall_at_k(emb["image"], emb["text"], emb["caption_owner"])

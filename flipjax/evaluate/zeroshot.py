@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 import ml_collections
 import numpy as np
 
+from flipjax.data.pipeline import data_source
 from flipjax.data.tokenizer import Tokenizer
 from flipjax.evaluate.features import Embedder, image_features
 from flipjax.evaluate.linear_probe import multilabel_metrics
@@ -51,21 +52,34 @@ class ZeroShotAttributesEvaluator:
     """`type="zeroshot_attributes"`: fields `split` ("test"), `label_key` ("attributes"),
     `attributes` (optional subset of names to score)."""
 
+    FIELDS = ("split", "label_key", "attributes")
+
+    @staticmethod
+    def reads(cfg: ml_collections.ConfigDict, data_cfg: ml_collections.ConfigDict
+              ) -> list[tuple[str, str, tuple[str, ...]]]:
+        """(field, split, feature keys) of the records `run` reads."""
+        return [("split", cfg.get("split", "test"),
+                 (data_cfg.image_key, cfg.get("label_key", "attributes")))]
+
     def __init__(self, cfg: ml_collections.ConfigDict, data_cfg: ml_collections.ConfigDict,
                  tokenizer: Tokenizer, embedder: Embedder,
                  cache_dir: str | None = None):
         self.cfg, self.data_cfg, self.tokenizer, self.embedder = cfg, data_cfg, tokenizer, embedder
         self.cache_dir = cache_dir
+        self.split, self.label_key = cfg.get("split", "test"), cfg.get("label_key", "attributes")
+        label = data_source(data_cfg, self.split).dataset_info.features[self.label_key]
+        self.names = attribute_names(data_cfg, label.shape[0], self.split)
+        unknown = [n for n in cfg.get("attributes") or () if n not in self.names]
+        if unknown:
+            raise ValueError(f"attributes: {unknown} are not attributes of dataset "
+                             f"{data_cfg.name!r}, which has {self.names}")
 
     def run(self, params: dict, step: int | None = None) -> dict[str, float]:
-        split = self.cfg.get("split", "test")
-        data = image_features(self.embedder, params, self.data_cfg, split,
-                              self.cfg.get("label_key", "attributes"),
-                              cache_dir=self.cache_dir, step=step)
-        names = attribute_names(self.data_cfg, data["labels"].shape[1], split)
-        keep = [i for i, n in enumerate(names)
+        data = image_features(self.embedder, params, self.data_cfg, self.split,
+                              self.label_key, cache_dir=self.cache_dir, step=step)
+        keep = [i for i, n in enumerate(self.names)
                 if not self.cfg.get("attributes") or n in self.cfg.attributes]
-        names = [names[i] for i in keep]
+        names = [self.names[i] for i in keep]
         pos, neg = class_embeddings(
             lambda texts: self.embedder.texts(params, self.tokenizer.encode_batch(texts)), names)
         pred = zeroshot_predict(data["features"], pos, neg)

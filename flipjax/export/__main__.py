@@ -1,6 +1,6 @@
 """Exports a flipjax training workdir as a Hugging Face model directory.
 
-    python -m flipjax.export --workdir=DIR [--step=N] --output=OUT [--tokenizer=SPM.model]
+    python -m flipjax.export --workdir=DIR [--step=N] --output=OUT [--overwrite]
 
 `OUT` then loads with `transformers.AutoModel.from_pretrained(OUT)` (a `SiglipModel`, or a
 `CLIPModel` for class-token/causal-text configs) and `AutoProcessor.from_pretrained(OUT)`.
@@ -20,8 +20,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "checkpoints/)")
     parser.add_argument("--step", type=int, default=None, help="checkpoint step; default latest")
     parser.add_argument("--output", required=True, help="directory to write")
-    parser.add_argument("--tokenizer", default=None, help="SentencePiece .model, if the "
-                        "config's tokenizer.path does not resolve from here")
+    parser.add_argument("--tokenizer", default=None, help="SentencePiece .model, for a "
+                        "workdir without tokenizer.model whose config's tokenizer.path does "
+                        "not resolve from here")
+    parser.add_argument("--overwrite", action="store_true", help="write into a non-empty "
+                        "--output, replacing files of the same names")
     args = parser.parse_args(argv)
     try:
         from flipjax.export.hf_export import ExportError, export_workdir
@@ -33,7 +36,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
     try:
-        model_cls = export_workdir(args.workdir, args.output, args.step, args.tokenizer)
+        model_cls = export_workdir(args.workdir, args.output, args.step, args.tokenizer,
+                                   args.overwrite)
     except ExportError as e:
         print(f"cannot export: {e}", file=sys.stderr)
         return 2

@@ -280,17 +280,24 @@ Tokenizer: SentencePiece ({config.tokenizer.vocab_size} pieces, case-folded), `s
 
 
 def export_workdir(workdir: str, output: str, step: int | None = None,
-                   tokenizer_path: str | None = None) -> str:
-    """Exports the checkpoint at `step` (default: latest) of `workdir`; returns the HF class."""
+                   tokenizer_path: str | None = None, overwrite: bool = False) -> str:
+    """Exports the checkpoint at `step` (default: latest) of `workdir`; returns the HF class.
+
+    `tokenizer_path` stands in for the config's where the workdir holds no copy of the
+    tokenizer (runs from before training kept one). A non-empty `output` is refused unless
+    `overwrite`: the export would replace files of the same names (README.md among them)."""
     config = load_workdir_config(workdir)
-    if tokenizer_path:  # the config's path may be relative to where training ran
+    if tokenizer_path:
         config.tokenizer.path = tokenizer_path
     arch = choose_architecture(config.model)  # refuse before loading or writing anything
-    params, step, _, _ = restore_params(config, workdir, step)
+    if not overwrite and os.path.isdir(output) and os.listdir(output):
+        raise ExportError(f"{output} is not empty; export into a new directory, or pass "
+                          "--overwrite to replace the files an export writes there")
+    params, step, _, tokenizer = restore_params(config, workdir, step)
     params = jax.device_get(params)
     os.makedirs(output, exist_ok=True)
     export_model(params, config.model, output)
-    export_processor(output, arch, config.tokenizer.path, config.model.text.max_len,
+    export_processor(output, arch, tokenizer.model_path, config.model.text.max_len,
                      config.model.image.image_size, tuple(config.data.mean),
                      tuple(config.data.std))
     write_model_card(output, config, workdir, step, arch)

@@ -24,6 +24,7 @@ from absl import logging
 from flipjax.export.mapping import CLIP, FLIP_GELU, SIGLIP, flatten, rename_table, unflatten_into
 from flipjax.models.layers import has_stacked_layers, stack_layers, unstack_layers
 from flipjax.models.two_towers import tower_size
+from flipjax.storage import storage_path
 
 PICKLE_SUFFIXES = (".bin", ".pth", ".pt", ".ckpt", ".pkl", ".pickle")
 MODEL_TYPES = {"siglip": SIGLIP, "clip": CLIP}
@@ -162,18 +163,50 @@ def check_same_computation(model_cfg: ml_collections.ConfigDict, path: str,
                          f"weights: {'; '.join(wrong)}")
 
 
+def check_same_tokenizer(path: str, tokenizer_path: str) -> None:
+    """Raises ValueError unless the checkpoint ships a SentencePiece model (`spiece.model`, as
+    SigLIP's and flipjax's exports do) with the run's pieces, id for id: a loaded token
+    embedding would otherwise give each id another piece's vector. The id layouts of
+    SigLIP's and our tokenizers agree, and 32k pieces is both's size, so shapes can't tell."""
+    import sentencepiece as spm
+
+    def pieces(model: bytes) -> list[str]:
+        sp = spm.SentencePieceProcessor(model_proto=model)
+        return [sp.id_to_piece(i) for i in range(sp.get_piece_size())]
+
+    theirs = os.path.join(path, "spiece.model")
+    fix = ("set config.tokenizer.path to the checkpoint's spiece.model, "
+           "or load the image tower only: config.init_from.towers=('img',)")
+    if not os.path.isfile(theirs):
+        raise ValueError(f"init_from {path}: loading the text tower needs the checkpoint's "
+                         "tokenizer to be the run's, and it ships no spiece.model to compare; "
+                         "flipjax's tokenizers are SentencePiece: load the image tower only, "
+                         "config.init_from.towers=('img',)")
+    with open(theirs, "rb") as f:
+        same = pieces(f.read()) == pieces(storage_path(tokenizer_path).read_bytes())
+    if not same:
+        raise ValueError(f"init_from {path}: its spiece.model is not config.tokenizer.path "
+                         f"{tokenizer_path!r} (other pieces for the same ids); {fix}")
+
+
 def load_into_params(params: dict, path: str, towers: Sequence[str],
-                     model_cfg: ml_collections.ConfigDict) -> tuple[dict, ImportReport]:
+                     model_cfg: ml_collections.ConfigDict, tokenizer_path: str | None = None
+                     ) -> tuple[dict, ImportReport]:
     """Loads the HF model at `path` into `params` (an NNX pure dict) for `towers` ("img",
     "txt"; `t` and `b` only with both). Returns new params (replaced leaves are host arrays
     with the dtype of the leaf they replace; scanned layers are restacked, on the host where
-    every layer was replaced) and the report, which is also logged."""
+    every layer was replaced) and the report, which is also logged.
+
+    With `tokenizer_path` (training's) a text tower loads only from a checkpoint with the same
+    tokenizer (`check_same_tokenizer`)."""
     unknown = set(towers) - {"img", "txt"}
     if unknown or not towers:
         raise ValueError(f"towers must be a non-empty subset of ('img', 'txt'), got {towers}")
     config, tensors = read_hf_dir(path)
     arch = hf_architecture(config)
     check_same_computation(model_cfg, path, towers)
+    if tokenizer_path is not None and "txt" in towers:
+        check_same_tokenizer(path, tokenizer_path)
     per_layer = unstack_layers(params)
     flat = flatten(per_layer)
     selected = set(towers) | ({"t", "b"} if set(towers) == {"img", "txt"} else set())
@@ -216,6 +249,14 @@ def load_into_params(params: dict, path: str, towers: Sequence[str],
         bias = flat["img/patch_embed/bias"]
         updates["img/patch_embed/bias"] = np.zeros(bias.shape, bias.dtype)
         report.reshaped["img/patch_embed/bias"] = "set to zeros (CLIP has no patch bias)"
+    cap = model_cfg.get("max_temperature")
+    if "t" in updates and cap and float(np.exp(updates["t"]).max()) > cap * (1 + 1e-6):
+        # Training clamps t after each step, the first included: the imported scale, and the
+        # bias trained with it, would shift every logit before any learning.
+        raise ValueError(f"init_from {path}: the checkpoint's temperature "
+                         f"{float(np.exp(updates['t']).max()):.4g} is above "
+                         f"config.model.max_temperature {cap}; raise it, e.g. "
+                         "--config.model.max_temperature=inf (SigLIP has no cap)")
     report.untouched = [k for k in flat if k.split("/")[0] in selected and k not in updates]
     logging.info("init_from %s (%s, towers %s): %s", path, arch, tuple(towers), report.summary())
     loaded = unflatten_into(per_layer, updates)

@@ -42,4 +42,12 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any,
     items = {"state": ocp.args.StandardRestore(abstract_state)}
     if data_iter is not None:
         items["iter"] = grain.checkpoint.CheckpointRestore(data_iter)
-    return manager.restore(step, args=ocp.args.Composite(**items)).state
+    try:
+        return manager.restore(step, args=ocp.args.Composite(**items)).state
+    except (ValueError, KeyError) as e:
+        # Orbax names the array and both shapes, deep in its own traceback.
+        raise ValueError(
+            f"{manager.directory}: the checkpoint at step {step} does not fit this config's "
+            "train state; was the run started with other model sizes, tokenizer vocabulary, "
+            "model.scan_layers or optim.mu_dtype (see the workdir's config.json)? "
+            f"({type(e).__name__}: {str(e)[:300]})") from e

@@ -27,7 +27,7 @@ from flipjax.train.metrics import MetricWriter
 from flipjax.train.preemption import PreemptedError, PreemptionWatch
 from flipjax.train.sharding import make_mesh
 from flipjax.train.step import TrainSetup
-from flipjax.train.workdir import load_workdir_config
+from flipjax.train.workdir import TOKENIZER_FILE, load_workdir_config
 
 # What the data iterator's checkpointed position means: a count of global batches over the
 # seeded shuffle of one split.
@@ -51,6 +51,20 @@ def check_same_data_order(config: ml_collections.ConfigDict, workdir: str) -> No
               "skip or repeat records. Resume with the saved value, or use a new workdir")
 
 
+def keep_tokenizer(config: ml_collections.ConfigDict, workdir: str, resumed: bool) -> None:
+    """Keeps the run's tokenizer as WORKDIR/tokenizer.model (what evaluation and export read);
+    a resume must use the same one: other ids would feed the trained embeddings other pieces.
+    """
+    kept = storage_path(workdir) / TOKENIZER_FILE
+    model = storage_path(config.tokenizer.path).read_bytes()
+    if resumed and kept.exists():
+        check(kept.read_bytes() == model, "tokenizer.path",
+              f"{config.tokenizer.path!r} is not the tokenizer this run trained with ({kept}); "
+              f"resume with tokenizer.path={str(kept)!r}, or use a new workdir")
+    elif jax.process_index() == 0:
+        write_bytes_whole(kept, model)
+
+
 def non_finite_message(step: int) -> str:
     return (f"non-finite loss or gradient at step {step}; that update was not applied, so the "
             "parameters and checkpoints are finite. Lower the learning rate or resume from the "
@@ -72,6 +86,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     mesh = make_mesh(config.mesh)
     tokenizer = Tokenizer(config.tokenizer.path, config.tokenizer.max_len)
     setup = TrainSetup(config, tokenizer.vocab_size, mesh)
+    evaluators = make_evaluators(config, tokenizer, setup.graphdef, mesh,
+                                 cache_dir=str(root / "features"))
 
     # Input pipeline, and resume.
     data_iter = iter(make_train_dataset(config.data, tokenizer, seed=config.seed))
@@ -79,31 +95,32 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     start = manager.latest_step() or 0
     if start:
         check_same_data_order(config, workdir)
+        keep_tokenizer(config, workdir, resumed=True)
         abstract = checkpoint.abstract_with_shardings(setup.abstract_state,
                                                       setup.state_shardings)
-        try:
-            state = checkpoint.restore(manager, start, abstract, data_iter)
-        except (ValueError, KeyError) as e:
-            raise ValueError(
-                f"{workdir}: the checkpoint at step {start} does not fit this config's train "
-                "state; was the run started with other model sizes, model.scan_layers or "
-                f"optim.mu_dtype (see {workdir}/config.json)? ({type(e).__name__}: "
-                f"{str(e)[:300]})") from e
+        state = checkpoint.restore(manager, start, abstract, data_iter)
         logging.info("resumed from step %d", start)
     else:
+        keep_tokenizer(config, workdir, resumed=False)
         state = setup.init()
         if config.init_from.path:  # pretrained HF weights, on a fresh run only
             params, _ = load_into_params(state["params"], config.init_from.path,
-                                         config.init_from.towers, config.model)
+                                         config.init_from.towers, config.model,
+                                         config.tokenizer.path)
             state["params"] = jax.device_put(params, setup.state_shardings["params"])
+    total = config.total_steps
+    if start >= total:
+        # e.g. a finished job restarted by its scheduler, or a reused --workdir: nothing to do,
+        # and the config.json that describes the checkpoint stays.
+        logging.warning("%s: the checkpoint at step %d already reaches total_steps=%d; nothing "
+                        "to train (evaluate it with `python -m flipjax.evaluate --workdir=%s`, "
+                        "or raise config.total_steps to train on)", workdir, start, total,
+                        workdir)
     # Written once the state exists, so a resume that fails leaves the run's config as it was.
-    if jax.process_index() == 0:
+    elif jax.process_index() == 0:
         write_bytes_whole(root / "config.json", config.to_json(indent=2).encode())
-    evaluators = make_evaluators(config, tokenizer, setup.graphdef, mesh,
-                                 cache_dir=str(root / "features"))
 
     # The loop.
-    total = config.total_steps
     metrics: dict[str, float] = {}
     progress = tqdm(total=total, initial=start, desc="train", dynamic_ncols=True,
                     disable=None if jax.process_index() == 0 else True)
@@ -119,7 +136,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     prev_nonfinite, preempted_at = None, None
     # closing: a URL workdir's metrics.jsonl is written out on errors too.
-    with (PreemptionWatch() as preemption,
+    # An error (a failing evaluation, a non-finite loss) waits for a save in flight to land.
+    with (contextlib.closing(manager), PreemptionWatch() as preemption,
           contextlib.closing(MetricWriter(workdir, start)) as writer):
         for step in range(start + 1, total + 1):
             with jax.profiler.StepTraceAnnotation("train", step_num=step):
@@ -143,15 +161,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 values.update(step_time_s=seconds,
                               images_per_s=config.data.global_batch_size / seconds)
                 metrics = {f"train/{k}": v for k, v in values.items()}
+                if due_save:  # before evaluating: an evaluation that fails costs no training
+                    checkpoint.save(manager, step, state, data_iter)
                 metrics.update(run_evaluators(evaluators, state["params"], step, due_evals))
                 writer.write(step, metrics)
+                if due_save:
+                    writer.flush()  # the lines up to a checkpoint are never logged again
                 progress.set_postfix(loss=f"{values['loss']:.3f}", lr=f"{values['lr']:.2e}")
                 if progress.disable:  # no terminal: a log line instead of the bar
                     logging.info("step %d/%d loss %.4f lr %.2e %.1f images/s", step, total,
                                  values["loss"], values["lr"], values["images_per_s"])
-            if due_save:
-                checkpoint.save(manager, step, state, data_iter)
-                writer.flush()  # the lines up to a checkpoint are never logged again
             if due_log:
                 # Evaluation, logging and saving stay out of the next interval's step time.
                 last_time, last_step = time.perf_counter(), step
@@ -159,8 +178,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 preempted_at = step
                 break
     progress.close()
-    manager.wait_until_finished()
-    manager.close()
     if preempted_at is not None:
         raise PreemptedError(preempted_at)
     return metrics

@@ -1,4 +1,4 @@
-"""Loading a training run back: its saved config and a checkpoint's params.
+"""Loading a training run back: its saved config, tokenizer and a checkpoint's params.
 
 Shared by `python -m flipjax.evaluate`, `python -m flipjax.embed`, `python -m flipjax.export` and
 the experiment scripts.
@@ -16,6 +16,9 @@ from flipjax.train import checkpoint
 from flipjax.train.sharding import make_mesh
 from flipjax.train.step import TrainSetup
 
+# The run's SentencePiece model, copied into the workdir when training starts.
+TOKENIZER_FILE = "tokenizer.model"
+
 
 def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
     """The config a run saved as WORKDIR/config.json, with fields added since filled in:
@@ -30,17 +33,27 @@ def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(saved)
 
 
+def tokenizer_path(config: ml_collections.ConfigDict, workdir: str) -> str:
+    """The tokenizer a run trained with: the copy training keeps in the workdir, so that a
+    relative `tokenizer.path` or a tokenizer retrained since cannot change what ids mean (runs
+    from before the copy: `config.tokenizer.path`)."""
+    kept = storage_path(workdir) / TOKENIZER_FILE
+    return str(kept) if kept.exists() else config.tokenizer.path
+
+
 def restore_params(config: ml_collections.ConfigDict, workdir: str, step: int | None
                    ) -> tuple[dict, int, TrainSetup, Tokenizer]:
     """(params, step, setup, tokenizer) of the checkpoint at `step` (None: latest), restored
     onto the shardings training used; the optimizer state comes along but isn't needed."""
     mesh = make_mesh(config.mesh)
-    tokenizer = Tokenizer(config.tokenizer.path, config.tokenizer.max_len)
+    tokenizer = Tokenizer(tokenizer_path(config, workdir), config.tokenizer.max_len)
     setup = TrainSetup(config, tokenizer.vocab_size, mesh)
     manager = checkpoint.make_manager(workdir, config.checkpoint)
+    saved = manager.all_steps()
     step = manager.latest_step() if step is None else step
-    if step is None:
-        raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints")
+    if step not in saved:
+        raise FileNotFoundError(f"no checkpoint at step {step} in {workdir}/checkpoints; "
+                                f"saved steps: {sorted(saved) or 'none'}")
     abstract = checkpoint.abstract_with_shardings(setup.abstract_state, setup.state_shardings)
     state = checkpoint.restore(manager, step, abstract, None)
     manager.close()
