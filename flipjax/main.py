@@ -75,4 +75,6 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    from flipjax.config import parse_flags
+
+    app.run(main, flags_parser=parse_flags)

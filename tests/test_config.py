@@ -217,14 +217,21 @@ def test_missing_dataset_and_tokenizer_are_reported(tmp_path):
         validate(config)
 
 
-def test_main_prints_one_line_and_exits_2(tmp_path):
+@pytest.mark.parametrize("override,error", [
+    ("--config.data.global_batch_size=13",
+     "error: config.data.global_batch_size: 13 is not divisible by the 8 batch shards "
+     "(devices outside any tensor axis); use a multiple of 8"),
+    ("--config.model.image.widht=64",  # a misspelt override: the parser's own error
+     "error: --config.model.image.widht: the config has no field config.model.image.widht "
+     "(did you mean config.model.image.width?)"),
+])
+def test_main_prints_one_line_and_exits_2(tmp_path, override, error):
     result = subprocess.run(
         [sys.executable, "-m", "flipjax.main", "--config=configs/demo.py:tiny",
-         f"--workdir={tmp_path}", "--config.data.global_batch_size=13"],
+         f"--workdir={tmp_path}", override],
         cwd=REPO, capture_output=True, text=True, timeout=300,
         env={"PATH": "/usr/bin:/bin", "JAX_PLATFORMS": "cpu",
              "XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
     assert result.returncode == 2, result.stderr[-2000:]
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert errors == ["error: config.data.global_batch_size: 13 is not divisible by the 8 "
-                      "batch shards (devices outside any tensor axis); use a multiple of 8"]
+    assert errors == [error]

@@ -117,8 +117,11 @@ def data_source(cfg: ml_collections.ConfigDict, split: str, keys: Sequence[str] 
     """The records of one split, by index (the ArrayRecord files, read without TensorFlow).
 
     With `field`, the config field (or flag) that chose `split`, a split that cannot be opened
-    or selects no records, or a feature of `keys` the dataset lacks, is a ValueError naming
-    that field, raised before anything is trained or embedded."""
+    or selects no records, or a feature of `keys` the dataset lacks, is an error naming
+    that field (a `flipjax.config.ConfigError`), raised before anything is trained or
+    embedded."""
+    from flipjax.config import ConfigError  # flipjax.config imports this module
+
     name = dataset_name(cfg.name, cfg.builder_config)
     if field is None:
         return tfds.data_source(name, split=split, data_dir=cfg.data_dir)
@@ -127,14 +130,14 @@ def data_source(cfg: ml_collections.ConfigDict, split: str, keys: Sequence[str] 
         source = tfds.data_source(name, split=split, data_dir=cfg.data_dir)
     except Exception as e:  # an unknown split, a dataset not built there: TFDS's first line
         lines = str(e).strip().splitlines()
-        raise ValueError(f"{where}: {lines[0] if lines else type(e).__name__}") from e
+        raise ConfigError(f"{where}: {lines[0] if lines else type(e).__name__}") from e
     features = list(source.dataset_info.features.keys())
     missing = [k for k in keys if k not in features]
     if missing:
-        raise ValueError(f"{where}: the dataset has no feature {missing[0]!r}; its features "
+        raise ConfigError(f"{where}: the dataset has no feature {missing[0]!r}; its features "
                          f"are {features}")
     if not len(source):
-        raise ValueError(f"{where}: the split selects no records")
+        raise ConfigError(f"{where}: the split selects no records")
     return source
 
 

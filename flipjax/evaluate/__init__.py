@@ -18,6 +18,7 @@ from absl import logging
 from flax import nnx
 from jax.sharding import Mesh
 
+from flipjax.config import ConfigError
 from flipjax.data.pipeline import data_source
 from flipjax.data.tokenizer import Tokenizer
 from flipjax.evaluate.features import Embedder, model_fingerprint
@@ -69,7 +70,7 @@ def make_evaluators(config: ml_collections.ConfigDict, tokenizer: Tokenizer,
             # A misspelt field would otherwise leave its default in force, unnoticed.
             if field not in known:
                 close = difflib.get_close_matches(field, known, n=1)
-                raise ValueError(f"config.evals.{name}.{field}: not a field of a "
+                raise ConfigError(f"config.evals.{name}.{field}: not a field of a "
                                  f"{eval_cfg.type!r} evaluator"
                                  + (f" (did you mean {close[0]!r}?)" if close else "")
                                  + f"; its fields: {sorted(known)}")
@@ -81,7 +82,7 @@ def make_evaluators(config: ml_collections.ConfigDict, tokenizer: Tokenizer,
             out[name] = evaluator_cls(eval_cfg, data_cfg, tokenizer, embedder,
                                       cache_dir=cache_dir)
         except ValueError as e:
-            raise ValueError(f"config.evals.{name}.{e}") from e
+            raise ConfigError(f"config.evals.{name}.{e}") from e
     return out
 
 
