@@ -256,7 +256,8 @@ def resolve_attention(name: str, dtype: jnp.dtype | type, device: jax.Device | N
 
 
 class Attention(nnx.Module):
-    """Multi-head attention with separate q/k/v/out projections (1:1 with HF's layout)."""
+    """Multi-head attention with separate q/k/v/out projections (1:1 with HF's layout),
+    initialised as big_vision's (xavier-uniform kernels over width -> width, zero biases)."""
 
     def __init__(self, width: int, num_heads: int, *, attention: str = "auto", platform: str,
                  dtype, rngs: nnx.Rngs):
@@ -264,7 +265,8 @@ class Attention(nnx.Module):
             raise ValueError(f"width {width} is not divisible by num_heads {num_heads}")
         self.num_heads, self.platform = num_heads, platform
         self.implementation = resolve_attention(attention, dtype)
-        linear = functools.partial(dense, width, width, platform=platform, dtype=dtype, rngs=rngs)
+        linear = functools.partial(dense, width, width, platform=platform, dtype=dtype,
+                                   kernel_init=nnx.initializers.xavier_uniform(), rngs=rngs)
         self.q, self.k, self.v, self.out = linear(), linear(), linear(), linear()
 
     def __call__(self, x: jax.Array, context: jax.Array | None = None, *,
@@ -308,8 +310,12 @@ class Mlp(nnx.Module):
 
     def __init__(self, width: int, mlp_dim: int, *, gelu: str, platform: str, dtype,
                  rngs: nnx.Rngs):
-        self.fc1 = dense(width, mlp_dim, platform=platform, dtype=dtype, rngs=rngs)
-        self.fc2 = dense(mlp_dim, width, platform=platform, dtype=dtype, rngs=rngs)
+        # big_vision's MlpBlock: xavier-uniform kernels (lecun-normal, nnx's default, starts
+        # fc1 1.6x wider for B/16), biases at N(0, 1e-6).
+        linear = functools.partial(dense, platform=platform, dtype=dtype, rngs=rngs,
+                                   kernel_init=nnx.initializers.xavier_uniform(),
+                                   bias_init=nnx.initializers.normal(1e-6))
+        self.fc1, self.fc2 = linear(width, mlp_dim), linear(mlp_dim, width)
         self.act = jax.checkpoint(gelu_fn(gelu))
 
     def __call__(self, x: jax.Array) -> jax.Array:
