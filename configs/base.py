@@ -56,8 +56,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         name="facecaption15m", builder_config=placeholder(str), data_dir="./data",
         manual_dir=placeholder(str), build_if_missing=False, train_split="train",
         image_key="image", text_key="caption",
-        image_size=resolution, global_batch_size=batch, num_workers=16, read_threads=16,
-        prefetch=512,
+        # Per worker process: read_threads batches decoded at once, prefetch_batches kept
+        # ready (a batch is this host's share of the global batch: ~77 MB at 512 per host).
+        image_size=resolution, global_batch_size=batch, num_workers=16, read_threads=2,
+        prefetch_batches=4,
         augment=dict(crop_scale=(0.8, 1.0), crop_ratio=(0.9, 1.1), flip=True),
         mean=(0.48145466, 0.4578275, 0.40821073), std=(0.26862954, 0.26130258, 0.27577711),
     )

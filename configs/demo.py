@@ -29,7 +29,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         manual_dir=placeholder(str), build_if_missing=True, train_split="train",
         image_key="image", text_key="caption",
         image_size=resolution, global_batch_size=128, num_workers=0, read_threads=2,
-        prefetch=64,
+        prefetch_batches=4,
         augment=dict(crop_scale=(0.7, 1.0), crop_ratio=(0.9, 1.1), flip=True),
         mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
     )
@@ -85,7 +85,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.total_steps, c.log_every_steps = 40, 1
         c.data.builder_config = "tiny"
         c.data.global_batch_size = 16
-        c.data.read_threads, c.data.prefetch = 1, 4
+        c.data.read_threads, c.data.prefetch_batches = 1, 2
         resolution.set(32)
         max_len.set(16)
         c.tokenizer.vocab_size = 200

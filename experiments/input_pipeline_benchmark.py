@@ -238,7 +238,7 @@ def data_config(data_dir: str):
 
     cfg = get_config(f"batch={FLAGS.batch}").data
     cfg.name, cfg.builder_config, cfg.data_dir = NAME, CONFIG, data_dir
-    cfg.prefetch = 2 * FLAGS.batch
+    cfg.prefetch_batches = 2
     return cfg
 
 
@@ -332,7 +332,7 @@ warm-up batches, best of {FLAGS.repeats}.
 time of the process and its workers during the timed batches (psutil); images/s per core =
 images / CPU s, i.e. the rate of one fully busy core, independent of idle cores or other load.
 Worker counts include the parent's share: with workers the parent only receives batches. Both
-pipelines buffer a few batches ahead (Grain: `prefetch` {2 * FLAGS.batch} records per reader,
+pipelines buffer a few batches ahead (Grain: `prefetch_batches` 2 per reader,
 `mp_prefetch`'s per-worker buffer; PyTorch: `prefetch_factor` 2 per worker), which can flatter a
 short timed window slightly and equally for both. PyTorch workers use "spawn": forked ones
 segfaulted once the parent had opened the ArrayRecord data source.

@@ -181,8 +181,11 @@ def make_train_dataset(cfg: ml_collections.ConfigDict, tokenizer: Tokenizer,
     ds = ds.random_map(TrainPreprocess(cfg, tokenizer), seed=seed + 1)
     ds = ProcessSlice(ds, jax.process_index(), num_processes, local_batch)
     ds = ds.batch(local_batch, drop_remainder=True)
+    # Batched first, so that a worker's slice (mp_prefetch) is whole batches and the batches
+    # are the same for any number of workers: each read thread builds a whole batch, and the
+    # buffer counts batches (each a host's share of the global batch, so keep it small).
     ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.read_threads,
-                                              prefetch_buffer_size=cfg.prefetch))
+                                              prefetch_buffer_size=cfg.prefetch_batches))
     if cfg.num_workers:
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.num_workers))
     return ds
