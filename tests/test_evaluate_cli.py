@@ -104,6 +104,27 @@ def test_feature_cache_is_keyed_by_the_datasets_build(saved_run, tmp_path):
     assert paths[2].name.startswith("synthetic_faces-tiny_test_attributes_step1_")
 
 
+def test_feature_cache_is_keyed_by_the_weights(saved_run, tmp_path):
+    """A run rolled back and retrained past an evaluated step has other weights at that step:
+    its features are computed anew, not read from the earlier run's cache file."""
+    import jax
+
+    from flipjax.evaluate.features import image_features
+
+    config, _, setup, tokenizer, params = saved_run
+    embedder = make_evaluators(config, tokenizer, setup.graphdef, setup.mesh)["zeroshot"].embedder
+    first = image_features(embedder, params, config.data, "test[:32]", "attributes",
+                           cache_dir=str(tmp_path), step=3)
+    retrained = jax.tree.map(lambda x: x * 1.5, params)
+    second = image_features(embedder, retrained, config.data, "test[:32]", "attributes",
+                            cache_dir=str(tmp_path), step=3)
+    assert len(list(tmp_path.iterdir())) == 2
+    assert not np.allclose(first["features"], second["features"], atol=1e-3)
+    again = image_features(embedder, retrained, config.data, "test[:32]", "attributes",
+                           cache_dir=str(tmp_path), step=3)  # read back from its own file
+    np.testing.assert_array_equal(again["features"], second["features"])
+
+
 def test_probe_carves_validation_by_group(saved_run):
     """`val_group_key` reads each train record's group from the split itself; ids are unique
     here, so whole groups of one make the usual 10%."""

@@ -74,6 +74,17 @@ def test_resume_with_another_batch_size_fails_clearly(tiny_config, tmp_path):
     with pytest.raises(ConfigError, match=rf"config\.data\.global_batch_size: {2 * batch} "
                                           rf"differs from {batch} in .*config\.json"):
         train_and_evaluate(tiny_config, str(tmp_path))
+    # Grain's state is per worker process and per host: it restores only into as many.
+    tiny_config.data.global_batch_size, tiny_config.data.num_workers = batch, 2
+    with pytest.raises(ConfigError, match=r"config\.data\.num_workers: 2 differs from 0"):
+        train_and_evaluate(tiny_config, str(tmp_path))
+    manager = checkpoint.make_manager(str(tmp_path), tiny_config.checkpoint)
+    checkpoint.check_same_processes(manager, 2)
+    iter_dir = tmp_path / "checkpoints" / "2" / "iter"
+    (iter_dir / "process_0-of-1.json").rename(iter_dir / "process_0-of-2.json")
+    with pytest.raises(ValueError, match=r"saved by 2 process\(es\) \(process_0-of-2\.json"):
+        checkpoint.check_same_processes(manager, 2)
+    manager.close()
 
 
 def test_a_failing_evaluation_loses_no_training_and_the_tokenizer_stays_the_runs(

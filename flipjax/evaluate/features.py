@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 
 import grain
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from etils import epath
@@ -68,6 +69,18 @@ class Embedder:
 
         kw = dict(in_shardings=(None, self.sharding), out_shardings=replicated(mesh))
         self._images, self._texts = jax.jit(images, **kw), jax.jit(texts, **kw)
+        self._image_tower_sums = jax.jit(
+            lambda params: jnp.stack([jnp.stack([jnp.sum(x.astype(jnp.float32)),
+                                                 jnp.sum(jnp.square(x.astype(jnp.float32)))])
+                                      for x in jax.tree.leaves(params["img"])]),
+            out_shardings=replicated(mesh))
+
+    def weights_digest(self, params: dict) -> str:
+        """A short hash of the image tower's weights (each tensor's sum and sum of squares):
+        a run rolled back and retrained past a step must not be served that step's cached
+        features from before."""
+        sums = np.asarray(self._image_tower_sums(params))
+        return hashlib.sha256(sums.tobytes()).hexdigest()[:12]
 
     def _run(self, fn: Callable, params: dict, rows: np.ndarray) -> np.ndarray:
         batch = padded(rows, self.batch_size)
@@ -155,14 +168,15 @@ def image_features(embedder: Embedder, params: dict, data_cfg: ml_collections.Co
     """{"features": image embeddings (N, D), "labels": `label_key` of each record}.
 
     With `cache_dir` and `step` the result is read from / written to an .npz keyed by dataset,
-    split, label, checkpoint step, the model fingerprint and the split's build, so
+    split, label, checkpoint step, the model fingerprint, the image tower's weights
+    (`Embedder.weights_digest`) and the split's build, so
     re-evaluating a checkpoint (several probes, several hyperparameter grids) embeds each split
     once.
     """
     path = None
     if cache_dir is not None and step is not None:
         path = feature_cache_path(cache_dir, data_cfg, split, label_key, step,
-                                  embedder.fingerprint)
+                                  f"{embedder.fingerprint}-{embedder.weights_digest(params)}")
         # Process 0's view for all: each must take the same branch (embedding is jitted over
         # all of them), and the others may look before process 0's write of this step (another
         # evaluator of the split) has landed.

@@ -35,12 +35,27 @@ def abstract_with_shardings(state: Any, shardings: Any) -> Any:
                         state, shardings)
 
 
+def check_same_processes(manager: ocp.CheckpointManager, step: int) -> None:
+    """Raises ValueError unless the checkpoint holds this process's iterator state: Grain
+    saves one per process (`process_I-of-N.json`), positions within this process's rows."""
+    name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+    saved = sorted(p.name for p in (manager.directory / str(step) / "iter").glob("process_*"))
+    if saved and name not in saved:
+        count = saved[0].split("-of-")[-1].removesuffix(".json")
+        raise ValueError(f"{manager.directory}/{step}: the data position was saved by "
+                         f"{count} process(es) ({saved[0]}, ...), and this run has "
+                         f"{jax.process_count()}; resume with as many processes (hosts), or export "
+                         "the weights (python -m flipjax.export) and start a new run from them "
+                         "(config.init_from)")
+
+
 def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any,
             data_iter: Any | None) -> Any:
     """Restores the state at `step` onto the shardings in `abstract_state`, and the iterator
     in place when one is given."""
     items = {"state": ocp.args.StandardRestore(abstract_state)}
     if data_iter is not None:
+        check_same_processes(manager, step)
         items["iter"] = grain.checkpoint.CheckpointRestore(data_iter)
     try:
         return manager.restore(step, args=ocp.args.Composite(**items)).state

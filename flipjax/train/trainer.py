@@ -29,26 +29,30 @@ from flipjax.train.sharding import make_mesh
 from flipjax.train.step import TrainSetup
 from flipjax.train.workdir import TOKENIZER_FILE, load_workdir_config
 
-# What the data iterator's checkpointed position means: a count of global batches over the
-# seeded shuffle of one split.
-DATA_ORDER_FIELDS = ("seed", "data.name", "data.builder_config", "data.train_split",
-                     "data.global_batch_size")
+# The fields a resume must keep for the checkpointed data position to hold, and why: it counts
+# global batches over the seeded shuffle of one split, in one Grain state per worker process.
+_RECORD_ORDER = ("the checkpoint's data position counts batches of that record order, so "
+                 "resuming with another would skip or repeat records")
+DATA_POSITION_FIELDS = {
+    "seed": _RECORD_ORDER, "data.name": _RECORD_ORDER, "data.builder_config": _RECORD_ORDER,
+    "data.train_split": _RECORD_ORDER, "data.global_batch_size": _RECORD_ORDER,
+    "data.num_workers": "Grain saved one iterator state per worker process, which restores "
+                        "only into as many workers",
+}
 
 
-def check_same_data_order(config: ml_collections.ConfigDict, workdir: str) -> None:
-    """Raises ConfigError when a resumed run would read another record order than the one its
-    checkpoint's iterator position counts in (it would silently skip or repeat records)."""
+def check_same_data_position(config: ml_collections.ConfigDict, workdir: str) -> None:
+    """Raises ConfigError when a resumed run could not continue from its checkpoint's data
+    position (it would silently skip or repeat records, or fail inside Grain)."""
     if not (storage_path(workdir) / "config.json").exists():
         return
     saved = load_workdir_config(workdir)
-    for field in DATA_ORDER_FIELDS:
+    for field, why in DATA_POSITION_FIELDS.items():
         keys = field.split(".")
         old, new = (functools.reduce(lambda node, key: node.get(key), keys, cfg)
                     for cfg in (saved, config))
-        check(old == new, field,
-              f"{new!r} differs from {old!r} in {workdir}/config.json: the checkpoint's data "
-              "position counts batches of that record order, so resuming with another would "
-              "skip or repeat records. Resume with the saved value, or use a new workdir")
+        check(old == new, field, f"{new!r} differs from {old!r} in {workdir}/config.json: "
+              f"{why}. Resume with the saved value, or use a new workdir")
 
 
 def keep_tokenizer(config: ml_collections.ConfigDict, workdir: str, resumed: bool) -> None:
@@ -94,7 +98,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     manager = checkpoint.make_manager(workdir, config.checkpoint)
     start = manager.latest_step() or 0
     if start:
-        check_same_data_order(config, workdir)
+        check_same_data_position(config, workdir)
         keep_tokenizer(config, workdir, resumed=True)
         abstract = checkpoint.abstract_with_shardings(setup.abstract_state,
                                                       setup.state_shardings)
