@@ -126,6 +126,35 @@ def test_a_failing_evaluation_loses_no_training_and_the_tokenizer_stays_the_runs
         train_and_evaluate(config, workdir)
 
 
+@pytest.mark.parametrize("accum", [1, 2])
+def test_a_frozen_tower_is_left_as_is_and_out_of_the_backward_pass(tiny_config, accum):
+    """LiT-style: with the image tower frozen it keeps its weights, its backward pass is not
+    compiled (fewer matmuls), and the gradient norm is the trained parameters' alone."""
+    config, mesh = tiny_config, make_mesh(tiny_config.mesh)
+    config.grad_accum_steps = accum
+    tok = Tokenizer(config.tokenizer.path, config.tokenizer.max_len)
+    batch = next(iter(make_train_dataset(config.data, tok, seed=0)))
+
+    def one_step(frozen_regex):
+        config.optim.frozen_regex = frozen_regex
+        config.optim.warmup_steps = 0  # a learning rate above 0 at the first step
+        setup = TrainSetup(config, tok.vocab_size, mesh)
+        state = setup.init()
+        before = jax.device_get(state["params"])
+        batch_on_mesh = to_global(batch, setup.batch_sharding)
+        hlo = setup.train_step.lower(state, batch_on_mesh).compile().as_text()
+        state, metrics = setup.train_step(state, batch_on_mesh)
+        return before, jax.device_get(state["params"]), metrics, hlo.count(" dot(")
+
+    before, after, metrics, dots = one_step("img/.*")
+    for a, b in zip(jax.tree.leaves(before["img"]), jax.tree.leaves(after["img"]), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert not np.allclose(before["txt"]["pos_embedding"], after["txt"]["pos_embedding"])
+    _, _, all_metrics, all_dots = one_step("")
+    assert dots < all_dots, (dots, all_dots)
+    assert float(metrics["grad_norm"]) < float(all_metrics["grad_norm"])
+
+
 def test_restore_gives_identical_next_batches_and_losses(tiny_config, tmp_path):
     config = tiny_config
     mesh = make_mesh(config.mesh)

@@ -29,7 +29,7 @@ from flipjax.data.pipeline import normalize_images
 from flipjax.models import TwoTowers, make_model
 from flipjax.train.grad_cache import grad_cache_value_and_grad
 from flipjax.train.losses import LOSSES, LossFn
-from flipjax.train.optimizer import make_optimizer
+from flipjax.train.optimizer import FROZEN, make_optimizer, param_groups
 from flipjax.train.sharded_losses import make_sharded_loss
 from flipjax.train.sharding import (
     activation_sharding,
@@ -107,12 +107,20 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
     max_log_t = (math.log(config.model.max_temperature) if config.model.max_temperature
                  else None)
 
+    def trainable(params: dict) -> dict:
+        """Frozen leaves (`optim.frozen_regex`) as constants: their gradients are zeros by
+        construction, so the gradient norm and the finiteness check are the trained
+        parameters', and XLA drops the backward work only they needed (a frozen tower's)."""
+        groups = param_groups(params, config.optim)
+        return jax.tree.map(lambda p, g: jax.lax.stop_gradient(p) if g == FROZEN else p,
+                            params, groups)
+
     def embed(params: dict, batch: dict) -> tuple[jax.Array, jax.Array]:
-        model: TwoTowers = nnx.merge(graphdef, params)
+        model: TwoTowers = nnx.merge(graphdef, trainable(params))
         return model(normalize_images(batch["image"], mean, std), batch["text"])
 
     def contrastive(params: dict, zimg: jax.Array, ztxt: jax.Array) -> tuple[jax.Array, dict]:
-        scale, bias = nnx.merge(graphdef, params).logit_scale_and_bias()
+        scale, bias = nnx.merge(graphdef, trainable(params)).logit_scale_and_bias()
         loss, metrics = loss_impl(zimg, ztxt, scale, bias)
         return loss, {**metrics, "temperature": scale, "bias": bias}
 
