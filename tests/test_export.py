@@ -258,6 +258,18 @@ def test_import_refuses_a_temperature_above_the_cap(tmp_path):
     assert math.exp(float(params["t"])) == pytest.approx(117.3, rel=1e-5)
 
 
+def test_import_refuses_to_drop_a_head_bias(tmp_path):
+    """SigLIP's text head has a bias; a model without one would load every other weight and
+    compute other embeddings (the bias showed only as "skipped" in the report)."""
+    random_hf_model("siglip", tmp_path)
+    cfg, vocab = model_config_from_hf(str(tmp_path))
+    cfg.text.proj_bias = False
+    params = nnx.to_pure_dict(nnx.state(make_model(cfg, vocab_size=vocab), nnx.Param))
+    with pytest.raises(ValueError, match=r"config\.model\.text\.proj_bias=False would drop "
+                                         r"the checkpoint's non-zero text_model\.head\.bias"):
+        load_into_params(params, str(tmp_path), ("img", "txt"), cfg)
+
+
 def test_refuses_pickles(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "clip"}))
     (tmp_path / "pytorch_model.bin").write_bytes(b"not unpickled")

@@ -221,6 +221,11 @@ def load_into_params(params: dict, path: str, towers: Sequence[str],
             report.skipped[rule.flip] = f"{rule.hf} is not in the checkpoint"
             continue
         if rule.flip not in flat:
+            if rule.flip.endswith("head/bias") and np.any(tensors[rule.hf] != 0):
+                tower = "image" if rule.flip.startswith("img/") else "text"
+                raise ValueError(f"init_from {path}: config.model.{tower}.proj_bias=False "
+                                 f"would drop the checkpoint's non-zero {rule.hf}, and the "
+                                 "embeddings with it; set it to True")
             report.skipped[rule.hf] = f"this model has no {rule.flip}"
             continue
         value = tensors[rule.hf]
