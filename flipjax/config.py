@@ -64,10 +64,10 @@ def parse_flags(argv: list[str]) -> list[str]:
     """absl's flag parsing (`app.run(main, flags_parser=parse_flags)`), where an override of a
     field the config lacks (`--config.optim.lr_typo=1e-4`) is one line naming it, with the
     closest field ml_collections finds, and exit code 2 instead of a traceback."""
-    from absl import flags
+    from absl import app
 
     try:
-        return flags.FLAGS(argv)
+        return app.parse_flags_with_usage(argv)  # absl's one-line errors for the other flags
     except (AttributeError, KeyError) as e:
         # ml_collections' message: "'widht'" and maybe 'Did you mean "width" instead of ...'.
         found, close = re.search(r"(\w+)", str(e)), re.search(r'Did you mean "(\w+)"', str(e))

@@ -144,10 +144,10 @@ def test_probe_carves_validation_by_group(saved_run):
                                   r"'linear_probe' evaluator \(did you mean 'val_split'\?\)"),
     (dict(test_split="tst"), r"config\.evals\.probe\.test_split='tst' .*Unknown split"),
     (dict(test_split="test[:0]"), r"config\.evals\.probe\.test_split='test\[:0\]'"),
-    (dict(label_key="atributes"), r"config\.evals\.probe\.train_split='train' .* no feature "
-                                  r"'atributes'"),
+    (dict(label_key="atributes"), r"config\.evals\.probe\.label_key='atributes': dataset "
+                                  r"'synthetic_faces/tiny' .* has no such feature"),
     (dict(type="zeroshot_attributes", split="test", attributes=("Smiling", "Eyeglases")),
-     r"config\.evals\.probe\.attributes: \['Eyeglases'\] are not attributes"),
+     r"config\.evals\.probe: attributes \['Eyeglases'\] are not attributes"),
 ])
 def test_evaluator_mistakes_stop_before_any_work(saved_run, change, message):
     """A misspelt field, split or feature is an error naming the field when the evaluators

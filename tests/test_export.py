@@ -249,6 +249,8 @@ def test_import_refuses_a_temperature_above_the_cap(tmp_path):
         hf.logit_scale.fill_(math.log(117.3))
     hf.save_pretrained(str(tmp_path))
     cfg, vocab = model_config_from_hf(str(tmp_path))
+    assert cfg.max_temperature is None  # SigLIP's own config has no cap
+    cfg.max_temperature = 100.0  # as configs/base.py and configs/demo.py have it
     params = nnx.to_pure_dict(nnx.state(make_model(cfg, vocab_size=vocab), nnx.Param))
     with pytest.raises(ValueError, match=r"temperature 117\.3 is above config\.model\."
                                          r"max_temperature 100"):

@@ -108,6 +108,8 @@ def test_a_failing_evaluation_loses_no_training_and_the_tokenizer_stays_the_runs
     manager = checkpoint.make_manager(workdir, config.checkpoint)
     assert manager.all_steps() == [2]
     manager.close()
+    losses, _ = read_losses(workdir)
+    assert sorted(losses) == [1, 2]  # the step's training metrics are logged all the same
     kept = tmp_path / "work" / TOKENIZER_FILE
     assert kept.read_bytes() == open(config.tokenizer.path, "rb").read()
     assert tokenizer_path(config, workdir) == str(kept)

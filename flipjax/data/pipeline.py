@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import io
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import grain
 import jax
@@ -112,32 +112,33 @@ def dataset_name(name: str, builder_config: str | None) -> str:
     return f"{name}/{builder_config}" if builder_config else name
 
 
-def data_source(cfg: ml_collections.ConfigDict, split: str, keys: Sequence[str] = (),
-                field: str | None = None) -> Sequence[dict]:
+def data_source(cfg: ml_collections.ConfigDict, split: str, field: str | None = None,
+                keys: Mapping[str, str] | None = None) -> Sequence[dict]:
     """The records of one split, by index (the ArrayRecord files, read without TensorFlow).
 
-    With `field`, the config field (or flag) that chose `split`, a split that cannot be opened
-    or selects no records, or a feature of `keys` the dataset lacks, is an error naming
-    that field (a `flipjax.config.ConfigError`), raised before anything is trained or
-    embedded."""
+    With `field`, the config field (or flag) that chose `split`, and `keys` ({field: feature}
+    for the features the caller reads), a split that TFDS cannot open or that selects no
+    records, or a feature the dataset lacks, is a `flipjax.config.ConfigError` naming the
+    field, raised before anything is trained or embedded."""
     from flipjax.config import ConfigError  # flipjax.config imports this module
 
     name = dataset_name(cfg.name, cfg.builder_config)
     if field is None:
         return tfds.data_source(name, split=split, data_dir=cfg.data_dir)
-    where = f"{field}={split!r} (dataset {name!r} in {cfg.data_dir!r})"
+    where = f"dataset {name!r} in {cfg.data_dir!r}"
     try:
         source = tfds.data_source(name, split=split, data_dir=cfg.data_dir)
-    except Exception as e:  # an unknown split, a dataset not built there: TFDS's first line
-        lines = str(e).strip().splitlines()
-        raise ConfigError(f"{where}: {lines[0] if lines else type(e).__name__}") from e
+    except (ValueError, KeyError, FileNotFoundError) as e:  # an unknown split, no such build
+        lines = str(e).strip().splitlines()  # TFDS's first line says which (then 500 more)
+        raise ConfigError(f"{field}={split!r} ({where}): "
+                          f"{lines[0] if lines else type(e).__name__}") from e
     features = list(source.dataset_info.features.keys())
-    missing = [k for k in keys if k not in features]
-    if missing:
-        raise ConfigError(f"{where}: the dataset has no feature {missing[0]!r}; its features "
-                         f"are {features}")
+    for key_field, key in (keys or {}).items():
+        if key not in features:
+            raise ConfigError(f"{key_field}={key!r}: {where} has no such feature; its "
+                              f"features are {features}")
     if not len(source):
-        raise ConfigError(f"{where}: the split selects no records")
+        raise ConfigError(f"{field}={split!r} ({where}): the split selects no records")
     return source
 
 
@@ -173,8 +174,9 @@ def make_train_dataset(cfg: ml_collections.ConfigDict, tokenizer: Tokenizer,
     """The infinite, per-process training dataset of uint8 images and token ids."""
     num_processes = jax.process_count()
     local_batch = cfg.global_batch_size // num_processes
-    ds = grain.MapDataset.source(data_source(cfg, cfg.train_split, (cfg.image_key, cfg.text_key),
-                                             "config.data.train_split"))
+    ds = grain.MapDataset.source(data_source(
+        cfg, cfg.train_split, "config.data.train_split",
+        {"config.data.image_key": cfg.image_key, "config.data.text_key": cfg.text_key}))
     ds = ds.shuffle(seed=seed).repeat()
     # Augmentation seeds come from the global index (MapDataset is lazy: each process still
     # decodes only its own records), so the batches don't depend on the number of processes.

@@ -114,7 +114,7 @@ def dataset_texts(name: str, data_dir: str, split: str, text_key: str,
 
     source = data_source(ml_collections.ConfigDict(
         {"name": name, "builder_config": builder_config, "data_dir": data_dir}), split,
-        (text_key,), field)
+        field, {"--text_key" if field.startswith("--") else "config.data.text_key": text_key})
     return (c for i in range(len(source)) for c in captions_of(source[i][text_key]))
 
 

@@ -74,15 +74,17 @@ def make_evaluators(config: ml_collections.ConfigDict, tokenizer: Tokenizer,
                                  f"{eval_cfg.type!r} evaluator"
                                  + (f" (did you mean {close[0]!r}?)" if close else "")
                                  + f"; its fields: {sorted(known)}")
+        prefix = f"config.evals.{name}"
         for field, split, keys in evaluator_cls.reads(eval_cfg, data_cfg):
-            data_source(data_cfg, split, keys, f"config.evals.{name}.{field}")
+            data_source(data_cfg, split, f"{prefix}.{field}",
+                        {f"{prefix}.{key_field}": key for key_field, key in keys.items()})
         embedder = Embedder(graphdef, mesh, data_cfg, eval_cfg.get("batch_size", EVAL_BATCH_SIZE),
                             fingerprint=model_fingerprint(config.model, data_cfg))
         try:
             out[name] = evaluator_cls(eval_cfg, data_cfg, tokenizer, embedder,
                                       cache_dir=cache_dir)
         except ValueError as e:
-            raise ConfigError(f"config.evals.{name}.{e}") from e
+            raise ConfigError(f"{prefix}: {e}") from e
     return out
 
 

@@ -78,7 +78,8 @@ class Embedder:
     def weights_digest(self, params: dict) -> str:
         """A short hash of the image tower's weights (each tensor's sum and sum of squares):
         a run rolled back and retrained past a step must not be served that step's cached
-        features from before."""
+        features from before. Float32 sums round by how the weights are sharded, so on
+        another mesh the same weights may miss the cache and be embedded again."""
         sums = np.asarray(self._image_tower_sums(params))
         return hashlib.sha256(sums.tobytes()).hexdigest()[:12]
 

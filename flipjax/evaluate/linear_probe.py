@@ -241,11 +241,11 @@ class LinearProbeEvaluator:
 
     @staticmethod
     def reads(cfg: ml_collections.ConfigDict, data_cfg: ml_collections.ConfigDict
-              ) -> list[tuple[str, str, tuple[str, ...]]]:
-        """(field, split, feature keys) of the records `run` reads."""
-        keys = (data_cfg.image_key, cfg.get("label_key", "attributes"))
-        group = (cfg.val_group_key,) if cfg.get("val_group_key") else ()
-        out = [("train_split", cfg.get("train_split", "train"), keys + group),
+              ) -> list[tuple[str, str, dict[str, str]]]:
+        """(split field, split, {key field: feature}) of the records `run` reads."""
+        keys = {"image_key": data_cfg.image_key, "label_key": cfg.get("label_key", "attributes")}
+        group = {"val_group_key": cfg.val_group_key} if cfg.get("val_group_key") else {}
+        out = [("train_split", cfg.get("train_split", "train"), {**keys, **group}),
                ("test_split", cfg.get("test_split", "test"), keys)]
         return out + ([("val_split", cfg.val_split, keys)] if cfg.get("val_split") else [])
 

@@ -152,9 +152,10 @@ class RetrievalEvaluator:
 
     @staticmethod
     def reads(cfg: ml_collections.ConfigDict, data_cfg: ml_collections.ConfigDict
-              ) -> list[tuple[str, str, tuple[str, ...]]]:
-        """(field, split, feature keys) of the records `run` reads."""
-        return [("split", cfg.split, (data_cfg.image_key, data_cfg.text_key))]
+              ) -> list[tuple[str, str, dict[str, str]]]:
+        """(split field, split, {key field: feature}) of the records `run` reads."""
+        return [("split", cfg.split,
+                 {"image_key": data_cfg.image_key, "text_key": data_cfg.text_key})]
 
     def __init__(self, cfg: ml_collections.ConfigDict, data_cfg: ml_collections.ConfigDict,
                  tokenizer: Tokenizer, embedder: Embedder,

@@ -56,10 +56,11 @@ class ZeroShotAttributesEvaluator:
 
     @staticmethod
     def reads(cfg: ml_collections.ConfigDict, data_cfg: ml_collections.ConfigDict
-              ) -> list[tuple[str, str, tuple[str, ...]]]:
-        """(field, split, feature keys) of the records `run` reads."""
+              ) -> list[tuple[str, str, dict[str, str]]]:
+        """(split field, split, {key field: feature}) of the records `run` reads."""
         return [("split", cfg.get("split", "test"),
-                 (data_cfg.image_key, cfg.get("label_key", "attributes")))]
+                 {"image_key": data_cfg.image_key,
+                  "label_key": cfg.get("label_key", "attributes")})]
 
     def __init__(self, cfg: ml_collections.ConfigDict, data_cfg: ml_collections.ConfigDict,
                  tokenizer: Tokenizer, embedder: Embedder,
@@ -71,7 +72,7 @@ class ZeroShotAttributesEvaluator:
         self.names = attribute_names(data_cfg, label.shape[0], self.split)
         unknown = [n for n in cfg.get("attributes") or () if n not in self.names]
         if unknown:
-            raise ValueError(f"attributes: {unknown} are not attributes of dataset "
+            raise ValueError(f"attributes {unknown} are not attributes of dataset "
                              f"{data_cfg.name!r}, which has {self.names}")
 
     def run(self, params: dict, step: int | None = None) -> dict[str, float]:

@@ -114,7 +114,9 @@ def model_config_from_hf(path: str) -> tuple[ml_collections.ConfigDict, int]:
                   proj_dim=tc.projection_size if siglip else hf.projection_dim,
                   proj_bias=siglip),
         # Placeholders that create `t` (and `b` for SigLIP); the import overwrites both.
-        temperature_init=10.0, bias_init=-10.0 if siglip else None, max_temperature=100.0,
+        # SigLIP has no temperature cap (trained ones end above CLIP's 100).
+        temperature_init=10.0, bias_init=-10.0 if siglip else None,
+        max_temperature=None if siglip else 100.0,
         gelu=acts.pop(), ln_eps=tc.layer_norm_eps, dtype="float32", remat="none",
         scan_layers=False, attention="auto",
     ))
@@ -221,7 +223,8 @@ def load_into_params(params: dict, path: str, towers: Sequence[str],
             report.skipped[rule.flip] = f"{rule.hf} is not in the checkpoint"
             continue
         if rule.flip not in flat:
-            if rule.flip.endswith("head/bias") and np.any(tensors[rule.hf] != 0):
+            has_head = rule.flip.removesuffix("bias") + "kernel" in flat
+            if rule.flip.endswith("head/bias") and has_head and np.any(tensors[rule.hf] != 0):
                 tower = "image" if rule.flip.startswith("img/") else "text"
                 raise ValueError(f"init_from {path}: config.model.{tower}.proj_bias=False "
                                  f"would drop the checkpoint's non-zero {rule.hf}, and the "

@@ -73,7 +73,9 @@ def make_optimizer(cfg: ml_collections.ConfigDict, params: Any,
 
     groups = {FROZEN: optax.set_to_zero(), "default": adamw(1.0)}
     groups.update({f"lr_mult_{i}": adamw(float(m)) for i, (_, m) in enumerate(cfg.lr_mults)})
-    # Frozen gradients are zeroed before clipping so that they don't shrink the others.
+    # Frozen gradients are zeroed before clipping so that they don't shrink the others. (The
+    # train step's are zeros already, frozen leaves entering its loss as constants; this keeps
+    # the optimizer right for any gradients, and its state as existing checkpoints hold it.)
     zero_frozen = optax.multi_transform(
         {g: optax.set_to_zero() if g == FROZEN else optax.identity() for g in groups}, labels)
     chain = [zero_frozen]

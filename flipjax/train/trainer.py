@@ -167,10 +167,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 metrics = {f"train/{k}": v for k, v in values.items()}
                 if due_save:  # before evaluating: an evaluation that fails costs no training
                     checkpoint.save(manager, step, state, data_iter)
-                metrics.update(run_evaluators(evaluators, state["params"], step, due_evals))
-                writer.write(step, metrics)
-                if due_save:
-                    writer.flush()  # the lines up to a checkpoint are never logged again
+                try:
+                    metrics.update(run_evaluators(evaluators, state["params"], step, due_evals))
+                finally:  # a failed evaluation still leaves the step's training metrics
+                    writer.write(step, metrics)
+                    if due_save:
+                        writer.flush()  # the lines up to a checkpoint are never logged again
                 progress.set_postfix(loss=f"{values['loss']:.3f}", lr=f"{values['lr']:.2e}")
                 if progress.disable:  # no terminal: a log line instead of the bar
                     logging.info("step %d/%d loss %.4f lr %.2e %.1f images/s", step, total,
