@@ -11,7 +11,9 @@ import hashlib
 import importlib.util
 import io
 import json
+import os
 import shutil
+import signal
 import sys
 from pathlib import Path
 
@@ -305,3 +307,65 @@ def test_cli_refuses_unknown_fields_and_unnamed_configs(tmp_path: Path) -> None:
         main([*build, "resolution=128"])
     with pytest.raises(SystemExit, match="set a new config name with name=NAME"):
         main([*build, "resolution=128", "--set", "name=files"])
+
+
+def test_a_box_off_the_photo_or_into_border_padding_takes_no_padding(tmp_path: Path) -> None:
+    """img2dataset's "border" pads the photo to a square; a box partly off the photo is cut
+    from the photo alone (no white), and one wholly off it is counted, not cut from padding."""
+    photo = Image.new("RGB", (600, 200), (90, 60, 30))
+    stored = Image.new("RGB", (300, 300), (255, 255, 255))
+    stored.paste(photo.resize((300, 100)), (0, 100))
+    (tmp_path / "x.jpg").write_bytes(ff.encode(stored, quality=95))
+    ref = layouts.ImageRef(str(tmp_path / "x.jpg"), original_size=(600, 200))
+    settings = records.ImageSettings(layouts.FILES, str(tmp_path), "border",
+                                     face_crop.CropSpec(resolution=32, margin=0.2, min_face_size=8))
+    row = records.Row(index=0, id="x", caption="c", laion_caption="",
+                      box=(250.0, 150.0, 342.0, 262.0))  # its lower part is off the photo
+    _, example = records.make_example(row, ref, settings)
+    pixels = np.asarray(Image.open(io.BytesIO(example["image"])), np.float32)
+    assert pixels.max() < 200, "the crop holds the white padding"
+    row = records.Row(index=0, id="x", caption="c", laion_caption="",
+                      box=(100.0, 220.0, 300.0, 420.0))  # wholly below the photo
+    with pytest.raises(face_crop.Skip) as skip:
+        records.make_example(row, ref, settings)
+    assert skip.value.reason == face_crop.BOX_OUTSIDE_IMAGE
+
+
+def test_a_png_whose_data_breaks_is_skipped_not_written_blank() -> None:
+    """Reading EXIF decodes a PNG; a failure there must not leave a blank image behind."""
+    noise = np.random.default_rng(0).integers(0, 255, (64, 64), np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(noise, "L").save(out, format="PNG")
+    data = bytearray(out.getvalue())
+    data[100] ^= 0xFF  # inside the compressed pixel data
+    spec = face_crop.CropSpec(resolution=16, margin=0.0, min_face_size=4)
+    with pytest.raises(face_crop.Skip):
+        face_crop.normalize_image(bytes(data), None)
+    with pytest.raises(face_crop.Skip):
+        face_crop.crop_face(face_crop.open_image(bytes(data), spec.max_pixels),
+                            (8.0, 8.0, 40.0, 40.0), spec)
+
+
+def test_a_side_beyond_jpegs_limit_is_skipped() -> None:
+    out = io.BytesIO()
+    Image.new("L", (66_000, 4), 128).save(out, format="PNG")
+    with pytest.raises(face_crop.Skip) as skip:
+        face_crop.normalize_image(out.getvalue(), None)
+    assert skip.value.reason == face_crop.UNSUPPORTED_MODE
+
+
+def _die_on_five(item: int) -> int:
+    if item == 5:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return item
+
+
+def test_a_killed_worker_fails_the_build_rather_than_hanging_it() -> None:
+    from concurrent.futures.process import BrokenProcessPool
+
+    from tfds_builders.parallel import ordered_map
+
+    assert list(ordered_map(abs, range(-20, 0), num_workers=2, chunk_size=3)) == \
+        list(range(20, 0, -1))
+    with pytest.raises(BrokenProcessPool):
+        list(ordered_map(_die_on_five, range(10), num_workers=2, chunk_size=2))

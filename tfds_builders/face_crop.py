@@ -31,7 +31,7 @@ from typing import TypeVar
 
 import numpy as np
 from etils import epath
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 # Reason codes for skipped records, shared by all builders. They are the keys of the skip
 # reports (see builder_utils), so they are part of the public interface.
@@ -102,6 +102,7 @@ class CropSpec:
 
 
 Box = tuple[float, float, float, float]
+_JPEG_MAX_SIDE = 65_500
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -156,8 +157,8 @@ def open_image(data: bytes, max_pixels: int) -> Image.Image:
             img = Image.open(io.BytesIO(data))
         except Image.DecompressionBombError as e:
             raise Skip(DECOMPRESSION_BOMB, str(e)) from None
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as e:
-            raise Skip(CORRUPT_IMAGE, str(e)) from None
+        except Exception as e:  # noqa: BLE001 - plugins raise many types (AVIF: RuntimeError)
+            raise Skip(CORRUPT_IMAGE, f"{type(e).__name__}: {e}") from None
     width, height = img.size
     if width <= 0 or height <= 0:
         raise Skip(CORRUPT_IMAGE, f"empty size {img.size}")
@@ -167,8 +168,10 @@ def open_image(data: bytes, max_pixels: int) -> Image.Image:
 
 
 def exif_orientation(img: Image.Image) -> int:
-    """EXIF orientation 1-8 of an opened image; 1 when absent or unreadable (broken EXIF is
-    common on the web and must not cost the image)."""
+    """EXIF orientation 1-8 of a loaded image (`load_pixels`); 1 when absent or unreadable
+    (broken EXIF is common on the web and must not cost the image). Only after the load: a
+    PNG's `getexif()` decodes the image itself, and a failure there, swallowed here, left
+    Pillow nothing to decode in the later load, which then passed on blank pixels."""
     try:
         value = img.getexif().get(_EXIF_ORIENTATION_TAG, 1)
     except Exception:  # noqa: BLE001 - any malformed EXIF block just means "no orientation"
@@ -250,7 +253,10 @@ def capture_skip(fn: Callable[[T], R], task: T) -> tuple[bool, R | str]:
 
 
 def encode_jpeg(img: Image.Image, quality: int) -> bytes:
-    """Encodes an RGB image as baseline JPEG without metadata (orientation is already applied)."""
+    """Encodes an RGB image as baseline JPEG without metadata (orientation is already applied);
+    Skip(UNSUPPORTED_MODE) for a side beyond JPEG's 65,500 px."""
+    if max(img.size) > _JPEG_MAX_SIDE:
+        raise Skip(UNSUPPORTED_MODE, f"{img.size} has a side over JPEG's {_JPEG_MAX_SIDE} px")
     out = io.BytesIO()
     img.save(out, format="JPEG", quality=quality)
     return out.getvalue()
@@ -303,23 +309,32 @@ def _draft_scale(window: tuple[int, int, int, int], resolution: int) -> int:
     return 1
 
 
-def crop_face(img: Image.Image, box: Box, spec: CropSpec) -> bytes:
+def crop_face(img: Image.Image, box: Box, spec: CropSpec,
+              area: tuple[int, int, int, int] | None = None) -> bytes:
     """Cuts the face `box` out of an image from `open_image` and returns JPEG bytes.
 
     `box` is in pixels of the stored image (see module docstring). The crop is a square
     around the box with `spec.margin` context, moved to fit the image (`crop_window`), made
     upright, RGB, and resized so its short side is `spec.resolution`. Large JPEGs are decoded
     at reduced scale when the crop allows, which makes multi-megapixel originals several times
-    cheaper.
+    cheaper. `area` (left, top, right, bottom) is the part of the image that holds the
+    picture, where a resize padded it (img2dataset's "border"): face and context are cut
+    from it only, never from the padding.
     """
-    orientation = exif_orientation(img)
-    visible = clip_box(box, img.size)
+    left, top, right, bottom = area or (0, 0, *img.size)
+    visible = clip_box((box[0] - left, box[1] - top, box[2] - left, box[3] - top),
+                       (right - left, bottom - top))
     if min(visible[2] - visible[0], visible[3] - visible[1]) < spec.min_face_size:
         raise Skip(FACE_TOO_SMALL, f"visible face {visible} < {spec.min_face_size} px")
-    window = crop_window(visible, img.size, spec.margin)
+    window = crop_window(visible, (right - left, bottom - top), spec.margin)
     img, scale = load_pixels(img, _draft_scale(window, spec.resolution))
-    if scale != 1.0:
-        window = crop_window(tuple(v / scale for v in visible), img.size, spec.margin)
+    orientation = exif_orientation(img)
+    if scale != 1.0:  # the decoded frame is `scale` times smaller; stay inside the area
+        left, top = math.ceil(left / scale), math.ceil(top / scale)
+        right, bottom = math.floor(right / scale), math.floor(bottom / scale)
+        window = crop_window(tuple(v / scale for v in visible), (right - left, bottom - top),
+                             spec.margin)
+    window = (window[0] + left, window[1] + top, window[2] + left, window[3] + top)
     face = to_rgb(img.crop(window))
     face = apply_orientation(face, orientation)
     face = resize_short_side(face, spec.resolution)
@@ -335,13 +350,13 @@ def normalize_image(data: bytes, max_short_side: int | None, max_pixels: int = D
     JPEG of acceptable size is returned byte-for-byte, so benchmark pixels are not re-encoded.
     """
     img = open_image(data, max_pixels)
-    orientation = exif_orientation(img)
     width, height = img.size
     needs_resize = max_short_side is not None and min(width, height) > max_short_side
     scale = 1
     if needs_resize:
         scale = _draft_scale((0, 0, width, height), max_short_side)
     img, _ = load_pixels(img, scale)
+    orientation = exif_orientation(img)
     if img.format == "JPEG" and img.mode == "RGB" and orientation == 1 and not needs_resize:
         return data
     img = apply_orientation(to_rgb(img), orientation)

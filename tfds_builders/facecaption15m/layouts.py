@@ -407,16 +407,33 @@ def map_box(box: Box, original_size: tuple[int, int] | None, stored_size: tuple[
     """
     if original_size is None or tuple(original_size) == tuple(stored_size):
         return box
-    (ow, oh), (sw, sh) = original_size, stored_size
+    cw, ch, dx, dy = _placement(original_size, stored_size, resize_mode)
+    fx, fy = cw / original_size[0], ch / original_size[1]
     x1, y1, x2, y2 = box
+    return x1 * fx + dx, y1 * fy + dy, x2 * fx + dx, y2 * fy + dy
+
+
+def picture_area(original_size: tuple[int, int] | None, stored_size: tuple[int, int],
+                 resize_mode: str) -> tuple[int, int, int, int] | None:
+    """The part of the stored image that holds the picture, (left, top, right, bottom), where
+    "border" padded it to a square; None where all of it does."""
+    if original_size is None or tuple(original_size) == tuple(stored_size):
+        return None
+    cw, ch, dx, dy = _placement(original_size, stored_size, resize_mode)
+    if dx <= 0 and dy <= 0:
+        return None
+    return dx, dy, dx + cw, dy + ch
+
+
+def _placement(original_size: tuple[int, int], stored_size: tuple[int, int],
+               resize_mode: str) -> tuple[int, int, int, int]:
+    """(width, height, left, top) of the resized picture within the stored image, as
+    img2dataset's resizer places it (a negative offset: cropped off)."""
+    (ow, oh), (sw, sh) = original_size, stored_size
     if resize_mode in ("border", "center_crop") and sw == sh and ow != oh:
         scale = sw / (max(ow, oh) if resize_mode == "border" else min(ow, oh))
         cw, ch = round(ow * scale), round(oh * scale)
         if resize_mode == "border":
-            dx, dy = (sw - cw) // 2, (sh - ch) // 2
-        else:
-            dx, dy = -((cw - sw) // 2), -((ch - sh) // 2)
-        fx, fy = cw / ow, ch / oh
-        return x1 * fx + dx, y1 * fy + dy, x2 * fx + dx, y2 * fy + dy
-    fx, fy = sw / ow, sh / oh
-    return x1 * fx, y1 * fy, x2 * fx, y2 * fy
+            return cw, ch, (sw - cw) // 2, (sh - ch) // 2
+        return cw, ch, -((cw - sw) // 2), -((ch - sh) // 2)
+    return sw, sh, 0, 0

@@ -214,8 +214,12 @@ def make_example(row: Row, ref: layouts.ImageRef | None,
     img = face_crop.open_image(ref.read(), settings.spec.max_pixels)
     stored_size = img.size
     original_size = ref.original_size or stored_size
-    box = layouts.map_box(row.box, original_size, stored_size, settings.resize_mode)
-    image = face_crop.crop_face(img, box, settings.spec)
+    # Clipped to the photo first: a box off it is counted (box_outside_image), not cut from
+    # the padding a "border" resize added, from which no context is taken either.
+    visible = face_crop.clip_box(row.box, original_size)
+    box = layouts.map_box(visible, original_size, stored_size, settings.resize_mode)
+    area = layouts.picture_area(original_size, stored_size, settings.resize_mode)
+    image = face_crop.crop_face(img, box, settings.spec, area)
     return row.id, {
         "image": image,
         "caption": row.caption,
