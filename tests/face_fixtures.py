@@ -540,27 +540,29 @@ def write_mat73(path: Path, variables: dict[str, list[str] | np.ndarray]) -> Non
 def make_lfwa(root: Path) -> EvalFixture:
     """LFW images plus LFWA+ annotations: lfw_att_40.mat in v7.3 (as distributed) and
     indices_train_test.mat in the older MATLAB format, with overlapping, repeated and
-    out-of-range indices, a bad label and broken images."""
+    out-of-range indices, a bad label and broken images; index 13 names index 3's file again
+    and is in test, so that file is overlap by name though not by index."""
     manual = root / "manual"
     people = [f"Person_{chr(ord('A') + i)}" for i in range(6)]
     names = [f"{people[i % 6]}\\{people[i % 6]}_{i // 6 + 1:04d}.jpg" for i in range(12)]
-    labels = np.stack([attribute_vector(i) for i in range(12)])
+    names.append(names[2])
+    labels = np.stack([attribute_vector(i) for i in range(13)])
     labels[5, 3] = 2  # Not a 0/1 label.
     bad_images = dict(zip((1, 9, 10, 11), _bad_images().values(), strict=True))
-    for i, name in enumerate(names):
+    for i, name in enumerate(names[:12]):
         image = encode(aligned_face(i, (250, 250)), quality=95)
         _write(manual / "lfw" / name.replace("\\", "/"), bad_images.get(i, (image, None))[0])
     write_mat73(manual / "lfw_att_40.mat",
                 {"AttrName": list(CELEBA_ATTRIBUTES), "label": labels, "name": names})
     train = [1, 2, 3, 4, 5, 6, 7, 8]  # 1-based; 8 is also in test.
-    test = [8, 9, 9, 10, 11, 12, 40]  # 9 twice, 40 out of range.
+    test = [8, 9, 9, 10, 11, 12, 40, 13]  # 9 twice, 40 out of range, 13 is 3's file.
     scipy.io.savemat(manual / "indices_train_test.mat", {
         "indices_img_train": np.array(train, np.float64)[:, None],
         "indices_img_test": np.array(test, np.float64)[:, None]})
-    skipped = collections.Counter({"train_test_overlap": 1, "duplicate_id": 1,
+    skipped = collections.Counter({"train_test_overlap": 2, "duplicate_id": 1,
                                    "bad_annotation": 2})  # Index 40, label of index 6.
     splits: dict[str, dict[str, dict]] = {"train": {}, "test": {}}
-    for split, indices in (("train", train[:7]), ("test", test[:1] + test[2:6])):
+    for split, indices in (("train", [1, 2, 4, 5, 6, 7]), ("test", [8, 9, 10, 11, 12, 13])):
         for index in indices:
             i = index - 1
             if i == 5:
@@ -570,7 +572,7 @@ def make_lfwa(root: Path) -> EvalFixture:
                 continue
             path = names[i].replace("\\", "/")
             splits[split][path[:-4]] = {"attributes": attribute_vector(i),
-                                        "identity": people[i % 6]}
+                                        "identity": path.split("/")[0]}
     return EvalFixture(manual, splits, len(train) + len(test), dict(skipped))
 
 

@@ -150,3 +150,13 @@ def test_registered_in_cli() -> None:
                       ("celeba_dialog", CelebADialog)):
         assert tfds_builders.builder_class(name) is cls
         assert cls.name == name
+
+
+def test_annotation_lines_that_are_not_int32s_are_left_out(tmp_path: Path) -> None:
+    """str.isdigit takes "4²", which int() refuses; int32 features refuse 3062147483."""
+    from tfds_builders.celeba import parse_table
+
+    path = tmp_path / "list_bbox_celeba.txt"
+    path.write_text("3\nimage_id x_1 y_1 width height\n000001.jpg 95 71 226 313\n"
+                    "000002.jpg 4\u00b2 71 226 313\n000003.jpg 3062147483 71 226 313\n")
+    assert parse_table(path, 4, 2) == {"000001.jpg": [95, 71, 226, 313]}

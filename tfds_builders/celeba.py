@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import re
 from typing import Any
 
 import numpy as np
@@ -60,6 +61,9 @@ def parse_attribute_file(path: epath.Path) -> dict[str, np.ndarray | None]:
     return out
 
 
+_INT32 = re.compile(r"-?[0-9]{1,10}")
+
+
 def parse_table(path: epath.Path | None, width: int, header_lines: int) -> dict[str, list[int]]:
     """Optional "<name> int int ..." annotation files (identities, boxes, landmarks).
 
@@ -71,7 +75,9 @@ def parse_table(path: epath.Path | None, width: int, header_lines: int) -> dict[
     out = {}
     for line in annotation_lines(path)[header_lines:]:
         fields = (line or "").split()
-        if len(fields) == width + 1 and all(f.lstrip("-").isdigit() for f in fields[1:]):
+        # ASCII digits that fit the int32 features ("4²" passes str.isdigit, not int()).
+        if len(fields) == width + 1 and all(_INT32.fullmatch(f) and abs(int(f)) < 2**31
+                                            for f in fields[1:]):
             out[fields[0]] = [int(f) for f in fields[1:]]
     return out
 

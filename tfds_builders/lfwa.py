@@ -124,19 +124,25 @@ class LFWA(ImageSetBuilder):
                 raise ManualDirError(f"{annotations_path}: AttrName is not the 40 CelebA "
                                      f"attributes: {attr_names}")
             order = [attr_names.index(name) for name in CELEBA_ATTRIBUTE_NAMES]
+        # Overlaps and repeats are found by image name, what records are keyed by: one file
+        # may be listed under two indices.
+        def name_of(index: int) -> str | None:
+            return names[index].replace("\\", "/") if 0 <= index < len(names) else None
+
         test = _indices(splits["indices_img_test"])
-        test_set = set(test)
+        test_names = {name_of(i) for i in test} - {None}
         entries: dict[str, list] = {"train": [], "test": []}
         for split, indices in (("train", _indices(splits["indices_img_train"])), ("test", test)):
-            seen: set[int] = set()
+            seen: set[str] = set()
             for index in indices:
                 self.report.records_read += 1
-                if split == "train" and index in test_set:
+                name = name_of(index)
+                if split == "train" and name in test_names:
                     self.report.skipped[TRAIN_TEST_OVERLAP] += 1
-                elif index in seen:
+                elif name is not None and name in seen:
                     self.report.skipped[DUPLICATE_ID] += 1
                 else:
-                    seen.add(index)
+                    seen.add(name)
                     self._add_entry(entries[split], index, names, labels, order, images)
         return {split: self._generate_examples(split, items)
                 for split, items in entries.items()}

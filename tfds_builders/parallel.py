@@ -15,6 +15,7 @@ import collections
 import itertools
 import multiprocessing
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -32,18 +33,19 @@ def ordered_map(fn: Callable[[T], R], items: Iterable[T], num_workers: int,
     With `num_workers <= 1` everything runs in the calling process, which keeps tests and
     debugging simple. `fn` must be picklable (a module-level function or a partial of one).
     Workers are spawned rather than forked because the caller may run threads (JAX, tqdm, Beam)
-    that a fork would copy in a locked state.
+    that a fork would copy in a locked state. A worker that dies (a decoder's segfault, the
+    OOM killer) raises BrokenProcessPool here, where `multiprocessing.Pool` waited forever.
     """
     if num_workers <= 1:
         yield from map(fn, items)
         return
     max_pending = num_workers * chunks_per_worker
     iterator = iter(items)
-    with multiprocessing.get_context("spawn").Pool(num_workers) as pool:
+    with ProcessPoolExecutor(num_workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         pending: collections.deque = collections.deque()
         while chunk := list(itertools.islice(iterator, chunk_size)):
-            pending.append(pool.apply_async(_apply_chunk, (fn, chunk)))
+            pending.append(pool.submit(_apply_chunk, fn, chunk))
             if len(pending) >= max_pending:
-                yield from pending.popleft().get()
+                yield from pending.popleft().result()
         while pending:
-            yield from pending.popleft().get()
+            yield from pending.popleft().result()

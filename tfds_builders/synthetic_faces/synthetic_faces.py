@@ -5,13 +5,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
-import multiprocessing
 from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import tensorflow_datasets as tfds
 
+from tfds_builders.parallel import ordered_map
 from tfds_builders.synthetic_faces.attributes import ATTRIBUTE_NAMES, sample_attributes
 from tfds_builders.synthetic_faces.captions import make_caption
 from tfds_builders.synthetic_faces.render import encode_jpeg, render_face
@@ -117,9 +117,4 @@ class SyntheticFaces(tfds.core.GeneratorBasedBuilder):
         cfg = self.builder_config
         make = functools.partial(generate_example, cfg.seed, split_index,
                                  image_size=cfg.image_size)
-        if self._num_workers <= 1:
-            yield from map(make, range(num_examples))
-            return
-        # "spawn" rather than fork: the caller may already run JAX threads, which fork breaks.
-        with multiprocessing.get_context("spawn").Pool(self._num_workers) as pool:
-            yield from pool.imap(make, range(num_examples), chunksize=64)
+        yield from ordered_map(make, range(num_examples), self._num_workers, chunk_size=64)
