@@ -547,6 +547,7 @@ def make_lfwa(root: Path) -> EvalFixture:
     names = [f"{people[i % 6]}\\{people[i % 6]}_{i // 6 + 1:04d}.jpg" for i in range(12)]
     names.append(names[2])
     labels = np.stack([attribute_vector(i) for i in range(13)])
+    labels[12] = 1 - labels[2]  # 13 shares 3's file, not its labels
     labels[5, 3] = 2  # Not a 0/1 label.
     bad_images = dict(zip((1, 9, 10, 11), _bad_images().values(), strict=True))
     for i, name in enumerate(names[:12]):
@@ -571,7 +572,7 @@ def make_lfwa(root: Path) -> EvalFixture:
                 skipped[bad_images[i][1]] += 1
                 continue
             path = names[i].replace("\\", "/")
-            splits[split][path[:-4]] = {"attributes": attribute_vector(i),
+            splits[split][path[:-4]] = {"attributes": labels[i],
                                         "identity": path.split("/")[0]}
     return EvalFixture(manual, splits, len(train) + len(test), dict(skipped))
 

@@ -76,7 +76,7 @@ def parse_table(path: epath.Path | None, width: int, header_lines: int) -> dict[
     for line in annotation_lines(path)[header_lines:]:
         fields = (line or "").split()
         # ASCII digits that fit the int32 features ("4²" passes str.isdigit, not int()).
-        if len(fields) == width + 1 and all(_INT32.fullmatch(f) and abs(int(f)) < 2**31
+        if len(fields) == width + 1 and all(_INT32.fullmatch(f) and -2**31 <= int(f) < 2**31
                                             for f in fields[1:]):
             out[fields[0]] = [int(f) for f in fields[1:]]
     return out

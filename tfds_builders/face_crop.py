@@ -330,10 +330,12 @@ def crop_face(img: Image.Image, box: Box, spec: CropSpec,
     img, scale = load_pixels(img, _draft_scale(window, spec.resolution))
     orientation = exif_orientation(img)
     if scale != 1.0:  # the decoded frame is `scale` times smaller; stay inside the area
-        left, top = math.ceil(left / scale), math.ceil(top / scale)
+        x0, y0 = left / scale, top / scale
+        left, top = math.ceil(x0), math.ceil(y0)
         right, bottom = math.floor(right / scale), math.floor(bottom / scale)
-        window = crop_window(tuple(v / scale for v in visible), (right - left, bottom - top),
-                             spec.margin)
+        shifted = (visible[0] / scale + x0 - left, visible[1] / scale + y0 - top,
+                   visible[2] / scale + x0 - left, visible[3] / scale + y0 - top)
+        window = crop_window(shifted, (right - left, bottom - top), spec.margin)
     window = (window[0] + left, window[1] + top, window[2] + left, window[3] + top)
     face = to_rgb(img.crop(window))
     face = apply_orientation(face, orientation)

@@ -41,7 +41,8 @@ def ordered_map(fn: Callable[[T], R], items: Iterable[T], num_workers: int,
         return
     max_pending = num_workers * chunks_per_worker
     iterator = iter(items)
-    with ProcessPoolExecutor(num_workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+    pool = ProcessPoolExecutor(num_workers, mp_context=multiprocessing.get_context("spawn"))
+    try:
         pending: collections.deque = collections.deque()
         while chunk := list(itertools.islice(iterator, chunk_size)):
             pending.append(pool.submit(_apply_chunk, fn, chunk))
@@ -49,3 +50,5 @@ def ordered_map(fn: Callable[[T], R], items: Iterable[T], num_workers: int,
                 yield from pending.popleft().result()
         while pending:
             yield from pending.popleft().result()
+    finally:  # an error or a consumer that stops early doesn't wait for the queued chunks
+        pool.shutdown(wait=False, cancel_futures=True)
