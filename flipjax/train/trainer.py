@@ -96,7 +96,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     # Input pipeline, and resume.
     data_iter = iter(make_train_dataset(config.data, tokenizer, seed=config.seed))
     manager = checkpoint.make_manager(workdir, config.checkpoint)
-    start = manager.latest_step() or 0
+    start, total = manager.latest_step() or 0, config.total_steps
+    if start >= total:
+        # e.g. a finished job restarted by its scheduler, or a reused --workdir: nothing to
+        # restore or train, and the config.json that describes the checkpoint stays.
+        logging.warning("%s: the checkpoint at step %d already reaches total_steps=%d; nothing "
+                        "to train (evaluate it with `python -m flipjax.evaluate --workdir=%s`, "
+                        "or raise config.total_steps to train on)", workdir, start, total,
+                        workdir)
+        manager.close()
+        return {}
     if start:
         check_same_data_position(config, workdir)
         keep_tokenizer(config, workdir, resumed=True)
@@ -112,16 +121,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                          config.init_from.towers, config.model,
                                          config.tokenizer.path)
             state["params"] = jax.device_put(params, setup.state_shardings["params"])
-    total = config.total_steps
-    if start >= total:
-        # e.g. a finished job restarted by its scheduler, or a reused --workdir: nothing to do,
-        # and the config.json that describes the checkpoint stays.
-        logging.warning("%s: the checkpoint at step %d already reaches total_steps=%d; nothing "
-                        "to train (evaluate it with `python -m flipjax.evaluate --workdir=%s`, "
-                        "or raise config.total_steps to train on)", workdir, start, total,
-                        workdir)
     # Written once the state exists, so a resume that fails leaves the run's config as it was.
-    elif jax.process_index() == 0:
+    if jax.process_index() == 0:
         write_bytes_whole(root / "config.json", config.to_json(indent=2).encode())
 
     # The loop.
