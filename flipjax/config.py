@@ -257,5 +257,6 @@ def _build_missing(config: ml_collections.ConfigDict) -> None:
                             num_workers=os.cpu_count() or 1, config=data.builder_config)
     if config.tokenizer.train_if_missing and not storage_path(config.tokenizer.path).exists():
         texts = dataset_texts(data.name, data.data_dir, data.train_split, data.text_key,
-                              data.builder_config, field="config.data.train_split")
+                              data.builder_config,
+                              fields=("config.data.train_split", "config.data.text_key"))
         train_sentencepiece(texts, config.tokenizer.path, config.tokenizer.vocab_size)

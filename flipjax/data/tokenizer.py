@@ -104,17 +104,19 @@ class Tokenizer:
 
 
 def dataset_texts(name: str, data_dir: str, split: str, text_key: str,
-                  builder_config: str | None = None, field: str = "--split") -> Iterator[str]:
+                  builder_config: str | None = None,
+                  fields: tuple[str, str] = ("--split", "--text_key")) -> Iterator[str]:
     """The captions of a built TFDS dataset (ArrayRecord, read without TensorFlow). The split
     and `text_key` are checked here, not once SentencePiece pulls the first caption, so that
-    an error names `field` rather than surfacing from inside its trainer."""
+    an error names their `fields` (flags or config fields) rather than surfacing from inside
+    its trainer."""
     import ml_collections
 
     from flipjax.data.pipeline import data_source
 
     source = data_source(ml_collections.ConfigDict(
         {"name": name, "builder_config": builder_config, "data_dir": data_dir}), split,
-        field, {"--text_key" if field.startswith("--") else "config.data.text_key": text_key})
+        fields[0], {fields[1]: text_key})
     return (c for i in range(len(source)) for c in captions_of(source[i][text_key]))
 
 
