@@ -5,9 +5,11 @@ Each problem is reported as one line naming the config field and what to do abou
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import sys
+from collections.abc import Iterator
 
 import jax
 import ml_collections
@@ -42,6 +44,17 @@ NONFINITE = ("raise", "skip")
 
 class ConfigError(ValueError):
     """A config field that cannot work, with the field's name and what to do."""
+
+
+@contextlib.contextmanager
+def exit_on_config_error() -> Iterator[None]:
+    """Ends a command on a ConfigError with its one line and exit status 2, as absl does for
+    a bad flag: the message names the field and the fix, a traceback would bury it."""
+    try:
+        yield
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 def dataset_dir_exists(data_cfg: ml_collections.ConfigDict) -> bool:

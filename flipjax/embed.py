@@ -23,6 +23,7 @@ from absl import app, flags, logging
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
+from flipjax.config import exit_on_config_error
 from flipjax.data.pipeline import center_crop
 from flipjax.evaluate.features import Embedder
 from flipjax.storage import storage_path, write_bytes_whole
@@ -79,8 +80,9 @@ def main(argv: list[str]) -> None:
     del argv
     if not FLAGS.images and not FLAGS.texts:
         raise app.UsageError("give --images and/or --texts")
-    config = load_workdir_config(FLAGS.workdir)
-    params, step, setup, tokenizer = restore_params(config, FLAGS.workdir, FLAGS.step)
+    with exit_on_config_error():
+        config = load_workdir_config(FLAGS.workdir)
+        params, step, setup, tokenizer = restore_params(config, FLAGS.workdir, FLAGS.step)
     n = setup.mesh.size
     embedder = Embedder(setup.graphdef, setup.mesh, config.data, -(-FLAGS.batch_size // n) * n)
     out = {"step": np.asarray(step)}

@@ -54,16 +54,14 @@ def main(argv: list[str]) -> None:
         jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
                                    num_processes=FLAGS.num_processes,
                                    process_id=FLAGS.process_id)
-    from flipjax.config import ConfigError
+    from flipjax.config import exit_on_config_error
     from flipjax.train.preemption import PREEMPTED_EXIT_CODE, PreemptedError
     from flipjax.train.trainer import train_and_evaluate
 
     logging.info("devices: %s", jax.devices())
     try:
-        metrics = train_and_evaluate(FLAGS.config, FLAGS.workdir)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        with exit_on_config_error():
+            metrics = train_and_evaluate(FLAGS.config, FLAGS.workdir)
     except PreemptedError as e:
         print(e, file=sys.stderr)
         sys.exit(PREEMPTED_EXIT_CODE)

@@ -3,6 +3,7 @@ cache, and a probe whose choices provably ignore the test split."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -63,6 +64,21 @@ def test_cli_writes_eval_json(saved_run):
     assert results["linear_probe/val_carved"] == 0.0
     assert any(name.startswith("synthetic_faces-tiny_test_attributes_step1_")
                for name in os.listdir(os.path.join(workdir, "features")))
+
+
+@pytest.mark.parametrize("module", ["flipjax.evaluate", "flipjax.embed"])
+def test_cli_names_a_wrong_workdir_or_step(saved_run, tmp_path, module):
+    """A mistyped --workdir or --step is one line naming it and exit 2, not a traceback."""
+    env = dict(os.environ, PYTHONPATH=REPO)
+    extra = ["--texts=/dev/null", f"--output={tmp_path}/out"] if module == "flipjax.embed" else []
+    for args, message in [([f"--workdir={tmp_path}"], f"{tmp_path}: no config.json here"),
+                          ([f"--workdir={saved_run[1]}", "--step=99"],
+                           r"no checkpoint at step 99 in .*; saved steps: \[1\]")]:
+        proc = subprocess.run([sys.executable, "-m", module, *args, *extra], cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 2, proc.stderr[-3000:]
+        assert re.search(f"^error: {message}", proc.stderr, re.MULTILINE), proc.stderr[-3000:]
+        assert "Traceback" not in proc.stderr
 
 
 def test_probe_choice_ignores_poisoned_test_cache(saved_run, tmp_path):

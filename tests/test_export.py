@@ -26,6 +26,7 @@ from transformers import (
     SiglipModel,
 )
 
+from flipjax.config import ConfigError
 from flipjax.data.pipeline import center_crop, data_source, decode_rgb, make_train_dataset
 from flipjax.data.tokenizer import EOS_ID, Tokenizer, train_sentencepiece
 from flipjax.export.__main__ import main as export_main
@@ -403,6 +404,10 @@ def test_cli_exports_a_workdir(tiny_config, tmp_path):
     # Into a non-empty directory only when told: the user's README.md there would be replaced.
     assert export_main([f"--workdir={workdir}", f"--output={out}"]) == 2
     assert export_main([f"--workdir={workdir}", f"--output={out}", "--overwrite"]) == 0
+    # A step not saved, or a directory that holds no run: one line, exit 2.
+    assert export_main([f"--workdir={workdir}", "--step=99", f"--output={out}",
+                        "--overwrite"]) == 2
+    assert export_main([f"--workdir={out}", f"--output={tmp_path / 'no'}"]) == 2
 
     config.model.image.pool = "gap"  # refused with one line naming the field
     (workdir / "config.json").write_text(config.to_json(indent=2))
@@ -419,6 +424,12 @@ def test_training_starts_from_init_from(tiny_config, tmp_path):
     config.init_from.update(path=str(tmp_path / "hf"), towers=("img",))
     config.total_steps = 1  # the first step has learning rate 0: params stay as loaded
     config.evals = {}
+    # A refusal names the field (one line and exit 2 from flipjax.main), before any step.
+    config.init_from.towers = ("img", "txt")
+    with pytest.raises(ConfigError, match=r"config\.init_from\.path='.*hf': loading the text "
+                                          "tower needs the checkpoint's tokenizer"):
+        train_and_evaluate(config, str(tmp_path / "refused"))
+    config.init_from.towers = ("img",)
     train_and_evaluate(config, str(tmp_path / "work"))
 
     workdir = str(tmp_path / "work")

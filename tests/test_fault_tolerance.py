@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from conftest import REPO
 
+from flipjax.config import ConfigError
 from flipjax.data.pipeline import make_train_dataset
 from flipjax.data.tokenizer import Tokenizer
 from flipjax.train import checkpoint
@@ -180,6 +181,6 @@ def test_resume_with_another_layer_layout_fails_clearly_and_keeps_config(tiny_co
     saved = (tmp_path / "config.json").read_text()
     config.total_steps = 2
     config.model.scan_layers = True
-    with pytest.raises(ValueError, match="does not fit this config's train state.*scan_layers"):
+    with pytest.raises(ConfigError, match="does not fit this config's train state.*scan_layers"):
         train_and_evaluate(config, str(tmp_path))
     assert (tmp_path / "config.json").read_text() == saved

@@ -82,7 +82,7 @@ def test_resume_with_another_batch_size_fails_clearly(tiny_config, tmp_path):
     checkpoint.check_same_processes(manager, 2)
     iter_dir = tmp_path / "checkpoints" / "2" / "iter"
     (iter_dir / "process_0-of-1.json").rename(iter_dir / "process_0-of-2.json")
-    with pytest.raises(ValueError, match=r"saved by 2 process\(es\) \(process_0-of-2\.json"):
+    with pytest.raises(ConfigError, match=r"saved by 2 process\(es\) \(process_0-of-2\.json"):
         checkpoint.check_same_processes(manager, 2)
     manager.close()
 

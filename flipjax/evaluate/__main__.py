@@ -10,14 +10,13 @@ so re-running with other probe settings embeds nothing again.
 from __future__ import annotations
 
 import json
-import sys
 
 import jax
 import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from flipjax.config import ConfigError, parse_flags
+from flipjax.config import exit_on_config_error, parse_flags
 from flipjax.evaluate import make_evaluators, run_evaluators
 from flipjax.storage import storage_path, write_bytes_whole
 from flipjax.train.workdir import load_workdir_config, restore_params
@@ -40,12 +39,9 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
 
 def main(argv: list[str]) -> None:
     del argv
-    config = FLAGS.config or load_workdir_config(FLAGS.workdir)
-    try:
+    with exit_on_config_error():
+        config = FLAGS.config or load_workdir_config(FLAGS.workdir)
         step, results = evaluate_checkpoint(config, FLAGS.workdir, FLAGS.step)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
     if jax.process_index() == 0:
         path = storage_path(FLAGS.workdir) / f"eval_step_{step}.json"
         write_bytes_whole(path, json.dumps({"step": step, "results": results}, indent=2,

@@ -35,10 +35,12 @@ def main(argv: Sequence[str] | None = None) -> int:
               '"flipjax[hf]"', file=sys.stderr)
         return 2
 
+    from flipjax.config import ConfigError
+
     try:
         model_cls = export_workdir(args.workdir, args.output, args.step, args.tokenizer,
                                    args.overwrite)
-    except ExportError as e:
+    except (ExportError, ConfigError) as e:  # ConfigError: the checkpoint does not restore
         print(f"cannot export: {e}", file=sys.stderr)
         return 2
     print(f"wrote {model_cls} to {args.output}")

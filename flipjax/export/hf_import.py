@@ -161,7 +161,7 @@ def check_same_computation(model_cfg: ml_collections.ConfigDict, path: str,
     wrong = [f"config.model.{name} is {ours[name]!r}, the checkpoint's {theirs[name]!r}"
              for name in ours if ours[name] != theirs[name]]
     if wrong:
-        raise ValueError(f"init_from {path}: the model would compute something else with these "
+        raise ValueError("the model would compute something else with these "
                          f"weights: {'; '.join(wrong)}")
 
 
@@ -180,14 +180,14 @@ def check_same_tokenizer(path: str, tokenizer_path: str) -> None:
     fix = ("set config.tokenizer.path to the checkpoint's spiece.model, "
            "or load the image tower only: config.init_from.towers=('img',)")
     if not os.path.isfile(theirs):
-        raise ValueError(f"init_from {path}: loading the text tower needs the checkpoint's "
+        raise ValueError("loading the text tower needs the checkpoint's "
                          "tokenizer to be the run's, and it ships no spiece.model to compare; "
                          "flipjax's tokenizers are SentencePiece: load the image tower only, "
                          "config.init_from.towers=('img',)")
     with open(theirs, "rb") as f:
         same = pieces(f.read()) == pieces(storage_path(tokenizer_path).read_bytes())
     if not same:
-        raise ValueError(f"init_from {path}: its spiece.model is not config.tokenizer.path "
+        raise ValueError("its spiece.model is not config.tokenizer.path "
                          f"{tokenizer_path!r} (other pieces for the same ids); {fix}")
 
 
@@ -226,7 +226,7 @@ def load_into_params(params: dict, path: str, towers: Sequence[str],
             has_head = rule.flip.removesuffix("bias") + "kernel" in flat
             if rule.flip.endswith("head/bias") and has_head and np.any(tensors[rule.hf] != 0):
                 tower = "image" if rule.flip.startswith("img/") else "text"
-                raise ValueError(f"init_from {path}: config.model.{tower}.proj_bias=False "
+                raise ValueError(f"config.model.{tower}.proj_bias=False "
                                  f"would drop the checkpoint's non-zero {rule.hf}, and the "
                                  "embeddings with it; set it to True")
             report.skipped[rule.hf] = f"this model has no {rule.flip}"
@@ -261,7 +261,7 @@ def load_into_params(params: dict, path: str, towers: Sequence[str],
     if "t" in updates and cap and float(np.exp(updates["t"]).max()) > cap * (1 + 1e-6):
         # Training clamps t after each step, the first included: the imported scale, and the
         # bias trained with it, would shift every logit before any learning.
-        raise ValueError(f"init_from {path}: the checkpoint's temperature "
+        raise ValueError("the checkpoint's temperature "
                          f"{float(np.exp(updates['t']).max()):.4g} is above "
                          f"config.model.max_temperature {cap}; raise it, e.g. "
                          "--config.model.max_temperature=inf (SigLIP has no cap)")

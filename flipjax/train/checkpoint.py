@@ -14,6 +14,7 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
+from flipjax.config import ConfigError
 from flipjax.storage import storage_path
 
 
@@ -36,13 +37,13 @@ def abstract_with_shardings(state: Any, shardings: Any) -> Any:
 
 
 def check_same_processes(manager: ocp.CheckpointManager, step: int) -> None:
-    """Raises ValueError unless the checkpoint holds this process's iterator state: Grain
+    """Raises ConfigError unless the checkpoint holds this process's iterator state: Grain
     saves one per process (`process_I-of-N.json`), positions within this process's rows."""
     name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
     saved = sorted(p.name for p in (manager.directory / str(step) / "iter").glob("process_*"))
     if saved and name not in saved:
         count = saved[0].split("-of-")[-1].removesuffix(".json")
-        raise ValueError(f"{manager.directory}/{step}: the data position was saved by "
+        raise ConfigError(f"{manager.directory}/{step}: the data position was saved by "
                          f"{count} process(es) ({saved[0]}, ...), and this run has "
                          f"{jax.process_count()}; resume with as many processes (hosts), or export "
                          "the weights (python -m flipjax.export) and start a new run from them "
@@ -61,7 +62,7 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any,
         return manager.restore(step, args=ocp.args.Composite(**items)).state
     except (ValueError, KeyError) as e:
         # Orbax names the array and both shapes, deep in its own traceback.
-        raise ValueError(
+        raise ConfigError(
             f"{manager.directory}: the checkpoint at step {step} does not fit this config's "
             "train state; was the run started with other model sizes, tokenizer vocabulary, "
             "model.scan_layers or optim.mu_dtype (see the workdir's config.json)? "

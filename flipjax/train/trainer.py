@@ -16,7 +16,7 @@ import ml_collections
 from absl import logging
 from tqdm import tqdm
 
-from flipjax.config import check, prepare, validate
+from flipjax.config import ConfigError, check, prepare, validate
 from flipjax.data.pipeline import make_train_dataset, to_global
 from flipjax.data.tokenizer import Tokenizer
 from flipjax.evaluate import make_evaluators, run_evaluators
@@ -117,9 +117,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         keep_tokenizer(config, workdir, resumed=False)
         state = setup.init()
         if config.init_from.path:  # pretrained HF weights, on a fresh run only
-            params, _ = load_into_params(state["params"], config.init_from.path,
-                                         config.init_from.towers, config.model,
-                                         config.tokenizer.path)
+            try:
+                params, _ = load_into_params(state["params"], config.init_from.path,
+                                             config.init_from.towers, config.model,
+                                             config.tokenizer.path)
+            except (ValueError, FileNotFoundError) as e:
+                raise ConfigError(f"config.init_from.path={config.init_from.path!r}: {e}"
+                                  ) from e
             state["params"] = jax.device_put(params, setup.state_shardings["params"])
     # Written once the state exists, so a resume that fails leaves the run's config as it was.
     if jax.process_index() == 0:

@@ -10,6 +10,7 @@ import json
 
 import ml_collections
 
+from flipjax.config import ConfigError
 from flipjax.data.tokenizer import Tokenizer
 from flipjax.storage import storage_path
 from flipjax.train import checkpoint
@@ -24,7 +25,14 @@ def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
     """The config a run saved as WORKDIR/config.json, with fields added since filled in:
     runs saved before `model.remat` named a policy stored a bool, and had no `scan_layers`
     (nor `attention`)."""
-    saved = json.loads((storage_path(workdir) / "config.json").read_text())
+    path = storage_path(workdir) / "config.json"
+    if not path.exists():
+        raise ConfigError(f"{workdir}: no config.json here, so not the workdir of a training run "
+                          "(python -m flipjax.main writes it when the run starts)")
+    saved = json.loads(path.read_text())
+    if not isinstance(saved.get("model"), dict) or "data" not in saved:
+        raise ConfigError(f"{path} is not a flipjax run's config (an exported model's?); give "
+                          "the training run's workdir")
     model = saved["model"]
     if isinstance(model.get("remat"), bool):
         model["remat"] = "full" if model["remat"] else "none"
@@ -52,7 +60,7 @@ def restore_params(config: ml_collections.ConfigDict, workdir: str, step: int | 
     saved = manager.all_steps()
     step = manager.latest_step() if step is None else step
     if step not in saved:
-        raise FileNotFoundError(f"no checkpoint at step {step} in {workdir}/checkpoints; "
+        raise ConfigError(f"no checkpoint at step {step} in {workdir}/checkpoints; "
                                 f"saved steps: {sorted(saved) or 'none'}")
     abstract = checkpoint.abstract_with_shardings(setup.abstract_state, setup.state_shardings)
     state = checkpoint.restore(manager, step, abstract, None)
