@@ -216,9 +216,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
               f"{ebs} is not divisible by the {shards} batch shards")
         if eval_cfg.type == "linear_probe":
             try:
-                ProbeConfig.from_eval_cfg(eval_cfg)
-            except ValueError as e:
-                raise ConfigError(f"config.evals.{name}.kind: {e}") from None
+                probe = ProbeConfig.from_eval_cfg(eval_cfg)
+            except ValueError as e:  # as make_evaluators words it
+                raise ConfigError(f"config.evals.{name}: {e}") from None
+            depth = tower_size(model.image, with_patch=True)[0].depth
+            check(probe.features != "layers" or probe.blocks is None
+                  or all(1 <= b < depth for b in probe.blocks), f"evals.{name}.blocks",
+                  f"{probe.blocks} must be block numbers 1..{depth - 1} of the {depth}-block "
+                  "image tower (its last block's output is always read)")
     # Rules that label no parameter, checked on the model's names (shapes only, no weights).
     abstract_params = nnx.eval_shape(lambda: nnx.to_pure_dict(nnx.state(make_model(
         model, vocab_size=config.tokenizer.vocab_size), nnx.Param)))

@@ -1,5 +1,6 @@
 """Evaluation metrics against hand-made inputs with known answers (no model, no data)."""
 
+import dataclasses
 import itertools
 
 import numpy as np
@@ -9,6 +10,7 @@ from flipjax.evaluate.linear_probe import (
     ProbeConfig,
     carve_validation,
     encode_classes,
+    fit,
     linear_probe,
     multiclass_metrics,
     multilabel_metrics,
@@ -179,6 +181,25 @@ def test_linear_probe_learns_separable_attributes():
     assert out["mean_acc"] > 93.0, out
     assert out["mean_acc"] > out["majority_mean_acc"] + 20
     assert set(out) >= {"chosen_l2", "chosen_epochs", "balanced_acc", "acc/attr_4"}
+
+
+def test_layer_probe_finds_the_informative_vector():
+    """FLIP's head on layer features (N, F, D): the labels live in one of the F vectors, the
+    others are noise at another scale (as block outputs are); the shared LayerNorm and the
+    learned weighted sum must find it."""
+    def data(n, seed):
+        d = separable(n, seed)
+        noise = np.random.default_rng(seed + 10).normal(size=(n, 4, 16)) * 30
+        x = np.concatenate([noise[:, :2], d["features"][:, None], noise[:, 2:]], axis=1)
+        return {"features": x.astype(np.float16), "labels": d["labels"]}
+
+    probe = dataclasses.replace(PROBE, features="layers", epochs_grid=(30,), lr=3e-2)
+    out = linear_probe(data(1000, 0), data(200, 1), data(500, 2), probe)
+    assert out["mean_acc"] > 90.0, out
+    heads = fit(data(1000, 0)["features"], data(1000, 0)["labels"], probe, 0.0, 5, 0.0, 1.0,
+                None)
+    mix = np.abs(heads[30].params["mix"])
+    assert mix.argmax() == 2 and mix[2] > 2 * np.delete(mix, 2).max(), mix
 
 
 def test_multiclass_probe():

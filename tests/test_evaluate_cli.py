@@ -15,6 +15,7 @@ from conftest import REPO
 from flipjax.data.pipeline import make_train_dataset
 from flipjax.data.tokenizer import Tokenizer
 from flipjax.evaluate import make_evaluators
+from flipjax.models import embedding_dims
 from flipjax.train import checkpoint
 from flipjax.train.sharding import make_mesh
 from flipjax.train.step import TrainSetup
@@ -155,10 +156,45 @@ def test_probe_carves_validation_by_group(saved_run):
     assert out["num_train"] + out["num_val"] == 512
 
 
+def test_probe_on_flips_layer_features(saved_run, tmp_path):
+    """`features="layers"` fits FLIP's head on the class token, patch mean and max of the
+    chosen blocks and the last, cached in a file of its own beside the embeddings'."""
+    from flipjax.config import validate
+
+    config, _, setup, tokenizer, params = saved_run
+    config = ml_collections.ConfigDict(config.to_dict())
+    probe = dict(type="linear_probe", every_steps=1, train_split="train[:256]",
+                 val_split="validation", l2_grid=(0.0,), epochs_grid=(2,), probe_batch_size=64,
+                 batch_size=32)
+    config.evals = {"layers": {**probe, "features": "layers"},  # blocks: (1,) of 2, as FLIP's
+                    "embedding": probe}
+    evaluators = make_evaluators(config, tokenizer, setup.graphdef, setup.mesh,
+                                 cache_dir=str(tmp_path))
+    layers = evaluators["layers"].run(params, step=1)
+    embedding = evaluators["embedding"].run(params, step=1)
+    assert 0 <= layers["mean_acc"] <= 100 and layers["num_train"] == 256
+    assert layers["val_score"] != embedding["val_score"]
+    cached = sorted(p.name for p in tmp_path.iterdir() if "train" in p.name)
+    assert len(cached) == 2, cached
+    shapes = []
+    for name in cached:
+        with np.load(tmp_path / name) as f:
+            shapes.append(f["features"].shape)
+    # Mean and max (no class token with MAP pooling) of block 1 and of the last.
+    width = config.model.image.width
+    assert sorted(shapes) == [(256, 4, width), (256, embedding_dims(config.model)[0])], shapes
+    config.evals.layers.blocks = (config.model.image.depth,)
+    with pytest.raises(ValueError, match=r"config\.evals\.layers\.blocks: \(2,\) must be "
+                                         r"block numbers 1\.\.1 of the 2-block image tower"):
+        validate(config)
+
+
 @pytest.mark.parametrize("change,message", [
     (dict(val_splt="validation"), r"config\.evals\.probe\.val_splt: not a field of a "
                                   r"'linear_probe' evaluator \(did you mean 'val_split'\?\)"),
     (dict(test_split="tst"), r"config\.evals\.probe\.test_split='tst' .*Unknown split"),
+    (dict(features="layer"), r"config\.evals\.probe: linear probe features 'layer' is not "
+                             r"one of \('embedding', 'layers'\)"),
     (dict(test_split="test[:0]"), r"config\.evals\.probe\.test_split='test\[:0\]'"),
     (dict(label_key="atributes"), r"config\.evals\.probe\.label_key='atributes': dataset "
                                   r"'synthetic_faces/tiny' .* has no such feature"),

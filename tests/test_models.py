@@ -24,8 +24,8 @@ from flipjax.models.layers import (
     stack_layers,
     unstack_layers,
 )
-from flipjax.models.variants import SIZES, decode_variant
-from flipjax.models.vit import PatchEmbed, sincos2d_posemb
+from flipjax.models.variants import SIZES, Size, decode_variant
+from flipjax.models.vit import PatchEmbed, ViT, sincos2d_posemb
 from flipjax.train.sharding import make_mesh
 from flipjax.train.step import TrainSetup
 
@@ -562,3 +562,39 @@ def test_sincos2d_is_distinct_per_position():
 def test_decode_variant_rejects_bad_names(bad):
     with pytest.raises(ValueError, match="variant|size"):
         decode_variant(bad, with_patch=True)
+
+
+@pytest.mark.parametrize("pool", ["tok", "map"])
+@pytest.mark.parametrize("attention", ["dot", "cudnn"])
+def test_layer_features_summarise_the_chosen_blocks_outputs(monkeypatch, pool, attention):
+    """FLIP's probe features: class token (with one), patch mean and patch max of the chosen
+    blocks' outputs and of the final output, the same from a scanned tower, and never
+    reading the pad token an even-length kernel adds to 17 tokens."""
+    monkeypatch.setitem(ATTENTION_IMPLEMENTATIONS, "cudnn", functools.partial(
+        cudnn_attention, implementation="xla"))
+    images = jax.random.normal(jax.random.key(1), (3, 32, 32, 3))
+
+    def vit(scan: bool) -> ViT:
+        return ViT(Size(32, 4, 64, 2), 8, image_size=32, pool=pool, scan_layers=scan,
+                   attention=attention, platform="cpu", rngs=nnx.Rngs(0))
+
+    model = vit(scan=False)
+    features = model.layer_features(images, (1, 3))
+    x, outputs = model.encoder_input(images), []
+    for number, block in enumerate(model.encoder.layers, start=1):
+        x = block(x, num_keys=None)
+        outputs += [x] if number in (1, 3) else []
+    outputs.append(model.tokens(images))
+    cls = int(pool == "tok")
+    want = jnp.stack([v for t in outputs for v in ([t[:, 0]] if cls else [])
+                      + [t[:, cls:].mean(1), t[:, cls:].max(1)]], axis=1)
+    assert features.shape == (3, 3 * (2 + cls), 32)
+    np.testing.assert_allclose(features, want, atol=1e-5)
+
+    scanned = vit(scan=True)
+    params = nnx.state(scanned, nnx.Param)
+    nnx.replace_by_pure_dict(params, stack_layers(nnx.to_pure_dict(nnx.state(model, nnx.Param))))
+    nnx.update(scanned, params)
+    np.testing.assert_allclose(scanned.layer_features(images, (1, 3)), features, atol=1e-5)
+    with pytest.raises(ValueError, match=r"must be block numbers 1\.\.3"):
+        model.layer_features(images, (4,))

@@ -48,10 +48,13 @@ def test_attribute_prediction_script(run_and_data):
     workdir, data_dir, root = run_and_data
     text = run_script("experiments.attribute_prediction", workdir, data_dir, root / "attr.md")
     assert "images `squash`" in text
-    celeba = next(line for line in text.splitlines() if line.startswith("| celeba |"))
-    lfwa = next(line for line in text.splitlines() if line.startswith("| lfwa |"))
-    assert "| official |" in celeba and "| carved from train |" in lfwa
-    assert "| Wearing_Necktie |" in text
+    lines = text.splitlines()
+    for dataset, validation in (("celeba", "official"), ("lfwa", "carved from train")):
+        for method in ("probe on embedding", "probe on layers"):
+            assert any(line.startswith(f"| {dataset} | {method} |")
+                       and f"| {validation} |" in line for line in lines), (dataset, method)
+        assert any(line.startswith(f"| {dataset} | zero-shot |") for line in lines)
+    assert "| Wearing_Necktie |" in text and "celeba_probe_layers" in text
 
 
 def test_retrieval_benchmarks_script(run_and_data):

@@ -67,8 +67,13 @@ class Embedder:
             model: TwoTowers = nnx.merge(graphdef, params)
             return model.embed_texts(ids)
 
+        def image_layers(params, u8, blocks):
+            model: TwoTowers = nnx.merge(graphdef, params)
+            return model.img.layer_features(normalize_images(u8, mean, std), blocks)
+
         kw = dict(in_shardings=(None, self.sharding), out_shardings=replicated(mesh))
         self._images, self._texts = jax.jit(images, **kw), jax.jit(texts, **kw)
+        self._image_layers = jax.jit(image_layers, static_argnums=2, **kw)
         self._image_tower_sums = jax.jit(
             lambda params: jnp.stack([jnp.stack([jnp.sum(x.astype(jnp.float32)),
                                                  jnp.sum(jnp.square(x.astype(jnp.float32)))])
@@ -90,6 +95,12 @@ class Embedder:
 
     def images(self, params: dict, images_u8: np.ndarray) -> np.ndarray:
         return self._run(self._images, params, images_u8)
+
+    def image_layers(self, params: dict, images_u8: np.ndarray,
+                     blocks: tuple[int, ...] | None) -> np.ndarray:
+        """`ViT.layer_features` (N, F, width), as float16: a CelebA train split's is 3 GB."""
+        fn = lambda params, images: self._image_layers(params, images, blocks)  # noqa: E731
+        return self._run(fn, params, images_u8).astype(np.float16)
 
     def texts(self, params: dict, ids: np.ndarray) -> np.ndarray:
         out = [self._run(self._texts, params, ids[i: i + self.batch_size])
@@ -164,9 +175,11 @@ def feature_cache_path(cache_dir: str, data_cfg: ml_collections.ConfigDict, spli
 
 
 def image_features(embedder: Embedder, params: dict, data_cfg: ml_collections.ConfigDict,
-                   split: str, label_key: str, *, cache_dir: str | None = None,
+                   split: str, label_key: str, *, layers: bool = False,
+                   blocks: tuple[int, ...] | None = None, cache_dir: str | None = None,
                    step: int | None = None) -> dict[str, np.ndarray]:
-    """{"features": image embeddings (N, D), "labels": `label_key` of each record}.
+    """{"features": image embeddings (N, D), or with `layers` the image tower's
+    `layer_features` of `blocks` (N, F, width), "labels": `label_key` of each record}.
 
     With `cache_dir` and `step` the result is read from / written to an .npz keyed by dataset,
     split, label, checkpoint step, the model fingerprint, the image tower's weights
@@ -177,7 +190,8 @@ def image_features(embedder: Embedder, params: dict, data_cfg: ml_collections.Co
     path = None
     if cache_dir is not None and step is not None:
         path = feature_cache_path(cache_dir, data_cfg, split, label_key, step,
-                                  f"{embedder.fingerprint}-{embedder.weights_digest(params)}")
+                                  f"{embedder.fingerprint}-{embedder.weights_digest(params)}"
+                                  + (f"-layers{blocks}" if layers else ""))
         # Process 0's view for all: each must take the same branch (embedding is jitted over
         # all of them), and the others may look before process 0's write of this step (another
         # evaluator of the split) has landed.
@@ -186,7 +200,9 @@ def image_features(embedder: Embedder, params: dict, data_cfg: ml_collections.Co
                 return {"features": f["features"], "labels": f["labels"]}
     feats, labels = [], []
     for recs in iterate_records(data_cfg, split, embedder.batch_size, f"features {split}"):
-        feats.append(embedder.images(params, np.stack([r["image"] for r in recs])))
+        images = np.stack([r["image"] for r in recs])
+        feats.append(embedder.image_layers(params, images, blocks) if layers
+                     else embedder.images(params, images))
         labels += [r[label_key] for r in recs]
     out = {"features": np.concatenate(feats), "labels": label_array(labels)}
     if path is not None and jax.process_index() == 0:

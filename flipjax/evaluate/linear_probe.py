@@ -1,9 +1,13 @@
 """Linear probes on frozen image features (the paper's protocol: towers frozen, only a linear
 layer trained).
 
-Features are the image tower's L2-normalised embeddings, standardised with train statistics.
-`multilabel` fits one independent sigmoid output per attribute (BCE; CelebA/LFWA's 40
-attributes), `multiclass` one softmax over the classes seen in train (e.g. `identity`).
+`features="embedding"`: the image tower's L2-normalised embeddings, standardised with train
+statistics, then the linear layer. `features="layers"`: FLIP's attribute head (its
+`fflip_celeba_recognition.py`, after FaRL's): the class token, patch mean and patch max after
+`blocks` (FLIP: 4, 6, 8) and after the last block, twelve vectors, through one LayerNorm they
+share and a learned weighted sum, then the linear layer. `multilabel` fits one independent
+sigmoid output per attribute (BCE; CelebA/LFWA's 40 attributes), `multiclass` one softmax over
+the classes seen in train (e.g. `identity`).
 
 Hyperparameters (L2 penalty x epochs) are chosen on the validation split only: `select` never
 receives test data, and the test split is scored once, with the chosen head. This is where the
@@ -31,11 +35,18 @@ from flipjax.evaluate.features import Embedder, image_features, label_array
 from flipjax.evaluate.prompts import attribute_names
 
 KINDS = ("multilabel", "multiclass")
+FEATURES = ("embedding", "layers")
+# Rows per call when a fitted head scores a split: layer features are 12 vectors per image.
+_SCORE_ROWS = 4096
 
 
 @dataclasses.dataclass(frozen=True)
 class ProbeConfig:
     kind: str = "multilabel"
+    features: str = "embedding"
+    # features="layers": the blocks read besides the last; None: FLIP's 4, 6, 8 of 12, at
+    # those fractions of another depth (`flip_probe_blocks`).
+    blocks: tuple[int, ...] | None = None
     l2_grid: tuple[float, ...] = (0.0, 1e-4, 1e-3, 1e-2)
     epochs_grid: tuple[int, ...] = (10, 30, 100)
     lr: float = 3e-3
@@ -51,21 +62,41 @@ class ProbeConfig:
         probe = cls(**kw)
         if probe.kind not in KINDS:
             raise ValueError(f"linear probe kind {probe.kind!r} is not one of {KINDS}")
+        if probe.features not in FEATURES:
+            raise ValueError(f"linear probe features {probe.features!r} is not one of "
+                             f"{FEATURES}")
         return probe
+
+
+def head_logits(params: dict, x: jax.Array) -> jax.Array:
+    """Logits of a head on standardised embeddings (N, D), or on layer features (N, F, D):
+    those go through one LayerNorm the F vectors share (FLIP's, eps 1e-5 as PyTorch's) and
+    their weighted sum (weights learned, no softmax, as FLIP's) before the linear layer."""
+    x = x.astype(jnp.float32)
+    if x.ndim == 3:
+        mean, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)
+        x = (x - mean) * jax.lax.rsqrt(var + 1e-5) * params["ln_scale"] + params["ln_bias"]
+        x = jnp.einsum("nfd,f->nd", x, params["mix"])
+    return x @ params["w"] + params["b"]
 
 
 @dataclasses.dataclass
 class Head:
-    """A fitted linear head with the train standardisation it expects."""
+    """A fitted head with the train standardisation it expects (none for layer features,
+    which the head's LayerNorm normalises)."""
 
-    w: np.ndarray
-    b: np.ndarray
-    mean: np.ndarray
-    std: np.ndarray
+    params: dict[str, np.ndarray]
+    mean: np.ndarray | float
+    std: np.ndarray | float
     classes: np.ndarray | None  # multiclass: label value of each output
 
     def logits(self, x: np.ndarray) -> np.ndarray:
-        return ((x - self.mean) / self.std) @ self.w + self.b
+        return np.concatenate([
+            np.asarray(_head_logits(self.params, (x[i:i + _SCORE_ROWS] - self.mean) / self.std))
+            for i in range(0, len(x), _SCORE_ROWS)])
+
+
+_head_logits = jax.jit(head_logits)
 
 
 def encode_classes(labels: np.ndarray, classes: np.ndarray) -> np.ndarray:
@@ -111,17 +142,19 @@ def score(head: Head, x: np.ndarray, y: np.ndarray, kind: str) -> float:
 
 
 def fit(x: np.ndarray, y: np.ndarray, probe: ProbeConfig, l2: float, num_outputs: int,
-        mean: np.ndarray, std: np.ndarray, classes: np.ndarray | None) -> dict[int, Head]:
+        mean: np.ndarray | float, std: np.ndarray | float, classes: np.ndarray | None
+        ) -> dict[int, Head]:
     """Adam on the mean BCE (or CE) + l2/2 |W|^2, minibatches reshuffled each epoch; returns
     the head after each epoch count in `probe.epochs_grid`. The bias starts at the train
-    log-odds (log-prior), so an untrained head is the majority baseline, not a coin flip."""
-    n, d = x.shape
+    log-odds (log-prior), so an untrained head is the majority baseline, not a coin flip; a
+    layer head's weighted sum starts as the mean of its F vectors."""
+    n, d = len(x), x.shape[-1]
     bs = min(probe.batch_size, n)
     steps = n // bs
     tx = optax.adam(probe.lr)
 
     def loss_fn(params, xb, yb):
-        logits = xb @ params["w"] + params["b"]
+        logits = head_logits(params, xb)
         if probe.kind == "multilabel":
             loss = optax.sigmoid_binary_cross_entropy(logits, yb.astype(jnp.float32)).mean()
         else:
@@ -147,14 +180,19 @@ def fit(x: np.ndarray, y: np.ndarray, probe: ProbeConfig, l2: float, num_outputs
     else:
         b0 = np.log(np.bincount(y, minlength=num_outputs) / n)
     params = {"w": jnp.zeros((d, num_outputs)), "b": jnp.asarray(b0, jnp.float32)}
+    if x.ndim == 3:
+        params.update(ln_scale=jnp.ones(d), ln_bias=jnp.zeros(d),
+                      mix=jnp.full(x.shape[1], 1.0 / x.shape[1]))
     opt_state = tx.init(params)
-    xs, ys = jnp.asarray((x - mean) / std, jnp.float32), jnp.asarray(y)
+    # Layer features stay float16 on the device (3 GB for CelebA's train split), cast per batch.
+    xs = jnp.asarray(((x - mean) / std).astype(x.dtype if x.ndim == 3 else np.float32))
+    ys = jnp.asarray(y)
     key = jax.random.key(probe.seed)
     heads = {}
     for e in range(1, max(probe.epochs_grid) + 1):
         params, opt_state = epoch(params, opt_state, xs, ys, jax.random.fold_in(key, e))
         if e in probe.epochs_grid:
-            heads[e] = Head(np.asarray(params["w"]), np.asarray(params["b"]), mean, std, classes)
+            heads[e] = Head(jax.tree.map(np.asarray, params), mean, std, classes)
     return heads
 
 
@@ -162,8 +200,8 @@ def select(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y: n
            probe: ProbeConfig) -> tuple[Head, dict[str, float]]:
     """Fits every (l2, epochs) in the grid on train and keeps the best on validation (the first
     in grid order on ties). Takes no test data, by construction."""
-    mean = train_x.mean(0)
-    std = train_x.std(0) + 1e-6
+    mean, std = ((train_x.mean(0), train_x.std(0) + 1e-6) if train_x.ndim == 2
+                 else (0.0, 1.0))  # layer features: the head's LayerNorm normalises them
     classes = None
     if probe.kind == "multiclass":
         classes = np.unique(train_y)
@@ -234,10 +272,12 @@ class LinearProbeEvaluator:
     """`type="linear_probe"`: fields `train_split` ("train"), `val_split` (None: carve
     `val_fraction` of train with `seed`, whole groups of `val_group_key` such as "identity" if
     set), `test_split` ("test"), `label_key` ("attributes"), `kind` (multilabel|multiclass),
-    `l2_grid`, `epochs_grid`, `lr`, `probe_batch_size`."""
+    `features` (embedding|layers) with `blocks`, `l2_grid`, `epochs_grid`, `lr`,
+    `probe_batch_size`."""
 
     FIELDS = ("train_split", "val_split", "val_fraction", "val_group_key", "test_split",
-              "label_key", "kind", "l2_grid", "epochs_grid", "lr", "probe_batch_size", "seed")
+              "label_key", "kind", "features", "blocks", "l2_grid", "epochs_grid", "lr",
+              "probe_batch_size", "seed")
 
     @staticmethod
     def reads(cfg: ml_collections.ConfigDict, data_cfg: ml_collections.ConfigDict
@@ -260,6 +300,7 @@ class LinearProbeEvaluator:
 
     def features(self, params: dict, split: str, step: int | None) -> dict[str, np.ndarray]:
         return image_features(self.embedder, params, self.data_cfg, split, self.label_key,
+                              layers=self.probe.features == "layers", blocks=self.probe.blocks,
                               cache_dir=self.cache_dir, step=step)
 
     def run(self, params: dict, step: int | None = None) -> dict[str, float]:

@@ -467,6 +467,33 @@ class Encoder(nnx.Module):
         x = self.encoder_norm(x)
         return x if position is None else x[:, 0]
 
+    def block_summaries(self, x: jax.Array, summarize: Callable[[jax.Array], jax.Array]
+                        ) -> jax.Array:
+        """`summarize` of every block's output and of the final (normed) output, stacked:
+        (depth + 1, ...), index i < depth being block i + 1's. Probes on intermediate layers
+        (FLIP's attribute head) read these; each block's tokens are summarised as they are
+        made, so a scanned encoder never holds all of them."""
+        num_tokens = x.shape[1]
+        if self.needs_even_length and num_tokens % 2 == 1:
+            x = jnp.pad(x, [(0, 0), (0, 1), (0, 0)])
+        num_keys = num_tokens if x.shape[1] != num_tokens else None
+
+        def apply(block: EncoderBlock, y: jax.Array) -> tuple[jax.Array, jax.Array]:
+            y = block(y, num_keys=num_keys)
+            return y, summarize(y[:, :num_tokens])
+
+        if self.scan:
+            x, per_block = nnx.scan(apply, in_axes=(0, nnx.Carry),
+                                    out_axes=(nnx.Carry, 0))(self.layers, x)
+        else:
+            outputs = []
+            for block in self.layers:
+                x, summary = apply(block, x)
+                outputs.append(summary)
+            per_block = jnp.stack(outputs)
+        final = summarize(self.encoder_norm(x[:, :num_tokens]))
+        return jnp.concatenate([per_block, final[None]])
+
 
 def is_static_index(position: int | jax.Array | None) -> bool:
     return isinstance(position, int | np.integer)

@@ -8,6 +8,8 @@ can be imported as they are.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -89,6 +91,13 @@ class MAPHead(nnx.Module):
         return y[:, 0]
 
 
+def flip_probe_blocks(depth: int) -> tuple[int, ...]:
+    """The blocks FLIP's attribute head reads besides the last (4, 6, 8 of 12), at the same
+    fractions of `depth`: (1, 2) of 3, (1,) of 2, none of 1."""
+    return tuple(sorted({b for b in (round(depth / 3), depth // 2, round(2 * depth / 3))
+                         if 1 <= b < depth}))
+
+
 class ViT(nnx.Module):
     """Image tower: pixels (B, H, W, 3) -> pooled features (B, proj_dim or width)."""
 
@@ -103,7 +112,7 @@ class ViT(nnx.Module):
             raise ValueError(f"image posemb must be one of {POSEMBS}, got {posemb!r}")
         if image_size % patch:
             raise ValueError(f"image_size {image_size} is not divisible by patch size {patch}")
-        self.pool, self.posemb, self.dtype = pool, posemb, dtype
+        self.pool, self.posemb, self.dtype, self.depth = pool, posemb, dtype, size.depth
         self.grid = image_size // patch
         d = size.width
         self.patch_embed = PatchEmbed(patch, d, platform=platform, dtype=dtype, rngs=rngs)
@@ -125,8 +134,34 @@ class ViT(nnx.Module):
                      if proj_dim else None)
 
     def tokens(self, images: jax.Array, position: int | None = None) -> jax.Array:
-        """Encoded tokens (B, N, width), the input of pooling and of FLIP-style probes, or
-        only the one at `position` (B, width)."""
+        """Encoded tokens (B, N, width), the input of pooling, or only the one at `position`
+        (B, width)."""
+        return self.encoder(self.encoder_input(images), position=position)
+
+    def layer_features(self, images: jax.Array, blocks: Sequence[int] | None = None
+                       ) -> jax.Array:
+        """FLIP's attribute-probe features (B, F, width): for the outputs of `blocks` (1-based)
+        and the encoder's final output, the class token (with `pool="tok"`), the mean and the
+        max of the patch tokens, in that order. FLIP reads blocks 4, 6, 8 of 12 (F = 12);
+        None means the blocks at those fractions of this tower's depth."""
+        depth = self.depth
+        blocks = flip_probe_blocks(depth) if blocks is None else tuple(blocks)
+        if not all(1 <= b < depth for b in blocks):
+            raise ValueError(f"blocks {tuple(blocks)} must be block numbers 1..{depth - 1} "
+                             "(the last block's output is always included)")
+        cls = int(self.pool == "tok")
+
+        def summarize(tokens: jax.Array) -> jax.Array:
+            patches = tokens[:, cls:].astype(jnp.float32)
+            parts = [tokens[:, 0].astype(jnp.float32)] if cls else []
+            return jnp.stack([*parts, patches.mean(axis=1), patches.max(axis=1)], axis=1)
+
+        summaries = self.encoder.block_summaries(self.encoder_input(images), summarize)
+        picked = summaries[jnp.asarray([b - 1 for b in blocks] + [depth])]  # (L, B, K, D)
+        return jnp.moveaxis(picked, 0, 1).reshape(images.shape[0], -1, picked.shape[-1])
+
+    def encoder_input(self, images: jax.Array) -> jax.Array:
+        """Patch embeddings with the class token and position embeddings, (B, N, width)."""
         x = self.patch_embed(images)
         b, h, w, d = x.shape
         x = x.reshape(b, h * w, d)
@@ -142,7 +177,7 @@ class ViT(nnx.Module):
             x = x + jnp.asarray(pe, x.dtype)
         if self.pre_norm is not None:
             x = self.pre_norm(x)
-        return self.encoder(x, position=position)
+        return x
 
     def __call__(self, images: jax.Array) -> jax.Array:
         if self.pool == "tok":  # the encoder computes the class token's output alone
