@@ -66,6 +66,31 @@ def test_metrics_at_a_url_are_written_whole_at_intervals_and_at_close(tmp_path, 
     writer.close()
 
 
+@pytest.mark.parametrize("url", [False, True])
+def test_metrics_lines_are_strict_json_and_a_resumed_step_is_amended_in_place(
+        tmp_path, monkeypatch, url):
+    """A skipped step's non-finite loss is null (jq and JSON.parse refuse NaN); results added
+    to the resumed step's line replace it, before the lines that follow, for a local file
+    (rewritten, then appended to) as at a URL."""
+    jsonl = tmp_path / "metrics.jsonl"
+    monkeypatch.setattr(metrics, "is_url", lambda path: url)
+    writer = metrics.MetricWriter(str(tmp_path), resumed_step=0)
+    writer.write(1, {"train/loss": float("nan")})
+    writer.write(2, {"train/loss": 0.5})
+    writer.write(3, {"train/loss": 0.25})  # after the checkpoint at 2: dropped on resume
+    writer.close()
+    assert jsonl.read_text().splitlines()[0] == '{"step": 1, "train/loss": null}'
+    writer = metrics.MetricWriter(str(tmp_path), resumed_step=2)
+    assert writer.logged_at_resume() == {"step": 2, "train/loss": 0.5}
+    writer.amend_resumed_line(2, {"probe/acc": 90.0})
+    writer.write(3, {"train/loss": 0.125})
+    writer.close()
+    rows = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    assert rows == [{"step": 1, "train/loss": None},
+                    {"step": 2, "train/loss": 0.5, "probe/acc": 90.0},
+                    {"step": 3, "train/loss": 0.125}]
+
+
 def test_a_resume_skips_a_cut_short_metrics_line_and_names_a_corrupt_one(tmp_path):
     """A crash mid-append leaves a line without its newline, which a resume drops; a complete
     line that is not a metrics record stops the resume with the file and line number."""

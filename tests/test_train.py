@@ -116,9 +116,12 @@ def test_a_failing_evaluation_loses_no_training_and_the_tokenizer_stays_the_runs
 
     monkeypatch.undo()
     saved = (tmp_path / "work" / "config.json").read_text()
-    config.optim.lr = 1.0  # forgot to change --workdir: the finished run is left as it was
-    assert train_and_evaluate(config, workdir) == {}
+    config.optim.lr = 1.0  # forgot to change --workdir: the finished run is left as it was,
+    assert train_and_evaluate(config, workdir) == {}  # but for the evaluation that failed
     assert (tmp_path / "work" / "config.json").read_text() == saved
+    _, rows = read_losses(workdir)
+    assert [r["step"] for r in rows] == [1, 2] and "retrieval/t2i_R@1" in rows[1]
+    assert rows[1]["train/loss"] == losses[2]
 
     other = train_sentencepiece([f"a face number {i} with words" for i in range(300)],
                                 str(tmp_path / "other.model"), 60)
@@ -126,6 +129,44 @@ def test_a_failing_evaluation_loses_no_training_and_the_tokenizer_stays_the_runs
     with pytest.raises(ConfigError, match=r"config\.tokenizer\.path: .* is not the tokenizer "
                                           r"this run trained with"):
         train_and_evaluate(config, workdir)
+
+
+def test_a_resumed_run_evaluates_what_its_checkpointed_step_did_not(tiny_config, tmp_path,
+                                                                    monkeypatch):
+    """An evaluator failing after its step's checkpoint: the line keeps the results of those
+    that ran before it, and the resumed run evaluates only the missing one at that step, in
+    that step's line, then trains on."""
+    from flipjax.evaluate.retrieval import RetrievalEvaluator
+    from flipjax.evaluate.zeroshot import ZeroShotAttributesEvaluator
+
+    config, workdir = tiny_config, str(tmp_path)
+    config.total_steps, config.checkpoint.every_steps = 4, 2
+    config.evals = {"retrieval": {**config.evals.retrieval, "every_steps": 2},
+                    "zeroshot": {**config.evals.zeroshot, "every_steps": 2}}
+    config.model.image.depth = config.model.text.depth = 1
+    runs = []
+    retrieval_run, zeroshot_run = RetrievalEvaluator.run, ZeroShotAttributesEvaluator.run
+    monkeypatch.setattr(RetrievalEvaluator, "run", lambda self, params, step=None: (
+        runs.append(("retrieval", step)) or retrieval_run(self, params, step)))
+
+    def zeroshot_fails(self, params, step=None):
+        raise RuntimeError("zero-shot failed")
+
+    monkeypatch.setattr(ZeroShotAttributesEvaluator, "run", zeroshot_fails)
+    with pytest.raises(RuntimeError, match="zero-shot failed"):
+        train_and_evaluate(config, workdir)
+    _, rows = read_losses(workdir)
+    assert [r["step"] for r in rows] == [1, 2] and "retrieval/t2i_R@1" in rows[1]
+    assert not any(k.startswith("zeroshot/") for k in rows[1])
+
+    monkeypatch.setattr(ZeroShotAttributesEvaluator, "run", lambda self, params, step=None: (
+        runs.append(("zeroshot", step)) or zeroshot_run(self, params, step)))
+    train_and_evaluate(config, workdir)
+    assert runs == [("retrieval", 2), ("zeroshot", 2), ("retrieval", 4), ("zeroshot", 4)]
+    losses, rows = read_losses(workdir)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert {"train/loss", "retrieval/t2i_R@1", "zeroshot/mean_acc"} <= set(rows[1])
+    assert {"train/loss", "retrieval/t2i_R@1", "zeroshot/mean_acc"} <= set(rows[3])
 
 
 @pytest.mark.parametrize("accum", [1, 2])

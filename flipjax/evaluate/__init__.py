@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import difflib
 import json
+from collections.abc import Iterator, Mapping
 
 import ml_collections
 from absl import logging
@@ -89,14 +90,21 @@ def make_evaluators(config: ml_collections.ConfigDict, tokenizer: Tokenizer,
 
 
 def run_evaluators(evaluators: dict, params: dict, step: int, names: set[str] | None = None
-                   ) -> dict[str, float]:
-    """Runs the evaluators named in `names` (default: all) on `params` at checkpoint `step`;
-    returns their results as {"NAME/metric": value}, also logged."""
-    results = {}
+                   ) -> Iterator[dict[str, float]]:
+    """Runs the evaluators named in `names` (default: all) on `params` at checkpoint `step`,
+    yielding each one's results as {"NAME/metric": value} (also logged) when it finishes: a
+    caller keeps those of the evaluators that ran before one that fails."""
     for name, evaluator in evaluators.items():
         if names is None or name in names:
-            results.update({f"{name}/{k}": v
-                            for k, v in evaluator.run(params, step=step).items()})
-    if results:
-        logging.info("step %d eval: %s", step, json.dumps(results))
-    return results
+            results = {f"{name}/{k}": v for k, v in evaluator.run(params, step=step).items()}
+            logging.info("step %d eval: %s", step, json.dumps(results))
+            yield results
+
+
+def missing_evaluations(evals: ml_collections.ConfigDict, step: int, total_steps: int,
+                        logged: Mapping[str, float]) -> set[str]:
+    """The evaluators due at checkpoint `step` (every one at the last step) whose results
+    `logged` (that step's metrics line) lacks: a run that stopped while evaluating a step
+    it had saved reruns them when it resumes from that step, rather than skipping them."""
+    due = {n for n, e in evals.items() if step % e.every_steps == 0 or step >= total_steps}
+    return {n for n in due if not any(k.startswith(f"{n}/") for k in logged)}

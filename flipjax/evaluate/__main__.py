@@ -34,7 +34,8 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
     params, step, setup, tokenizer = restore_params(config, workdir, step)
     evaluators = make_evaluators(config, tokenizer, setup.graphdef, setup.mesh,
                                  cache_dir=str(storage_path(workdir) / "features"))
-    return step, run_evaluators(evaluators, params, step)
+    return step, {k: v for results in run_evaluators(evaluators, params, step)
+                  for k, v in results.items()}
 
 
 def main(argv: list[str]) -> None:

@@ -223,7 +223,7 @@ def _eval_lines(workdir: str) -> list[str]:
         return []
     records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     for record in reversed(records):
-        results = {k: v for k, v in record.items() if "R@" in k}
+        results = {k: v for k, v in record.items() if "R@" in k and v is not None}
         if results:
             step = record.get("step", "?")
             return [f"| {k} | {v:.4f} | {step} |" for k, v in sorted(results.items())]

@@ -51,23 +51,54 @@ class MetricWriter:
         self.jsonl_path = root / "metrics.jsonl"
         lines = lines_up_to(self.jsonl_path, resumed_step)
         self._rewrite(lines)
+        last = json.loads(lines[-1]) if lines else {}
+        self.resumed_line = last if last.get("step") == resumed_step else {}
         # Locally an open file to append to; at a URL every line, for the next rewrite.
         self.jsonl = None if is_url(root) else self.jsonl_path.open("a")
         self.lines = lines if self.jsonl is None else None
-        self.tensorboard = SummaryWriter(str(root / "tensorboard"))
+        # purge_step: TensorBoard drops the events a resumed run logs again, as lines_up_to.
+        self.tensorboard = SummaryWriter(str(root / "tensorboard"),
+                                         purge_step=resumed_step + 1)
 
     def _rewrite(self, lines: list[str]) -> None:
         write_bytes_whole(self.jsonl_path, "".join(lines).encode())
         self.rewritten_at = time.monotonic()
 
-    def write(self, step: int, metrics: Mapping[str, float]) -> None:
+    def logged_at_resume(self) -> dict:
+        """The metrics line of the step the run resumed from ({} when none was logged, or on
+        another process than 0)."""
+        return self.resumed_line if self.enabled else {}
+
+    def amend_resumed_line(self, step: int, metrics: Mapping[str, float]) -> None:
+        """Adds `metrics` to the line of the step the run resumed from (writing it if the run
+        stopped before it was), before any line of a later step: one line per step stays."""
         if not self.enabled:
             return
-        clean = {k: float(v) for k, v in metrics.items()}
-        for name, value in clean.items():
+        kept = lines_up_to(self.jsonl_path, step - 1)
+        if self.jsonl is None:
+            self.lines = kept
+        else:  # the rewrite replaces the file: append to the new one
+            self.jsonl.close()
+            self._rewrite(kept)
+            self.jsonl = self.jsonl_path.open("a")
+        previous = {k: v for k, v in self.resumed_line.items() if k != "step"}
+        self.write(step, {**previous, **metrics}, scalars=metrics)
+        self.flush()
+
+    def write(self, step: int, metrics: Mapping[str, float | None],
+              scalars: Mapping[str, float] | None = None) -> None:
+        """Logs `metrics` as the line of `step`, and `scalars` (default: all of them) to
+        TensorBoard."""
+        if not self.enabled:
+            return
+        values = {k: (float(v) if v is not None else math.nan) for k, v in metrics.items()}
+        for name, value in (values if scalars is None else scalars).items():
             if math.isfinite(value):
                 self.tensorboard.add_scalar(name, value, step)
-        line = json.dumps({"step": step, **clean}) + "\n"
+        # A non-finite value (a skipped step's loss) is null: NaN is not JSON (jq refuses it).
+        line = json.dumps({"step": step, **{k: v if math.isfinite(v) else None
+                                            for k, v in values.items()}}, allow_nan=False)
+        line += "\n"
         if self.jsonl is not None:
             self.jsonl.write(line)
             self.jsonl.flush()
@@ -77,11 +108,14 @@ class MetricWriter:
                 self._rewrite(self.lines)
 
     def flush(self) -> None:
-        """Writes out every line so far (a URL's are otherwise held for up to
-        `URL_REWRITE_SECONDS`): called at each checkpoint, since a run resumed from it will not
-        log those steps again."""
-        if self.enabled and self.jsonl is None:
+        """Writes out every line and TensorBoard event so far (a URL's lines are otherwise held
+        for up to `URL_REWRITE_SECONDS`, TensorBoard's events for up to two minutes): called at
+        each checkpoint, since a run resumed from it will not log those steps again."""
+        if not self.enabled:
+            return
+        if self.jsonl is None:
             self._rewrite(self.lines)
+        self.tensorboard.flush()
 
     def close(self) -> None:
         if not self.enabled:

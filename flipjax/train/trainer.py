@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import time
+from collections.abc import Callable
 
 import jax
 import ml_collections
@@ -19,13 +20,14 @@ from tqdm import tqdm
 from flipjax.config import ConfigError, check, prepare, validate
 from flipjax.data.pipeline import make_train_dataset, to_global
 from flipjax.data.tokenizer import Tokenizer
-from flipjax.evaluate import make_evaluators, run_evaluators
+from flipjax.evaluate import make_evaluators, missing_evaluations, run_evaluators
 from flipjax.export.hf_import import load_into_params
 from flipjax.storage import storage_path, write_bytes_whole
 from flipjax.train import checkpoint
 from flipjax.train.metrics import MetricWriter
+from flipjax.train.optimizer import make_schedule
 from flipjax.train.preemption import PreemptedError, PreemptionWatch
-from flipjax.train.sharding import make_mesh
+from flipjax.train.sharding import make_mesh, process0_flag
 from flipjax.train.step import TrainSetup
 from flipjax.train.workdir import TOKENIZER_FILE, load_workdir_config
 
@@ -55,6 +57,21 @@ def check_same_data_position(config: ml_collections.ConfigDict, workdir: str) ->
               f"{why}. Resume with the saved value, or use a new workdir")
 
 
+def warn_if_schedule_changes(config: ml_collections.ConfigDict, workdir: str, step: int
+                             ) -> None:
+    """Logs the learning-rate jump when a resume changes `total_steps`: the cosine schedule
+    is stretched to the new total, so extending a finished run warms the rate back up."""
+    if not (storage_path(workdir) / "config.json").exists():
+        return
+    saved = load_workdir_config(workdir).total_steps
+    if saved != config.total_steps:
+        before, after = (float(make_schedule(config.optim, total)(step))
+                         for total in (saved, config.total_steps))
+        logging.warning("total_steps %d -> %d: the learning-rate schedule is stretched to the "
+                        "new total; at step %d the rate goes from %.3g to %.3g", saved,
+                        config.total_steps, step, before, after)
+
+
 def keep_tokenizer(config: ml_collections.ConfigDict, workdir: str, resumed: bool) -> None:
     """Keeps the run's tokenizer as WORKDIR/tokenizer.model (what evaluation and export read);
     a resume must use the same one: other ids would feed the trained embeddings other pieces.
@@ -73,6 +90,26 @@ def non_finite_message(step: int) -> str:
     return (f"non-finite loss or gradient at step {step}; that update was not applied, so the "
             "parameters and checkpoints are finite. Lower the learning rate or resume from the "
             "last checkpoint; config.nonfinite='skip' skips such steps instead")
+
+
+def finish_evaluations(config: ml_collections.ConfigDict, evaluators: dict,
+                       writer: MetricWriter, step: int, params: Callable[[], dict]) -> None:
+    """Runs the evaluations due at the checkpoint a run resumes from that its metrics line
+    lacks (the run stopped while evaluating, after saving), adding them to that line."""
+    missing = missing_evaluations(config.evals, step, config.total_steps,
+                                  writer.logged_at_resume())
+    rerun = {name for name in sorted(config.evals) if process0_flag(name in missing)}
+    if not rerun:
+        return
+    logging.info("evaluating step %d again for %s: the run stopped before their results "
+                 "were logged", step, sorted(rerun))
+    results: dict[str, float] = {}
+    try:
+        for evaluation in run_evaluators(evaluators, params(), step, rerun):
+            results.update(evaluation)
+    finally:
+        if results:
+            writer.amend_resumed_line(step, results)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
@@ -99,15 +136,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     start, total = manager.latest_step() or 0, config.total_steps
     if start >= total:
         # e.g. a finished job restarted by its scheduler, or a reused --workdir: nothing to
-        # restore or train, and the config.json that describes the checkpoint stays.
+        # train, and the config.json that describes the checkpoint stays.
         logging.warning("%s: the checkpoint at step %d already reaches total_steps=%d; nothing "
-                        "to train (evaluate it with `python -m flipjax.evaluate --workdir=%s`, "
-                        "or raise config.total_steps to train on)", workdir, start, total,
-                        workdir)
-        manager.close()
+                        "to train (evaluate it with `python -m flipjax.evaluate --workdir=%s`; "
+                        "a higher config.total_steps trains on, on a schedule stretched to it)",
+                        workdir, start, total, workdir)
+        with (contextlib.closing(manager),
+              contextlib.closing(MetricWriter(workdir, start)) as writer):
+            finish_evaluations(config, evaluators, writer, start, lambda: checkpoint.restore(
+                manager, start, checkpoint.abstract_with_shardings(
+                    setup.abstract_state, setup.state_shardings), None)["params"])
         return {}
     if start:
         check_same_data_position(config, workdir)
+        warn_if_schedule_changes(config, workdir, start)
         keep_tokenizer(config, workdir, resumed=True)
         abstract = checkpoint.abstract_with_shardings(setup.abstract_state,
                                                       setup.state_shardings)
@@ -146,8 +188,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     prev_nonfinite, preempted_at = None, None
     # closing: a URL workdir's metrics.jsonl is written out on errors too.
     # An error (a failing evaluation, a non-finite loss) waits for a save in flight to land.
-    with (contextlib.closing(manager), PreemptionWatch() as preemption,
+    # The watch outlasts `closing(manager)`: a second SIGTERM while the last save commits
+    # must not kill the process and lose that checkpoint.
+    with (PreemptionWatch() as preemption, contextlib.closing(manager),
           contextlib.closing(MetricWriter(workdir, start)) as writer):
+        if start:
+            finish_evaluations(config, evaluators, writer, start, lambda: state["params"])
         for step in range(start + 1, total + 1):
             with jax.profiler.StepTraceAnnotation("train", step_num=step):
                 batch = to_global(next(data_iter), setup.batch_sharding)
@@ -173,8 +219,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 if due_save:  # before evaluating: an evaluation that fails costs no training
                     checkpoint.save(manager, step, state, data_iter)
                 try:
-                    metrics.update(run_evaluators(evaluators, state["params"], step, due_evals))
-                finally:  # a failed evaluation still leaves the step's training metrics
+                    for results in run_evaluators(evaluators, state["params"], step, due_evals):
+                        metrics.update(results)
+                finally:  # a failed evaluation leaves the training metrics, and those before
                     writer.write(step, metrics)
                     if due_save:
                         writer.flush()  # the lines up to a checkpoint are never logged again
@@ -185,7 +232,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             if due_log:
                 # Evaluation, logging and saving stay out of the next interval's step time.
                 last_time, last_step = time.perf_counter(), step
-            if preempted:
+            if preempted and step < total:  # at the last step, the run is done anyway
                 preempted_at = step
                 break
     progress.close()
