@@ -56,6 +56,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         name="facecaption15m", builder_config=placeholder(str), data_dir="./data",
         manual_dir=placeholder(str), build_if_missing=False, train_split="train",
         image_key="image", text_key="caption",
+        # How evaluation brings an image to the square input: "center_crop" or "squash" (the
+        # whole frame, as FLIP evaluates CelebA); an evaluator may set its own.
+        eval_resize="center_crop",
         # Per worker process: read_threads batches decoded at once, prefetch_batches kept
         # ready (a batch is this host's share of the global batch: ~77 MB at 512 per host).
         image_size=resolution, global_batch_size=batch, num_workers=16, read_threads=2,

@@ -28,6 +28,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         name="synthetic_faces", builder_config=placeholder(str), data_dir="./data",
         manual_dir=placeholder(str), build_if_missing=True, train_split="train",
         image_key="image", text_key="caption",
+        # How evaluation brings an image to the square input: "center_crop" or "squash" (the
+        # whole frame, as FLIP evaluates CelebA); an evaluator may set its own.
+        eval_resize="center_crop",
         image_size=resolution, global_batch_size=128, num_workers=0, read_threads=2,
         prefetch_batches=4,
         augment=dict(crop_scale=(0.7, 1.0), crop_ratio=(0.9, 1.1), flip=True),

@@ -101,11 +101,41 @@ def check(condition: bool, field: str, message: str) -> None:
         raise ConfigError(f"config.{field}: {message}")
 
 
-def validate(config: ml_collections.ConfigDict) -> None:
-    """Raises ConfigError on the first field that cannot work on this machine."""
+def validate_evals(config: ml_collections.ConfigDict, shards: int) -> None:
+    """Raises ConfigError on the first evaluator field that cannot work (`validate` before
+    training, `python -m flipjax.evaluate` before evaluating); `make_evaluators` then checks
+    the field names and the splits they read."""
     from flipjax.evaluate import EVAL_BATCH_SIZE, EVALUATORS
     from flipjax.evaluate.linear_probe import ProbeConfig
 
+    data, model = config.data, config.model
+    check(data.eval_resize in EVAL_RESIZES, "data.eval_resize",
+          f"{data.eval_resize!r} is not one of {sorted(EVAL_RESIZES)}")
+    for name, eval_cfg in config.evals.items():
+        check(eval_cfg.type in EVALUATORS, f"evals.{name}.type",
+              f"unknown evaluator {eval_cfg.type!r}; use one of {sorted(EVALUATORS)}")
+        check(eval_cfg.every_steps > 0, f"evals.{name}.every_steps",
+              f"{eval_cfg.every_steps} must be positive")
+        resize = eval_cfg.get("eval_resize")
+        check(resize in (None, *EVAL_RESIZES), f"evals.{name}.eval_resize",
+              f"{resize!r} is not one of {sorted(EVAL_RESIZES)}")
+        ebs = eval_cfg.get("batch_size", EVAL_BATCH_SIZE)
+        check(ebs % shards == 0, f"evals.{name}.batch_size",
+              f"{ebs} is not divisible by the {shards} batch shards")
+        if eval_cfg.type == "linear_probe":
+            try:
+                probe = ProbeConfig.from_eval_cfg(eval_cfg)
+            except ValueError as e:  # as make_evaluators words it
+                raise ConfigError(f"config.evals.{name}: {e}") from None
+            depth = tower_size(model.image, with_patch=True)[0].depth
+            check(probe.features != "layers" or probe.blocks is None
+                  or all(1 <= b < depth for b in probe.blocks), f"evals.{name}.blocks",
+                  f"{probe.blocks} must be block numbers 1..{depth - 1} of the {depth}-block "
+                  "image tower (its last block's output is always read)")
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Raises ConfigError on the first field that cannot work on this machine."""
     num_processes = jax.process_count()
     data, model = config.data, config.model
     try:
@@ -203,30 +233,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
                          ("log_every_steps", config.log_every_steps),
                          ("checkpoint.every_steps", config.checkpoint.every_steps)):
         check(value > 0, field, f"{value} must be positive")
-    for name, eval_cfg in config.evals.items():
-        check(eval_cfg.type in EVALUATORS, f"evals.{name}.type",
-              f"unknown evaluator {eval_cfg.type!r}; use one of {sorted(EVALUATORS)}")
-        check(eval_cfg.every_steps > 0, f"evals.{name}.every_steps",
-              f"{eval_cfg.every_steps} must be positive")
-        resize = eval_cfg.get("eval_resize", "center_crop")
-        check(resize in EVAL_RESIZES, f"evals.{name}.eval_resize",
-              f"{resize!r} is not one of {sorted(EVAL_RESIZES)}")
-        ebs = eval_cfg.get("batch_size", EVAL_BATCH_SIZE)
-        check(ebs % shards == 0, f"evals.{name}.batch_size",
-              f"{ebs} is not divisible by the {shards} batch shards")
-        if eval_cfg.type == "linear_probe":
-            try:
-                probe = ProbeConfig.from_eval_cfg(eval_cfg)
-            except ValueError as e:  # as make_evaluators words it
-                raise ConfigError(f"config.evals.{name}: {e}") from None
-            depth = tower_size(model.image, with_patch=True)[0].depth
-            check(probe.features != "layers" or probe.blocks is None
-                  or all(1 <= b < depth for b in probe.blocks), f"evals.{name}.blocks",
-                  f"{probe.blocks} must be block numbers 1..{depth - 1} of the {depth}-block "
-                  "image tower (its last block's output is always read)")
+    validate_evals(config, shards)
     # Rules that label no parameter, checked on the model's names (shapes only, no weights).
-    abstract_params = nnx.eval_shape(lambda: nnx.to_pure_dict(nnx.state(make_model(
-        model, vocab_size=config.tokenizer.vocab_size), nnx.Param)))
+    try:
+        abstract_params = nnx.eval_shape(lambda: nnx.to_pure_dict(nnx.state(make_model(
+            model, vocab_size=config.tokenizer.vocab_size), nnx.Param)))
+    except ValueError as e:  # a model field no check above covers, e.g. model.gelu
+        raise ConfigError(f"config.model: {e}") from None
     try:
         param_groups(abstract_params, optim)
     except ValueError as e:

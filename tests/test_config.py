@@ -94,6 +94,18 @@ def test_text_pooling_that_ignores_the_caption_is_refused(text, message):
         validate(config)
 
 
+@pytest.mark.parametrize("field,value,message", [
+    ("model.gelu", "relu", r"config\.model: gelu must be one of \['exact', 'quick', 'tanh'\]"),
+    ("data.eval_resize", "crop", r"config\.data\.eval_resize: 'crop' is not one of"),
+])
+def test_validation_names_a_field_no_earlier_check_covers(field, value, message):
+    config = load_config()
+    section, name = field.split(".")
+    config[section][name] = value
+    with pytest.raises(ConfigError, match=message):
+        validate(config)
+
+
 def test_validation_names_a_linear_probes_kind():
     config = load_config()
     config.evals.probe = dict(type="linear_probe", every_steps=10, kind="multi")

@@ -126,7 +126,7 @@ def test_eval_preprocess_any_mode(mode, want):
     image = Image.new("RGBA", (50, 40), (200, 10, 10, 128) if mode == "RGBA" else
                       (200, 10, 10, 255)).convert(mode)
     image.save(buf, format="PNG" if mode != "CMYK" else "JPEG")
-    out = EvalPreprocess(32, "image").map({"image": buf.getvalue(), "id": b"x"})
+    out = EvalPreprocess(32, "image", "center_crop").map({"image": buf.getvalue(), "id": b"x"})
     assert out["image"].shape == (32, 32, 3) and out["id"] == b"x"
     np.testing.assert_allclose(out["image"].reshape(-1, 3).mean(0), want, atol=4)
 
@@ -165,7 +165,7 @@ def test_squash_keeps_what_a_centre_crop_cuts_off():
     image.save(buf, format="PNG")
     record = {"image": buf.getvalue()}
     squashed = EvalPreprocess(64, "image", "squash").map(record)["image"]
-    cropped = EvalPreprocess(64, "image").map(record)["image"]
+    cropped = EvalPreprocess(64, "image", "center_crop").map(record)["image"]
     assert squashed.shape == cropped.shape == (64, 64, 3)
     np.testing.assert_array_equal(squashed[0, 32], (255, 0, 0))
     np.testing.assert_array_equal(squashed[-1, 32], (0, 0, 255))

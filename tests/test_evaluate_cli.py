@@ -82,6 +82,23 @@ def test_cli_names_a_wrong_workdir_or_step(saved_run, tmp_path, module):
         assert "Traceback" not in proc.stderr
 
 
+def test_cli_checks_the_evaluators_fields_first(saved_run, tmp_path):
+    """`--config` replaces the run's evaluators: their fields are checked as training checks
+    them, before anything is restored."""
+    config, workdir = saved_run[0], saved_run[1]
+    bad = ml_collections.ConfigDict(config.to_dict())
+    bad.evals.probe = dict(type="linear_probe", every_steps=1, features="layer")
+    (tmp_path / "bad.py").write_text(
+        "import ml_collections\n\n\ndef get_config():\n"
+        f"    return ml_collections.ConfigDict({bad.to_dict()!r})\n")
+    proc = subprocess.run([sys.executable, "-m", "flipjax.evaluate", f"--workdir={workdir}",
+                           f"--config={tmp_path / 'bad.py'}"], cwd=REPO,
+                          env=dict(os.environ, PYTHONPATH=REPO), capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "error: config.evals.probe: linear probe features 'layer'" in proc.stderr
+
+
 def test_probe_choice_ignores_poisoned_test_cache(saved_run, tmp_path):
     config, _, setup, tokenizer, params = saved_run
     config = ml_collections.ConfigDict(config.to_dict())  # the fixture's is shared

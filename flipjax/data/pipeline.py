@@ -35,9 +35,7 @@ def decode_rgb(data: bytes) -> Image.Image:
     """Encoded image bytes as 8-bit RGB, converted as the dataset builders and
     `flipjax.embed` convert (`face_crop.to_rgb`: transparency over white, 16-bit grey scaled),
     so that a picture gets the same pixels whichever way it reaches the model."""
-    image = Image.open(io.BytesIO(data))
-    image.draft("RGB", (image.width, image.height))
-    return to_rgb(image)
+    return to_rgb(Image.open(io.BytesIO(data)))
 
 
 def random_resized_crop(image: Image.Image, size: int, scale: tuple[float, float],
@@ -97,7 +95,7 @@ EVAL_RESIZES = {"center_crop": center_crop, "squash": squash}
 class EvalPreprocess(grain.transforms.Map):
     """Deterministic resize (`EVAL_RESIZES`); keeps every other field for the evaluators."""
 
-    def __init__(self, image_size: int, image_key: str, resize: str = "center_crop"):
+    def __init__(self, image_size: int, image_key: str, resize: str):
         self.size, self.image_key, self.resize = image_size, image_key, EVAL_RESIZES[resize]
 
     def map(self, record: dict) -> dict:

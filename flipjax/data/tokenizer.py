@@ -1,9 +1,10 @@
 """SentencePiece tokenizer: training on a dataset's captions, and fixed-length tokenisation.
 
-Ids follow the T5/SigLIP layout (pad 0, eos 1, unk 2, no bos) so an exported model's tokenizer
-is a plain `SiglipTokenizer`. Captions are tokenised to exactly `max_len` ids: the pieces, then
-EOS, then EOS again as padding ("sticky EOS", big_vision). The last position therefore always
-holds an EOS that has seen the whole caption, which is what last-token pooling reads.
+Ids follow the T5/SigLIP layout (pad 0, eos 1, unk 2, no bos), as SigLIP's checkpoints and
+tokenizers expect (the export writes a fast tokenizer from this model: `SiglipTokenizer` would
+strip the punctuation it was trained with). Captions are tokenised to exactly `max_len` ids:
+the pieces, then EOS, then EOS again as padding ("sticky EOS", big_vision). The last position
+therefore always holds an EOS that has seen the whole caption, which last-token pooling reads.
 
 Train one with:
     python -m flipjax.data.tokenizer --dataset=synthetic_faces --data_dir=DIR \

@@ -2,10 +2,10 @@
 
 Each runs inside training at its interval (results under keys `NAME/...`) and at the end, and
 from `python -m flipjax.evaluate` on a saved checkpoint. An evaluator may read another dataset
-than training does: `dataset=`, `builder_config=`, `data_dir=`, `image_key=`, `text_key=`,
-`attribute_names=` override `config.data` fields for it (`DATA_OVERRIDES`), and
-`eval_resize=` picks how its images are brought to the model's size ("center_crop", the
-default, or "squash" as FLIP evaluates CelebA; `flipjax.data.pipeline.EVAL_RESIZES`).
+than training does: `dataset=`, `builder_config=`, `data_dir=`, `image_key=`, `text_key=` and
+`eval_resize=` (how its images are brought to the model's size: "center_crop" or "squash" as
+FLIP evaluates CelebA) override those `config.data` fields for it, and `attribute_names=` names
+its attributes where the dataset's metadata does not (`DATA_OVERRIDES`).
 """
 
 from __future__ import annotations

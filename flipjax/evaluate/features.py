@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 from collections.abc import Callable, Iterator
 
 import grain
@@ -37,7 +36,7 @@ def model_fingerprint(model_cfg: ml_collections.ConfigDict,
     blob = json.dumps({"model": model_cfg.to_dict(), "image_size": data_cfg.image_size,
                        "image_key": data_cfg.image_key, "mean": list(data_cfg.mean),
                        "std": list(data_cfg.std),
-                       "eval_resize": data_cfg.get("eval_resize", "center_crop")},
+                       "eval_resize": data_cfg.eval_resize},
                       sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
@@ -112,8 +111,7 @@ def iterate_records(data_cfg: ml_collections.ConfigDict, split: str, batch_size:
                     desc: str) -> Iterator[list[dict]]:
     """Lists of up to `batch_size` eval-preprocessed records, in split order."""
     records = grain.MapDataset.source(data_source(data_cfg, split)).map(
-        EvalPreprocess(data_cfg.image_size, data_cfg.image_key,
-                       data_cfg.get("eval_resize", "center_crop")))
+        EvalPreprocess(data_cfg.image_size, data_cfg.image_key, data_cfg.eval_resize))
     n = len(records)
     for start in tqdm(range(0, n, batch_size), desc=desc, leave=False,
                       disable=jax.process_index() != 0):
@@ -158,7 +156,7 @@ def source_identity(data_cfg: ml_collections.ConfigDict, split: str) -> str:
     """Which build of a split the records come from: its directory and its size, so that a
     moved, rebuilt or re-versioned dataset is embedded anew rather than served from cache."""
     info = data_source(data_cfg, split).dataset_info
-    directory = info.data_dir if "://" in info.data_dir else os.path.abspath(info.data_dir)
+    directory = str(storage_path(info.data_dir))
     stats = info.splits[split.split("[")[0]]
     return f"{directory}|{stats.num_examples}|{stats.num_bytes}"
 

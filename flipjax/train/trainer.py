@@ -229,7 +229,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 if progress.disable:  # no terminal: a log line instead of the bar
                     logging.info("step %d/%d loss %.4f lr %.2e %.1f images/s", step, total,
                                  values["loss"], values["lr"], values["images_per_s"])
-            if due_log:
                 # Evaluation, logging and saving stay out of the next interval's step time.
                 last_time, last_step = time.perf_counter(), step
             if preempted and step < total:  # at the last step, the run is done anyway

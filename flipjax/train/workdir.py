@@ -24,7 +24,7 @@ TOKENIZER_FILE = "tokenizer.model"
 def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
     """The config a run saved as WORKDIR/config.json, with fields added since filled in:
     runs saved before `model.remat` named a policy stored a bool, and had no `scan_layers`
-    (nor `attention`)."""
+    (nor `attention`, nor `data.eval_resize`)."""
     path = storage_path(workdir) / "config.json"
     if not path.exists():
         raise ConfigError(f"{workdir}: no config.json here, so not the workdir of a training run "
@@ -33,6 +33,7 @@ def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
     if not isinstance(saved.get("model"), dict) or "data" not in saved:
         raise ConfigError(f"{path} is not a flipjax run's config (an exported model's?); give "
                           "the training run's workdir")
+    saved["data"].setdefault("eval_resize", "center_crop")
     model = saved["model"]
     if isinstance(model.get("remat"), bool):
         model["remat"] = "full" if model["remat"] else "none"
