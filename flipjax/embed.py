@@ -13,7 +13,6 @@ can't read is reported and skipped, so one broken file doesn't lose a large run.
 from __future__ import annotations
 
 import glob
-import io
 import os
 import sys
 
@@ -26,7 +25,7 @@ from tqdm import tqdm
 from flipjax.config import exit_on_config_error
 from flipjax.data.pipeline import center_crop
 from flipjax.evaluate.features import Embedder
-from flipjax.storage import storage_path, write_bytes_whole
+from flipjax.storage import storage_path, write_npz_whole
 from flipjax.train.workdir import load_workdir_config, restore_params
 from tfds_builders.face_crop import Skip, to_rgb
 
@@ -99,10 +98,8 @@ def main(argv: list[str]) -> None:
         out.update(text_embeddings=embedder.texts(params, tokenizer.encode_batch(texts)),
                    texts=np.asarray(texts, dtype=str))
     if jax.process_index() == 0:
-        npz = io.BytesIO()
-        np.savez(npz, **out)
         output = FLAGS.output if FLAGS.output.endswith(".npz") else f"{FLAGS.output}.npz"
-        write_bytes_whole(storage_path(output), npz.getvalue())
+        write_npz_whole(storage_path(output), **out)
         print(f"wrote {output}: " + ", ".join(f"{k} {v.shape}" for k, v in out.items()))
 
 

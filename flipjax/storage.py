@@ -13,9 +13,11 @@ are written whole: to a temporary name, then moved over the old one.
 
 from __future__ import annotations
 
+import io
 import os
 import uuid
 
+import numpy as np
 from etils import epath
 
 
@@ -38,3 +40,10 @@ def write_bytes_whole(path: epath.Path, data: bytes) -> None:
     tmp = path.with_name(f"{path.name}.tmp-{uuid.uuid4().hex[:12]}")
     tmp.write_bytes(data)
     tmp.replace(path)
+
+
+def write_npz_whole(path: epath.Path, **arrays: np.ndarray) -> None:
+    """`np.savez` of `arrays` to `path` (a URL too), written whole (`write_bytes_whole`)."""
+    npz = io.BytesIO()
+    np.savez(npz, **arrays)
+    write_bytes_whole(path, npz.getvalue())

@@ -344,7 +344,7 @@ def crop_face(img: Image.Image, box: Box, spec: CropSpec,
 
 
 def normalize_image(data: bytes, max_short_side: int | None, max_pixels: int = DEFAULT_MAX_PIXELS,
-                    jpeg_quality: int = 95) -> bytes:
+                    jpeg_quality: int = CropSpec.jpeg_quality) -> bytes:
     """Validates a whole (already face-aligned) image and returns it as RGB JPEG bytes.
 
     Used by the evaluation sets, whose images are already face crops. Images larger than

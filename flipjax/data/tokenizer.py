@@ -46,6 +46,19 @@ def train_sentencepiece(texts: Iterable[str], output_path: str, vocab_size: int,
     return output_path
 
 
+def same_tokenizer(a: bytes, b: bytes) -> bool:
+    """Whether two SentencePiece models (file bytes) hold the same pieces with the same
+    scores, id for id: a trained token embedding read through the other would give ids other
+    pieces' vectors. SigLIP's and our tokenizers share id layout and 32k size, so shapes
+    can't tell. (Normalisation rules are not compared: sentencepiece exposes them only
+    through a protobuf module that conflicts with the protobuf JAX needs.)"""
+    def pieces(model: bytes) -> list[tuple[str, float]]:
+        sp = spm.SentencePieceProcessor(model_proto=model)
+        return [(sp.id_to_piece(i), sp.get_score(i)) for i in range(sp.get_piece_size())]
+
+    return a == b or pieces(a) == pieces(b)
+
+
 def text_of(value: bytes | str) -> str:
     """A record's text field as text: TFDS string features read back as UTF-8 bytes."""
     if isinstance(value, bytes):

@@ -25,7 +25,7 @@ from tqdm import tqdm
 from flipjax.data.pipeline import EvalPreprocess, data_source, normalize_images
 from flipjax.data.tokenizer import Tokenizer, captions_of, text_of
 from flipjax.models import TwoTowers
-from flipjax.storage import storage_path, write_bytes_whole
+from flipjax.storage import storage_path, write_npz_whole
 from flipjax.train.sharding import batch_sharding, batch_shards, process0_flag, replicated
 
 
@@ -204,7 +204,5 @@ def image_features(embedder: Embedder, params: dict, data_cfg: ml_collections.Co
         labels += [r[label_key] for r in recs]
     out = {"features": np.concatenate(feats), "labels": label_array(labels)}
     if path is not None and jax.process_index() == 0:
-        npz = io.BytesIO()
-        np.savez(npz, **out)
-        write_bytes_whole(path, npz.getvalue())
+        write_npz_whole(path, **out)
     return out

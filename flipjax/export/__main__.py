@@ -27,7 +27,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "--output, replacing files of the same names")
     args = parser.parse_args(argv)
     try:
-        from flipjax.export.hf_export import ExportError, export_workdir
+        from flipjax.export.hf_export import export_workdir
     except ModuleNotFoundError as e:
         if e.name is None or e.name.split(".")[0] not in ("torch", "transformers", "tokenizers"):
             raise
@@ -40,7 +40,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         model_cls = export_workdir(args.workdir, args.output, args.step, args.tokenizer,
                                    args.overwrite)
-    except (ExportError, ConfigError) as e:  # ConfigError: the checkpoint does not restore
+    except ConfigError as e:  # ExportError, or a workdir or step that does not restore
         print(f"cannot export: {e}", file=sys.stderr)
         return 2
     print(f"wrote {model_cls} to {args.output}")

@@ -33,6 +33,7 @@ from transformers import (
 from transformers.convert_slow_tokenizer import SpmConverter
 from transformers.utils import sentencepiece_model_pb2_new as sp_pb2  # matches our protobuf
 
+from flipjax.config import ConfigError
 from flipjax.data.tokenizer import EOS_ID
 from flipjax.export.mapping import CLIP, HF_ACT, SIGLIP, flatten, rename_table
 from flipjax.models.layers import unstack_layers
@@ -42,8 +43,9 @@ from flipjax.storage import storage_path
 from flipjax.train.workdir import load_workdir_config, restore_params
 
 
-class ExportError(ValueError):
-    """A model config with no HF equivalent; the message names the config field."""
+class ExportError(ConfigError):
+    """A model config with no HF equivalent, or an output it would overwrite; the message
+    names the config field or the directory."""
 
 
 def _require(ok: bool, field: str, message: str) -> None:

@@ -21,6 +21,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from flipjax.data.tokenizer import same_tokenizer
 from flipjax.export.mapping import CLIP, FLIP_GELU, SIGLIP, flatten, rename_table, unflatten_into
 from flipjax.models.layers import has_stacked_layers, stack_layers, unstack_layers
 from flipjax.models.two_towers import tower_size
@@ -167,28 +168,20 @@ def check_same_computation(model_cfg: ml_collections.ConfigDict, path: str,
 
 def check_same_tokenizer(path: str, tokenizer_path: str) -> None:
     """Raises ValueError unless the checkpoint ships a SentencePiece model (`spiece.model`, as
-    SigLIP's and flipjax's exports do) with the run's pieces, id for id: a loaded token
-    embedding would otherwise give each id another piece's vector. The id layouts of
-    SigLIP's and our tokenizers agree, and 32k pieces is both's size, so shapes can't tell."""
-    import sentencepiece as spm
-
-    def pieces(model: bytes) -> list[str]:
-        sp = spm.SentencePieceProcessor(model_proto=model)
-        return [sp.id_to_piece(i) for i in range(sp.get_piece_size())]
-
+    SigLIP's and flipjax's exports do) that is the run's (`same_tokenizer`)."""
     theirs = os.path.join(path, "spiece.model")
-    fix = ("set config.tokenizer.path to the checkpoint's spiece.model, "
-           "or load the image tower only: config.init_from.towers=('img',)")
     if not os.path.isfile(theirs):
         raise ValueError("loading the text tower needs the checkpoint's "
                          "tokenizer to be the run's, and it ships no spiece.model to compare; "
                          "flipjax's tokenizers are SentencePiece: load the image tower only, "
                          "config.init_from.towers=('img',)")
     with open(theirs, "rb") as f:
-        same = pieces(f.read()) == pieces(storage_path(tokenizer_path).read_bytes())
+        same = same_tokenizer(f.read(), storage_path(tokenizer_path).read_bytes())
     if not same:
         raise ValueError("its spiece.model is not config.tokenizer.path "
-                         f"{tokenizer_path!r} (other pieces for the same ids); {fix}")
+                         f"{tokenizer_path!r} (other pieces for the same ids); set "
+                         "config.tokenizer.path to the checkpoint's spiece.model, or load the "
+                         "image tower only: config.init_from.towers=('img',)")
 
 
 def load_into_params(params: dict, path: str, towers: Sequence[str],

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from flipjax.config import ConfigError, check, prepare, validate
 from flipjax.data.pipeline import make_train_dataset, to_global
-from flipjax.data.tokenizer import Tokenizer
+from flipjax.data.tokenizer import Tokenizer, same_tokenizer
 from flipjax.evaluate import make_evaluators, missing_evaluations, run_evaluators
 from flipjax.export.hf_import import load_into_params
 from flipjax.storage import storage_path, write_bytes_whole
@@ -79,7 +79,7 @@ def keep_tokenizer(config: ml_collections.ConfigDict, workdir: str, resumed: boo
     kept = storage_path(workdir) / TOKENIZER_FILE
     model = storage_path(config.tokenizer.path).read_bytes()
     if resumed and kept.exists():
-        check(kept.read_bytes() == model, "tokenizer.path",
+        check(same_tokenizer(kept.read_bytes(), model), "tokenizer.path",
               f"{config.tokenizer.path!r} is not the tokenizer this run trained with ({kept}); "
               f"resume with tokenizer.path={str(kept)!r}, or use a new workdir")
     elif jax.process_index() == 0:

@@ -42,11 +42,11 @@ class FaceCaption15MConfig(tfds.core.BuilderConfig):
 
     layout: str = layouts.AUTO
     img2dataset_resize_mode: str = "border"
-    resolution: int = 256
-    margin: float = 0.2
-    min_face_size: int = 32
-    max_pixels: int = face_crop.DEFAULT_MAX_PIXELS
-    jpeg_quality: int = 95
+    resolution: int = face_crop.CropSpec.resolution
+    margin: float = face_crop.CropSpec.margin
+    min_face_size: int = face_crop.CropSpec.min_face_size
+    max_pixels: int = face_crop.CropSpec.max_pixels
+    jpeg_quality: int = face_crop.CropSpec.jpeg_quality
     split_fractions: tuple[tuple[str, float], ...] = DEFAULT_SPLITS
     parquet_file: str | None = None
     images_subdir: str = "images"
