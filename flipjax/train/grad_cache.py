@@ -25,25 +25,21 @@ Embed = Callable[[Any, dict], tuple[jax.Array, jax.Array]]
 Contrastive = Callable[[Any, jax.Array, jax.Array], tuple[jax.Array, dict]]
 
 
-def split_micro(x: jax.Array, steps: int, sharding: NamedSharding | None) -> jax.Array:
+def split_micro(x: jax.Array, steps: int, sharding: NamedSharding) -> jax.Array:
     """(B, ...) -> (steps, B // steps, ...), micro-batch j = rows j::steps."""
     x = x.reshape(x.shape[0] // steps, steps, *x.shape[1:]).swapaxes(0, 1)
-    if sharding is not None:
-        spec = P(None, *sharding.spec)
-        x = jax.lax.with_sharding_constraint(x, NamedSharding(sharding.mesh, spec))
-    return x
+    return jax.lax.with_sharding_constraint(
+        x, NamedSharding(sharding.mesh, P(None, *sharding.spec)))
 
 
-def merge_micro(x: jax.Array, sharding: NamedSharding | None) -> jax.Array:
+def merge_micro(x: jax.Array, sharding: NamedSharding) -> jax.Array:
     """Inverse of `split_micro`: back to the batch's own row order."""
-    x = x.swapaxes(0, 1).reshape(-1, *x.shape[2:])
-    if sharding is not None:
-        x = jax.lax.with_sharding_constraint(x, sharding)
-    return x
+    return jax.lax.with_sharding_constraint(x.swapaxes(0, 1).reshape(-1, *x.shape[2:]),
+                                            sharding)
 
 
 def grad_cache_value_and_grad(embed: Embed, contrastive: Contrastive, params: Any, batch: dict,
-                              steps: int, sharding: NamedSharding | None = None
+                              steps: int, sharding: NamedSharding
                               ) -> tuple[tuple[jax.Array, dict], Any]:
     """Like `jax.value_and_grad(loss, has_aux=True)(params, batch)` for
     loss(params, batch) = contrastive(params, *embed(params, batch)), in `steps` micro-batches.

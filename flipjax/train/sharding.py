@@ -113,11 +113,8 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 
 @contextlib.contextmanager
-def activation_sharding(mesh: Mesh | None) -> Iterator[None]:
+def activation_sharding(mesh: Mesh) -> Iterator[None]:
     """Within a traced function: makes `constrain` pin activations onto `mesh`."""
-    if mesh is None:
-        yield
-        return
     with (jax.sharding.use_abstract_mesh(mesh.abstract_mesh),
           nnx.logical_axis_rules(activation_rules(mesh))):
         yield

@@ -84,25 +84,22 @@ class TrainSetup:
             out_shardings=(self.state_shardings, replicated(mesh)), donate_argnums=0)
 
 
-def make_loss(config: ml_collections.ConfigDict, mesh: Mesh | None) -> LossFn:
+def make_loss(config: ml_collections.ConfigDict, mesh: Mesh) -> LossFn:
     """`config.loss` computed as `config.loss_impl` says: "global" under plain jit, or
     "sharded" with shard_map over `mesh` (O(B^2/n) memory per device instead of up to O(B^2))."""
     if config.loss_impl == "sharded":
-        if mesh is None:
-            raise ValueError("config.loss_impl='sharded' needs the mesh")
         return make_sharded_loss(config.loss, mesh)
     return LOSSES[config.loss]
 
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
-                    schedule: optax.Schedule, config: ml_collections.ConfigDict,
-                    mesh: Mesh | None = None
+                    schedule: optax.Schedule, config: ml_collections.ConfigDict, mesh: Mesh
                     ) -> Callable[[State, dict], tuple[State, dict]]:
     """The pure (state, batch) -> (state, metrics) step. `mesh` (the one the step is jitted
     over) is needed by `loss_impl="sharded"` and keeps GradCache micro-batches on it."""
     loss_impl = make_loss(config, mesh)
     accum = config.grad_accum_steps
-    rows = batch_sharding(mesh) if mesh is not None else None
+    rows = batch_sharding(mesh)
     mean, std = tuple(config.data.mean), tuple(config.data.std)
     max_log_t = (math.log(config.model.max_temperature) if config.model.max_temperature
                  else None)

@@ -7,15 +7,9 @@ from typing import Any
 import jax
 
 
-def key_name(key: Any) -> str:
-    for attr in ("key", "name", "idx"):
-        if hasattr(key, attr):
-            return str(getattr(key, attr))
-    return str(key)
-
-
 def path_name(path: tuple) -> str:
-    return "/".join(key_name(k) for k in path)
+    """A key path as 'img/encoder/layers/0/...': dict keys, attribute names and indices."""
+    return jax.tree_util.keystr(path, simple=True, separator="/")
 
 
 def leaf_names(tree: Any) -> Any:
