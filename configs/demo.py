@@ -1,7 +1,9 @@
 """Demo: tiny towers on procedurally rendered faces, on a laptop CPU in a few minutes.
 
 Builds `synthetic_faces` and trains its tokenizer under ./data if they're missing, then trains
-with the same code path as `configs/base.py`; only sizes differ.
+with the same code path as `configs/base.py`. Besides sizes, what differs is what a CPU and a
+small dataset want: float32 compute and moments, no remat or scanned layers, the global loss,
+a higher learning rate, and the synthetic images' mean and std.
 
     python -m flipjax.main --config=configs/demo.py --workdir=workdirs/demo
 
