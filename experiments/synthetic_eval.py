@@ -34,11 +34,13 @@ RETRIEVAL_COLS = [f"{d}_R@{k}" for d in ("i2t", "t2i") for k in KS]
 
 def eval_configs(probe_train_split: str, batch_size: int) -> dict:
     common = dict(every_steps=1, batch_size=batch_size)
+    probe = dict(type="linear_probe", train_split=probe_train_split, val_split="validation",
+                 test_split="test", label_key="attributes", kind="multilabel",
+                 l2_grid=(0.0, 1e-3, 1e-2), epochs_grid=(10, 30), probe_batch_size=256,
+                 **common)
     return {
-        "probe": dict(type="linear_probe", train_split=probe_train_split,
-                      val_split="validation", test_split="test", label_key="attributes",
-                      kind="multilabel", l2_grid=(0.0, 1e-3, 1e-2), epochs_grid=(10, 30),
-                      probe_batch_size=256, **common),
+        "probe": probe,
+        "layer_probe": {**probe, "features": "layers"},
         "zeroshot": dict(type="zeroshot_attributes", split="test", **common),
         "retrieval": dict(type="retrieval", split="test", **common),
     }
@@ -125,21 +127,24 @@ def main() -> None:
     majority_acc = 100 * (test_y == (train_y.mean(0) >= 0.5)).mean(0)
     gallery = len(test_y)
 
+    attribute_evals = ("probe", "layer_probe", "zeroshot")
+
     def row(label, res):
-        return [label, fmt(res["probe"]["mean_acc"]), fmt(res["probe"]["balanced_acc"]),
-                fmt(res["zeroshot"]["mean_acc"]), fmt(res["zeroshot"]["balanced_acc"])] + [
+        return [label] + [fmt(res[e][m]) for e in attribute_evals
+                          for m in ("mean_acc", "balanced_acc")] + [
                     fmt(res["retrieval"][c]) for c in RETRIEVAL_COLS]
 
     chance = [fmt(100 * min(k, gallery) / gallery) for k in KS] * 2
-    rows = [["Majority class / chance", fmt(majority_acc.mean()), fmt(50.0),
-             fmt(majority_acc.mean()), fmt(50.0)] + chance,
+    rows = [["Majority class / chance"] + [fmt(majority_acc.mean()), fmt(50.0)] * 3 + chance,
             row("Random-init towers", random), row(f"Demo-trained towers (step {run.step})",
                                                    trained)]
-    header = ["model", "probe mAcc", "probe bal. acc", "zero-shot mAcc", "zero-shot bal. acc"
-              ] + [c.replace("_", " ") for c in RETRIEVAL_COLS]
+    header = ["model"] + [f"{e.replace('_', ' ')} {m}" for e in attribute_evals
+                          for m in ("mAcc", "bal. acc")] + [c.replace("_", " ")
+                                                            for c in RETRIEVAL_COLS]
     per_attr = {"majority": list(majority_acc),
                 "random-init probe": [random["probe"][f"acc/{n}"] for n in names],
                 "trained probe": [trained["probe"][f"acc/{n}"] for n in names],
+                "trained layer probe": [trained["layer_probe"][f"acc/{n}"] for n in names],
                 "trained zero-shot": [trained["zeroshot"][f"acc/{n}"] for n in names]}
     attr_rows = [[n] + [fmt(v[i]) for v in per_attr.values()] for i, n in enumerate(names)]
     chosen = trained["probe"]
@@ -149,7 +154,10 @@ def main() -> None:
         f"one independent sigmoid output per attribute, trained on `{args.probe_train_split}` "
         f"({int(chosen['num_train'])} images), L2 x epochs chosen on `validation` "
         f"({int(chosen['num_val'])} images; trained towers chose l2={chosen['chosen_l2']:g}, "
-        f"{int(chosen['chosen_epochs'])} epochs), scored once on `test`. Zero-shot: positive vs "
+        f"{int(chosen['chosen_epochs'])} epochs), scored once on `test`. Layer probe: the same "
+        "choice and test for FLIP's attribute head (class token if any, patch mean and max "
+        "after the blocks at 1/3, 1/2 and 2/3 of the depth and the last, a shared LayerNorm "
+        "and learned weights, then the linear layer). Zero-shot: positive vs "
         "negative prompt ensembles (`flipjax/evaluate/prompts.py`). Balanced accuracy is the "
         "mean over attributes of (TPR + TNR) / 2; always answering the majority scores 50. "
         "Retrieval: Recall@K in % over the whole test gallery; chance is K / gallery size.\n\n"

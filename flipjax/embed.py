@@ -23,7 +23,7 @@ from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from flipjax.config import exit_on_config_error
-from flipjax.data.pipeline import center_crop
+from flipjax.data.pipeline import EVAL_RESIZES
 from flipjax.evaluate.features import Embedder
 from flipjax.storage import storage_path, write_npz_whole
 from flipjax.train.workdir import load_workdir_config, restore_params
@@ -35,6 +35,8 @@ flags.DEFINE_string("texts", None, "A text file, one text per line.")
 flags.DEFINE_string("output", None, "The .npz to write ('.npz' is added if missing).")
 flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
 flags.DEFINE_integer("batch_size", 64, "Images per batch (rounded up to the device count).")
+flags.DEFINE_enum("eval_resize", None, sorted(EVAL_RESIZES), "How images reach the model's "
+                  "square input (default: the run's config.data.eval_resize).")
 flags.mark_flags_as_required(["workdir", "output"])
 FLAGS = flags.FLAGS
 
@@ -47,8 +49,9 @@ def list_images(pattern: str) -> list[str]:
     return sorted(p for p in paths if os.path.isfile(p))
 
 
-def load_image(path: str, size: int) -> np.ndarray | None:
-    """uint8 (size, size, 3), or None (with a warning) if Pillow can't read the file."""
+def load_image(path: str, size: int, resize: str) -> np.ndarray | None:
+    """uint8 (size, size, 3) by `resize` (`EVAL_RESIZES`), or None (with a warning) if Pillow
+    can't read the file."""
     try:
         with Image.open(path) as image:
             image.load()
@@ -56,15 +59,15 @@ def load_image(path: str, size: int) -> np.ndarray | None:
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Skip) as e:
         print(f"skipping {path}: {e}", file=sys.stderr)
         return None
-    return np.asarray(center_crop(rgb, size), np.uint8)
+    return np.asarray(EVAL_RESIZES[resize](rgb, size), np.uint8)
 
 
-def embed_files(embedder: Embedder, params: dict, paths: list[str], size: int
+def embed_files(embedder: Embedder, params: dict, paths: list[str], size: int, resize: str
                 ) -> tuple[np.ndarray, list[str]]:
     """Embeddings of the readable files among `paths`, and those files' paths."""
     out, kept, batch, names = [], [], [], []
     for i, path in enumerate(tqdm(paths, desc="images", disable=None)):
-        image = load_image(path, size)
+        image = load_image(path, size, resize)
         if image is not None:
             batch.append(image)
             names.append(path)
@@ -89,7 +92,8 @@ def main(argv: list[str]) -> None:
         paths = list_images(FLAGS.images)
         if not paths:
             raise app.UsageError(f"no files match --images={FLAGS.images}")
-        emb, kept = embed_files(embedder, params, paths, config.data.image_size)
+        emb, kept = embed_files(embedder, params, paths, config.data.image_size,
+                                FLAGS.eval_resize or config.data.eval_resize)
         out.update(image_embeddings=emb, image_files=np.asarray(kept, dtype=str))
         logging.info("embedded %d of %d image files", len(kept), len(paths))
     if FLAGS.texts:

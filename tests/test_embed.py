@@ -35,12 +35,17 @@ def write_images(folder):
 def test_load_image_any_mode_and_size(tmp_path, capsys):
     good = write_images(tmp_path)
     for name in good:
-        image = load_image(str(tmp_path / name), 16)
-        assert image.shape == (16, 16, 3) and image.dtype == np.uint8, name
+        for resize in ("center_crop", "squash"):
+            image = load_image(str(tmp_path / name), 16, resize)
+            assert image.shape == (16, 16, 3) and image.dtype == np.uint8, name
     # 40000 / 65535 * 255 = 155.6: rescaled, not clipped to white.
-    assert 150 < load_image(str(tmp_path / "deep16.png"), 16).mean() < 160
-    assert load_image(str(tmp_path / "broken.jpg"), 16) is None
-    assert load_image(str(tmp_path / "empty.png"), 16) is None
+    assert 150 < load_image(str(tmp_path / "deep16.png"), 16, "center_crop").mean() < 160
+    # The 30x40 noise: squashed whole, or its middle 30x30 scaled.
+    cropped, squashed = (load_image(str(tmp_path / "a.png"), 16, r)
+                         for r in ("center_crop", "squash"))
+    assert not np.array_equal(cropped, squashed)
+    assert load_image(str(tmp_path / "broken.jpg"), 16, "center_crop") is None
+    assert load_image(str(tmp_path / "empty.png"), 16, "center_crop") is None
     assert "broken.jpg" in capsys.readouterr().err
     assert len(list_images(str(tmp_path))) == len(good) + 2
     assert [os.path.basename(p) for p in list_images(str(tmp_path / "*.png"))] == [
