@@ -173,7 +173,7 @@ def separable(n, seed, d=16, a=5):
     return {"features": x, "labels": (x @ w > 0.3).astype(np.int32)}
 
 
-PROBE = ProbeConfig(l2_grid=(0.0, 1e-1), epochs_grid=(1, 20), lr=1e-2, batch_size=64)
+PROBE = ProbeConfig(l2_grid=(0.0, 1e-1), epochs_grid=(1, 20), lr=1e-2, probe_batch_size=64)
 
 
 def test_linear_probe_learns_separable_attributes():
@@ -209,7 +209,7 @@ def test_multiclass_probe():
                 "labels": np.array([f"c{v}" for v in d["features"][:, :2].argmax(1)])}
 
     probe = ProbeConfig(kind="multiclass", l2_grid=(0.0,), epochs_grid=(20,), lr=1e-2,
-                        batch_size=64)
+                        probe_batch_size=64)
     out = linear_probe(data(1000, 0), data(200, 1), data(500, 2), probe)
     assert out["acc"] > 90.0 and out["test_unseen_class_frac"] == 0.0
 

@@ -50,7 +50,7 @@ class ProbeConfig:
     l2_grid: tuple[float, ...] = (0.0, 1e-4, 1e-3, 1e-2)
     epochs_grid: tuple[int, ...] = (10, 30, 100)
     lr: float = 3e-3
-    batch_size: int = 1024
+    probe_batch_size: int = 1024  # the head's training batch (`batch_size` embeds images)
     seed: int = 0
 
     @classmethod
@@ -58,7 +58,6 @@ class ProbeConfig:
         fields = {f.name for f in dataclasses.fields(cls)}
         kw = {k: (tuple(v) if isinstance(v, (list, tuple)) else v)
               for k, v in cfg.items() if k in fields}
-        kw.update(batch_size=cfg.get("probe_batch_size", cls.batch_size))
         probe = cls(**kw)
         if probe.kind not in KINDS:
             raise ValueError(f"linear probe kind {probe.kind!r} is not one of {KINDS}")
@@ -149,7 +148,7 @@ def fit(x: np.ndarray, y: np.ndarray, probe: ProbeConfig, l2: float, num_outputs
     log-odds (log-prior), so an untrained head is the majority baseline, not a coin flip; a
     layer head's weighted sum starts as the mean of its F vectors."""
     n, d = len(x), x.shape[-1]
-    bs = min(probe.batch_size, n)
+    bs = min(probe.probe_batch_size, n)
     steps = n // bs
     tx = optax.adam(probe.lr)
 
@@ -276,8 +275,7 @@ class LinearProbeEvaluator:
     `probe_batch_size`."""
 
     FIELDS = ("train_split", "val_split", "val_fraction", "val_group_key", "test_split",
-              "label_key", "kind", "features", "blocks", "l2_grid", "epochs_grid", "lr",
-              "probe_batch_size", "seed")
+              "label_key", *(f.name for f in dataclasses.fields(ProbeConfig)))
 
     @staticmethod
     def reads(cfg: ml_collections.ConfigDict, data_cfg: ml_collections.ConfigDict
