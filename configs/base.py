@@ -115,6 +115,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.keep_freed_host_memory = False
     # One axis of size -1 takes the remaining devices; on a pod prefer fsdp within a slice.
     c.mesh = (("data", -1), ("fsdp", 1))
+    # (regex, strategy), first match wins. Searched anywhere in each train-state leaf's name,
+    # so that "img/.*/kernel" places a kernel and its Adam moments ("opt_state/.../img/...")
+    # alike; optim's regexes instead match whole parameter names ("img/.*").
     c.sharding_rules = ((".*", "fsdp"),)
     c.fsdp_min_size_mb = 4.0
 
