@@ -109,13 +109,14 @@ def validate_evals(config: ml_collections.ConfigDict, shards: int) -> None:
     from flipjax.evaluate.linear_probe import ProbeConfig
 
     data, model = config.data, config.model
-    check(data.eval_resize in EVAL_RESIZES, "data.eval_resize",
-          f"{data.eval_resize!r} is not one of {sorted(EVAL_RESIZES)}")
+    check(data.get("eval_resize") in EVAL_RESIZES, "data.eval_resize",
+          f"{data.get('eval_resize')!r} is not one of {sorted(EVAL_RESIZES)} (config files "
+          "from before the field existed lack it: add eval_resize=\"center_crop\")")
     for name, eval_cfg in config.evals.items():
         check(eval_cfg.type in EVALUATORS, f"evals.{name}.type",
               f"unknown evaluator {eval_cfg.type!r}; use one of {sorted(EVALUATORS)}")
-        check(eval_cfg.every_steps > 0, f"evals.{name}.every_steps",
-              f"{eval_cfg.every_steps} must be positive")
+        every = eval_cfg.get("every_steps", 1)  # training requires it (`validate`)
+        check(every > 0, f"evals.{name}.every_steps", f"{every} must be positive")
         resize = eval_cfg.get("eval_resize")
         check(resize in (None, *EVAL_RESIZES), f"evals.{name}.eval_resize",
               f"{resize!r} is not one of {sorted(EVAL_RESIZES)}")
@@ -233,6 +234,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
                          ("log_every_steps", config.log_every_steps),
                          ("checkpoint.every_steps", config.checkpoint.every_steps)):
         check(value > 0, field, f"{value} must be positive")
+    for name, eval_cfg in config.evals.items():
+        check("every_steps" in eval_cfg, f"evals.{name}.every_steps",
+              "missing: the evaluator's interval in steps")
     validate_evals(config, shards)
     # Rules that label no parameter, checked on the model's names (shapes only, no weights).
     try:

@@ -97,11 +97,15 @@ def test_text_pooling_that_ignores_the_caption_is_refused(text, message):
 @pytest.mark.parametrize("field,value,message", [
     ("model.gelu", "relu", r"config\.model: gelu must be one of \['exact', 'quick', 'tanh'\]"),
     ("data.eval_resize", "crop", r"config\.data\.eval_resize: 'crop' is not one of"),
+    ("data.eval_resize", None, r"config\.data\.eval_resize: None is not one of .* add "),
 ])
 def test_validation_names_a_field_no_earlier_check_covers(field, value, message):
     config = load_config()
     section, name = field.split(".")
-    config[section][name] = value
+    if value is None:  # a config file written before the field existed
+        del config[section][name]
+    else:
+        config[section][name] = value
     with pytest.raises(ConfigError, match=message):
         validate(config)
 

@@ -15,7 +15,14 @@ from flipjax.data.pipeline import (
     make_train_dataset,
     random_resized_crop,
 )
-from flipjax.data.tokenizer import EOS_ID, Tokenizer, captions_of, text_of
+from flipjax.data.tokenizer import (
+    EOS_ID,
+    Tokenizer,
+    captions_of,
+    same_tokenizer,
+    text_of,
+    train_sentencepiece,
+)
 from flipjax.data.tokenizer import main as tokenizer_main
 
 
@@ -175,3 +182,28 @@ def test_squash_keeps_what_a_centre_crop_cuts_off():
     assert data_cfg.eval_resize == "squash"  # and it keys the feature cache apart:
     assert model_fingerprint(config.model, data_cfg) != model_fingerprint(config.model,
                                                                            config.data)
+
+
+def test_same_tokenizer_compares_pieces_scores_and_normalisation(tmp_path):
+    """Two models trained alike are the same tokenizer whatever their bytes; one with another
+    vocabulary, or the same pieces under another normalisation (no case folding), is not."""
+    import sentencepiece as spm
+
+
+    texts = [f"A face number {i} with Words and more words" for i in range(300)]
+    first = open(train_sentencepiece(texts, str(tmp_path / "a.model"), 60), "rb").read()
+    again = open(train_sentencepiece(texts, str(tmp_path / "b.model"), 60), "rb").read()
+    other = open(train_sentencepiece(texts, str(tmp_path / "c.model"), 50), "rb").read()
+    assert same_tokenizer(first, again) and not same_tokenizer(first, other)
+
+    def train(rule: str) -> bytes:
+        model = io.BytesIO()
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter([t.lower() for t in texts]), model_writer=model,
+            vocab_size=60, normalization_rule_name=rule, hard_vocab_limit=False, minloglevel=2)
+        return model.getvalue()
+
+    folded, kept = train("nmt_nfkc_cf"), train("nmt_nfkc")  # lowercase text: same pieces
+    sp = [spm.SentencePieceProcessor(model_proto=m) for m in (folded, kept)]
+    assert [sp[0].id_to_piece(i) for i in range(60)] == [sp[1].id_to_piece(i) for i in range(60)]
+    assert not same_tokenizer(folded, kept)

@@ -3,6 +3,7 @@
 import dataclasses
 import itertools
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -196,9 +197,8 @@ def test_layer_probe_finds_the_informative_vector():
     probe = dataclasses.replace(PROBE, features="layers", epochs_grid=(30,), lr=3e-2)
     out = linear_probe(data(1000, 0), data(200, 1), data(500, 2), probe)
     assert out["mean_acc"] > 90.0, out
-    heads = fit(data(1000, 0)["features"], data(1000, 0)["labels"], probe, 0.0, 5, 0.0, 1.0,
-                None)
-    mix = np.abs(heads[30].params["mix"])
+    train = data(1000, 0)
+    mix = np.abs(fit(jnp.asarray(train["features"]), train["labels"], probe, 0.0, 5)[30]["mix"])
     assert mix.argmax() == 2 and mix[2] > 2 * np.delete(mix, 2).max(), mix
 
 

@@ -15,7 +15,6 @@ from conftest import REPO
 from flipjax.data.pipeline import make_train_dataset
 from flipjax.data.tokenizer import Tokenizer
 from flipjax.evaluate import make_evaluators
-from flipjax.models import embedding_dims
 from flipjax.train import checkpoint
 from flipjax.train.sharding import make_mesh
 from flipjax.train.step import TrainSetup
@@ -175,8 +174,9 @@ def test_probe_carves_validation_by_group(saved_run):
 
 def test_probe_on_flips_layer_features(saved_run, tmp_path):
     """`features="layers"` fits FLIP's head on the class token, patch mean and max of the
-    chosen blocks and the last, cached in a file of its own beside the embeddings'."""
+    chosen blocks and the last; those features (12x an embedding's size) are not cached."""
     from flipjax.config import validate
+    from flipjax.evaluate.features import image_features
 
     config, _, setup, tokenizer, params = saved_run
     config = ml_collections.ConfigDict(config.to_dict())
@@ -191,15 +191,13 @@ def test_probe_on_flips_layer_features(saved_run, tmp_path):
     embedding = evaluators["embedding"].run(params, step=1)
     assert 0 <= layers["mean_acc"] <= 100 and layers["num_train"] == 256
     assert layers["val_score"] != embedding["val_score"]
-    cached = sorted(p.name for p in tmp_path.iterdir() if "train" in p.name)
-    assert len(cached) == 2, cached
-    shapes = []
-    for name in cached:
-        with np.load(tmp_path / name) as f:
-            shapes.append(f["features"].shape)
+    cached = [p.name for p in tmp_path.iterdir() if "train" in p.name]
+    assert len(cached) == 1, cached  # the embeddings'
+    features = image_features(evaluators["layers"].embedder, params, config.data, "test[:8]",
+                              "attributes", layers=True)["features"]
     # Mean and max (no class token with MAP pooling) of block 1 and of the last.
-    width = config.model.image.width
-    assert sorted(shapes) == [(256, 4, width), (256, embedding_dims(config.model)[0])], shapes
+    assert features.shape == (8, 4, config.model.image.width)
+    assert features.dtype == np.float16
     config.evals.layers.blocks = (config.model.image.depth,)
     with pytest.raises(ValueError, match=r"config\.evals\.layers\.blocks: \(2,\) must be "
                                          r"block numbers 1\.\.1 of the 2-block image tower"):

@@ -114,6 +114,9 @@ def test_a_failing_evaluation_loses_no_training_and_the_tokenizer_stays_the_runs
     assert kept.read_bytes() == open(config.tokenizer.path, "rb").read()
     assert tokenizer_path(config, workdir) == str(kept)
 
+    # Started again, it evaluates the step again, best effort: failing again is logged.
+    assert train_and_evaluate(config, workdir) == {}
+    assert "retrieval/t2i_R@1" not in read_losses(workdir)[1][1]
     monkeypatch.undo()
     saved = (tmp_path / "work" / "config.json").read_text()
     config.optim.lr = 1.0  # forgot to change --workdir: the finished run is left as it was,

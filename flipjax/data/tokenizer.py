@@ -47,16 +47,24 @@ def train_sentencepiece(texts: Iterable[str], output_path: str, vocab_size: int,
 
 
 def same_tokenizer(a: bytes, b: bytes) -> bool:
-    """Whether two SentencePiece models (file bytes) hold the same pieces with the same
-    scores, id for id: a trained token embedding read through the other would give ids other
-    pieces' vectors. SigLIP's and our tokenizers share id layout and 32k size, so shapes
-    can't tell. (Normalisation rules are not compared: sentencepiece exposes them only
-    through a protobuf module that conflicts with the protobuf JAX needs.)"""
-    def pieces(model: bytes) -> list[tuple[str, float]]:
+    """Whether two SentencePiece models (file bytes) give a text the same ids: the same
+    pieces, scores and piece types, id for id (a trained token embedding read through the
+    other would give ids other pieces' vectors; SigLIP's and our tokenizers share id layout
+    and 32k size, so shapes can't tell), and the same ids for a text that normalisation
+    rules would change (sentencepiece exposes those rules only through a protobuf module that
+    conflicts with the protobuf JAX needs)."""
+    def identity(model: bytes) -> tuple[list, list[int]]:
         sp = spm.SentencePieceProcessor(model_proto=model)
-        return [(sp.id_to_piece(i), sp.get_score(i)) for i in range(sp.get_piece_size())]
+        pieces = [(sp.id_to_piece(i), sp.get_score(i), sp.is_control(i), sp.is_unknown(i),
+                   sp.is_unused(i), sp.is_byte(i)) for i in range(sp.get_piece_size())]
+        return pieces, sp.encode(_NORMALISATION_PROBE)
 
-    return a == b or pieces(a) == pieces(b)
+    return a == b or identity(a) == identity(b)
+
+
+# Full-width letters, ligatures, accents, case, runs of spaces: what NFKC, case folding and
+# whitespace rules treat differently.
+_NORMALISATION_PROBE = "Ａ ﬁne FACE,  with Élan — and ½ a smile\t"
 
 
 def text_of(value: bytes | str) -> str:

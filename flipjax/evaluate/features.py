@@ -97,9 +97,11 @@ class Embedder:
 
     def image_layers(self, params: dict, images_u8: np.ndarray,
                      blocks: tuple[int, ...] | None) -> np.ndarray:
-        """`ViT.layer_features` (N, F, width), as float16: a CelebA train split's is 3 GB."""
+        """`ViT.layer_features` (N, F, width), as float16 (saturating: a block output past
+        65504 would be inf): a CelebA train split's is 3 GB."""
         fn = lambda params, images: self._image_layers(params, images, blocks)  # noqa: E731
-        return self._run(fn, params, images_u8).astype(np.float16)
+        limit = np.finfo(np.float16).max
+        return np.clip(self._run(fn, params, images_u8), -limit, limit).astype(np.float16)
 
     def texts(self, params: dict, ids: np.ndarray) -> np.ndarray:
         out = [self._run(self._texts, params, ids[i: i + self.batch_size])
@@ -196,13 +198,18 @@ def image_features(embedder: Embedder, params: dict, data_cfg: ml_collections.Co
         if process0_flag(path.exists()):
             with np.load(io.BytesIO(path.read_bytes())) as f:
                 return {"features": f["features"], "labels": f["labels"]}
-    feats, labels = [], []
+    # Filled in place: a CelebA train split's layer features are 3 GB, a concatenated list
+    # of batches would hold them twice.
+    feats, labels = None, []
     for recs in iterate_records(data_cfg, split, embedder.batch_size, f"features {split}"):
         images = np.stack([r["image"] for r in recs])
-        feats.append(embedder.image_layers(params, images, blocks) if layers
-                     else embedder.images(params, images))
+        batch = (embedder.image_layers(params, images, blocks) if layers
+                 else embedder.images(params, images))
+        if feats is None:
+            feats = np.empty((len(data_source(data_cfg, split)), *batch.shape[1:]), batch.dtype)
+        feats[len(labels):len(labels) + len(batch)] = batch
         labels += [r[label_key] for r in recs]
-    out = {"features": np.concatenate(feats), "labels": label_array(labels)}
+    out = {"features": feats, "labels": label_array(labels)}
     if path is not None and jax.process_index() == 0:
         write_npz_whole(path, **out)
     return out

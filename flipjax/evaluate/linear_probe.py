@@ -90,9 +90,11 @@ class Head:
     classes: np.ndarray | None  # multiclass: label value of each output
 
     def logits(self, x: np.ndarray) -> np.ndarray:
+        standardise = x.ndim == 2
         return np.concatenate([
-            np.asarray(_head_logits(self.params, (x[i:i + _SCORE_ROWS] - self.mean) / self.std))
-            for i in range(0, len(x), _SCORE_ROWS)])
+            np.asarray(_head_logits(self.params, (rows - self.mean) / self.std if standardise
+                                    else rows))
+            for rows in (x[i:i + _SCORE_ROWS] for i in range(0, len(x), _SCORE_ROWS))])
 
 
 _head_logits = jax.jit(head_logits)
@@ -140,14 +142,16 @@ def score(head: Head, x: np.ndarray, y: np.ndarray, kind: str) -> float:
     return float((predict(head, x, kind) == y).mean())
 
 
-def fit(x: np.ndarray, y: np.ndarray, probe: ProbeConfig, l2: float, num_outputs: int,
-        mean: np.ndarray | float, std: np.ndarray | float, classes: np.ndarray | None
-        ) -> dict[int, Head]:
-    """Adam on the mean BCE (or CE) + l2/2 |W|^2, minibatches reshuffled each epoch; returns
-    the head after each epoch count in `probe.epochs_grid`. The bias starts at the train
-    log-odds (log-prior), so an untrained head is the majority baseline, not a coin flip; a
-    layer head's weighted sum starts as the mean of its F vectors."""
-    n, d = len(x), x.shape[-1]
+def fit(xs: jax.Array, y: np.ndarray, probe: ProbeConfig, l2: float, num_outputs: int
+        ) -> dict[int, dict[str, np.ndarray]]:
+    """Adam on the mean BCE (or CE) + l2/2 |theta|^2 over every weight but the output bias
+    (a layer head's LayerNorm and mixing weights too: FLIP's AdamW decays its whole head, and
+    a penalty on the linear layer alone is dodged by scaling the mix up), minibatches
+    reshuffled each epoch, on the standardised features `xs`; returns the head's params after
+    each epoch count in `probe.epochs_grid`. The bias starts at the train log-odds
+    (log-prior), so an untrained head is the majority baseline, not a coin flip; a layer
+    head's weighted sum starts as the mean of its F vectors."""
+    n, d = xs.shape[0], xs.shape[-1]
     bs = min(probe.probe_batch_size, n)
     steps = n // bs
     tx = optax.adam(probe.lr)
@@ -158,7 +162,7 @@ def fit(x: np.ndarray, y: np.ndarray, probe: ProbeConfig, l2: float, num_outputs
             loss = optax.sigmoid_binary_cross_entropy(logits, yb.astype(jnp.float32)).mean()
         else:
             loss = optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean()
-        return loss + 0.5 * l2 * jnp.sum(params["w"] ** 2)
+        return loss + 0.5 * l2 * sum(jnp.sum(v**2) for k, v in params.items() if k != "b")
 
     @jax.jit
     def epoch(params, opt_state, xs, ys, key):
@@ -179,28 +183,30 @@ def fit(x: np.ndarray, y: np.ndarray, probe: ProbeConfig, l2: float, num_outputs
     else:
         b0 = np.log(np.bincount(y, minlength=num_outputs) / n)
     params = {"w": jnp.zeros((d, num_outputs)), "b": jnp.asarray(b0, jnp.float32)}
-    if x.ndim == 3:
+    if xs.ndim == 3:
         params.update(ln_scale=jnp.ones(d), ln_bias=jnp.zeros(d),
-                      mix=jnp.full(x.shape[1], 1.0 / x.shape[1]))
+                      mix=jnp.full(xs.shape[1], 1.0 / xs.shape[1]))
     opt_state = tx.init(params)
-    # Layer features stay float16 on the device (3 GB for CelebA's train split), cast per batch.
-    xs = jnp.asarray(((x - mean) / std).astype(x.dtype if x.ndim == 3 else np.float32))
     ys = jnp.asarray(y)
     key = jax.random.key(probe.seed)
-    heads = {}
+    fitted = {}
     for e in range(1, max(probe.epochs_grid) + 1):
         params, opt_state = epoch(params, opt_state, xs, ys, jax.random.fold_in(key, e))
         if e in probe.epochs_grid:
-            heads[e] = Head(jax.tree.map(np.asarray, params), mean, std, classes)
-    return heads
+            fitted[e] = jax.tree.map(np.asarray, params)
+    return fitted
 
 
 def select(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y: np.ndarray,
            probe: ProbeConfig) -> tuple[Head, dict[str, float]]:
     """Fits every (l2, epochs) in the grid on train and keeps the best on validation (the first
     in grid order on ties). Takes no test data, by construction."""
-    mean, std = ((train_x.mean(0), train_x.std(0) + 1e-6) if train_x.ndim == 2
-                 else (0.0, 1.0))  # layer features: the head's LayerNorm normalises them
+    if train_x.ndim == 2:
+        mean, std = train_x.mean(0), train_x.std(0) + 1e-6
+        xs = jnp.asarray((train_x - mean) / std, jnp.float32)
+    else:  # layer features: the head's LayerNorm normalises them; float16 on the device
+        mean, std = 0.0, 1.0
+        xs = jnp.asarray(train_x)
     classes = None
     if probe.kind == "multiclass":
         classes = np.unique(train_y)
@@ -210,8 +216,8 @@ def select(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y: n
         num_outputs = train_y.shape[1]
     best, best_score, chosen = None, -math.inf, {}
     for l2 in probe.l2_grid:
-        for epochs, head in fit(train_x, train_y, probe, l2, num_outputs, mean, std,
-                                classes).items():
+        for epochs, params in fit(xs, train_y, probe, l2, num_outputs).items():
+            head = Head(params, mean, std, classes)
             val_score = score(head, val_x, val_y, probe.kind)
             logging.info("linear probe l2=%g epochs=%d val=%.4f", l2, epochs, val_score)
             if val_score > best_score:
@@ -297,9 +303,12 @@ class LinearProbeEvaluator:
         self.label_key = cfg.get("label_key", "attributes")
 
     def features(self, params: dict, split: str, step: int | None) -> dict[str, np.ndarray]:
+        layers = self.probe.features == "layers"
+        # Layer features are not cached: 12 vectors an image, 3.7 GB a CelebA evaluation,
+        # would fill the workdir's disk within a run.
         return image_features(self.embedder, params, self.data_cfg, split, self.label_key,
-                              layers=self.probe.features == "layers", blocks=self.probe.blocks,
-                              cache_dir=self.cache_dir, step=step)
+                              layers=layers, blocks=self.probe.blocks,
+                              cache_dir=None if layers else self.cache_dir, step=step)
 
     def run(self, params: dict, step: int | None = None) -> dict[str, float]:
         cfg = self.cfg

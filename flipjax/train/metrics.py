@@ -84,6 +84,7 @@ class MetricWriter:
         previous = {k: v for k, v in self.resumed_line.items() if k != "step"}
         self.write(step, {**previous, **metrics}, scalars=metrics)
         self.flush()
+        self.resumed_line = {"step": step, **previous, **metrics}
 
     def write(self, step: int, metrics: Mapping[str, float | None],
               scalars: Mapping[str, float] | None = None) -> None:

@@ -77,13 +77,21 @@ def keep_tokenizer(config: ml_collections.ConfigDict, workdir: str, resumed: boo
     a resume must use the same one: other ids would feed the trained embeddings other pieces.
     """
     kept = storage_path(workdir) / TOKENIZER_FILE
-    model = storage_path(config.tokenizer.path).read_bytes()
-    if resumed and kept.exists():
-        check(same_tokenizer(kept.read_bytes(), model), "tokenizer.path",
+    matches = is_kept_tokenizer(config, workdir)
+    if resumed and matches is not None:
+        check(matches, "tokenizer.path",
               f"{config.tokenizer.path!r} is not the tokenizer this run trained with ({kept}); "
               f"resume with tokenizer.path={str(kept)!r}, or use a new workdir")
     elif jax.process_index() == 0:
-        write_bytes_whole(kept, model)
+        write_bytes_whole(kept, storage_path(config.tokenizer.path).read_bytes())
+
+
+def is_kept_tokenizer(config: ml_collections.ConfigDict, workdir: str) -> bool | None:
+    """Whether `config.tokenizer.path` is the run's kept tokenizer (None: none kept yet)."""
+    kept = storage_path(workdir) / TOKENIZER_FILE
+    if not kept.exists():
+        return None
+    return same_tokenizer(kept.read_bytes(), storage_path(config.tokenizer.path).read_bytes())
 
 
 def non_finite_message(step: int) -> str:
@@ -95,21 +103,24 @@ def non_finite_message(step: int) -> str:
 def finish_evaluations(config: ml_collections.ConfigDict, evaluators: dict,
                        writer: MetricWriter, step: int, params: Callable[[], dict]) -> None:
     """Runs the evaluations due at the checkpoint a run resumes from that its metrics line
-    lacks (the run stopped while evaluating, after saving), adding them to that line."""
+    lacks (the run stopped while evaluating, after saving), adding each one's results to that
+    line as it finishes. Best effort: one failing again is logged and left to `python -m
+    flipjax.evaluate`, so that it cannot keep the run from training on."""
     missing = missing_evaluations(config.evals, step, config.total_steps,
                                   writer.logged_at_resume())
-    rerun = {name for name in sorted(config.evals) if process0_flag(name in missing)}
+    rerun = [name for name in sorted(config.evals) if process0_flag(name in missing)]
     if not rerun:
         return
     logging.info("evaluating step %d again for %s: the run stopped before their results "
-                 "were logged", step, sorted(rerun))
-    results: dict[str, float] = {}
-    try:
-        for evaluation in run_evaluators(evaluators, params(), step, rerun):
-            results.update(evaluation)
-    finally:
-        if results:
-            writer.amend_resumed_line(step, results)
+                 "were logged", step, rerun)
+    params = functools.cache(params)
+    for name in rerun:
+        try:
+            for results in run_evaluators(evaluators, params(), step, {name}):
+                writer.amend_resumed_line(step, results)
+        except Exception:  # noqa: BLE001 - whatever it was, training must not wait on it
+            logging.exception("evaluating step %d for %s failed again; going on without it",
+                              step, name)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
@@ -143,9 +154,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                         workdir, start, total, workdir)
         with (contextlib.closing(manager),
               contextlib.closing(MetricWriter(workdir, start)) as writer):
-            finish_evaluations(config, evaluators, writer, start, lambda: checkpoint.restore(
-                manager, start, checkpoint.abstract_with_shardings(
-                    setup.abstract_state, setup.state_shardings), None)["params"])
+            if is_kept_tokenizer(config, workdir):  # else its text evaluations would differ
+                finish_evaluations(config, evaluators, writer, start, lambda: checkpoint.restore(
+                    manager, start, checkpoint.abstract_with_shardings(
+                        setup.abstract_state, setup.state_shardings), None)["params"])
         return {}
     if start:
         check_same_data_position(config, workdir)
@@ -194,6 +206,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           contextlib.closing(MetricWriter(workdir, start)) as writer):
         if start:
             finish_evaluations(config, evaluators, writer, start, lambda: state["params"])
+            last_time = time.perf_counter()  # out of the first step's time
         for step in range(start + 1, total + 1):
             with jax.profiler.StepTraceAnnotation("train", step_num=step):
                 batch = to_global(next(data_iter), setup.batch_sharding)
