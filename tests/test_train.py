@@ -120,8 +120,11 @@ def test_a_failing_evaluation_loses_no_training_and_the_tokenizer_stays_the_runs
     monkeypatch.undo()
     saved = (tmp_path / "work" / "config.json").read_text()
     config.optim.lr = 1.0  # forgot to change --workdir: the finished run is left as it was,
-    assert train_and_evaluate(config, workdir) == {}  # but for the evaluation that failed
+    assert train_and_evaluate(config, workdir) == {}  # not evaluated with another's config
     assert (tmp_path / "work" / "config.json").read_text() == saved
+    assert "retrieval/t2i_R@1" not in read_losses(workdir)[1][1]
+    config.optim.lr = json.loads(saved)["optim"]["lr"]  # its own config completes it
+    assert train_and_evaluate(config, workdir) == {}
     _, rows = read_losses(workdir)
     assert [r["step"] for r in rows] == [1, 2] and "retrieval/t2i_R@1" in rows[1]
     assert rows[1]["train/loss"] == losses[2]

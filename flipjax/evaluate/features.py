@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from absl import logging
 from etils import epath
 from flax import nnx
 from tqdm import tqdm
@@ -209,7 +210,12 @@ def image_features(embedder: Embedder, params: dict, data_cfg: ml_collections.Co
             feats = np.empty((len(data_source(data_cfg, split)), *batch.shape[1:]), batch.dtype)
         feats[len(labels):len(labels) + len(batch)] = batch
         labels += [r[label_key] for r in recs]
+    assert len(labels) == len(feats), (split, len(labels), len(feats))
     out = {"features": feats, "labels": label_array(labels)}
     if path is not None and jax.process_index() == 0:
-        write_npz_whole(path, **out)
+        try:
+            write_npz_whole(path, **out)
+        except OSError as e:  # a full disk costs the cache, not the evaluation (nor a hang
+            # of the other processes, which did not fail)
+            logging.warning("feature cache not written (%s): %s", path, e)
     return out

@@ -78,8 +78,8 @@ class MetricWriter:
         if self.jsonl is None:
             self.lines = kept
         else:  # the rewrite replaces the file: append to the new one
-            self.jsonl.close()
             self._rewrite(kept)
+            self.jsonl.close()
             self.jsonl = self.jsonl_path.open("a")
         previous = {k: v for k, v in self.resumed_line.items() if k != "step"}
         self.write(step, {**previous, **metrics}, scalars=metrics)

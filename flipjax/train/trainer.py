@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import time
 from collections.abc import Callable
 
@@ -86,6 +87,13 @@ def keep_tokenizer(config: ml_collections.ConfigDict, workdir: str, resumed: boo
         write_bytes_whole(kept, storage_path(config.tokenizer.path).read_bytes())
 
 
+def is_same_run(config: ml_collections.ConfigDict, workdir: str) -> bool:
+    """Whether `config` is the one the run saved as config.json, tokenizer included."""
+    path = storage_path(workdir) / "config.json"
+    return (path.exists() and json.loads(path.read_text()) == json.loads(config.to_json())
+            and bool(is_kept_tokenizer(config, workdir)))
+
+
 def is_kept_tokenizer(config: ml_collections.ConfigDict, workdir: str) -> bool | None:
     """Whether `config.tokenizer.path` is the run's kept tokenizer (None: none kept yet)."""
     kept = storage_path(workdir) / TOKENIZER_FILE
@@ -119,6 +127,10 @@ def finish_evaluations(config: ml_collections.ConfigDict, evaluators: dict,
             for results in run_evaluators(evaluators, params(), step, {name}):
                 writer.amend_resumed_line(step, results)
         except Exception:  # noqa: BLE001 - whatever it was, training must not wait on it
+            if jax.process_count() > 1:
+                # Where it failed on some processes only, the others would wait in its
+                # collectives for ever: the job fails, as it would have while training.
+                raise
             logging.exception("evaluating step %d for %s failed again; going on without it",
                               step, name)
 
@@ -154,7 +166,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                         workdir, start, total, workdir)
         with (contextlib.closing(manager),
               contextlib.closing(MetricWriter(workdir, start)) as writer):
-            if is_kept_tokenizer(config, workdir):  # else its text evaluations would differ
+            # Only the run's own config and tokenizer complete its results: another's (a
+            # reused --workdir) would log numbers of another evaluation under this run's.
+            if process0_flag(is_same_run(config, workdir)):
                 finish_evaluations(config, evaluators, writer, start, lambda: checkpoint.restore(
                     manager, start, checkpoint.abstract_with_shardings(
                         setup.abstract_state, setup.state_shardings), None)["params"])
