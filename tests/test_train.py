@@ -140,15 +140,18 @@ def test_a_failing_evaluation_loses_no_training_and_the_tokenizer_stays_the_runs
 def test_a_resumed_run_evaluates_what_its_checkpointed_step_did_not(tiny_config, tmp_path,
                                                                     monkeypatch):
     """An evaluator failing after its step's checkpoint: the line keeps the results of those
-    that ran before it, and the resumed run evaluates only the missing one at that step, in
-    that step's line, then trains on."""
+    that ran before it; the resumed run evaluates the missing ones at that step, in that
+    step's line (a preemption notice stops it between two, the step being saved), then
+    trains on."""
     from flipjax.evaluate.retrieval import RetrievalEvaluator
     from flipjax.evaluate.zeroshot import ZeroShotAttributesEvaluator
+    from flipjax.train.preemption import PreemptedError
 
     config, workdir = tiny_config, str(tmp_path)
     config.total_steps, config.checkpoint.every_steps = 4, 2
+    zeroshot = {**config.evals.zeroshot, "every_steps": 2}
     config.evals = {"retrieval": {**config.evals.retrieval, "every_steps": 2},
-                    "zeroshot": {**config.evals.zeroshot, "every_steps": 2}}
+                    "zeroshot": zeroshot, "zeroshot_again": zeroshot}
     config.model.image.depth = config.model.text.depth = 1
     runs = []
     retrieval_run, zeroshot_run = RetrievalEvaluator.run, ZeroShotAttributesEvaluator.run
@@ -163,16 +166,30 @@ def test_a_resumed_run_evaluates_what_its_checkpointed_step_did_not(tiny_config,
         train_and_evaluate(config, workdir)
     _, rows = read_losses(workdir)
     assert [r["step"] for r in rows] == [1, 2] and "retrieval/t2i_R@1" in rows[1]
-    assert not any(k.startswith("zeroshot/") for k in rows[1])
+    assert not any(k.startswith("zeroshot") for k in rows[1])
+
+    def zeroshot_preempted(self, params, step=None):
+        runs.append(("zeroshot", step))
+        os.kill(os.getpid(), signal.SIGTERM)  # the notice arrives while it evaluates
+        return zeroshot_run(self, params, step)
+
+    monkeypatch.setattr(ZeroShotAttributesEvaluator, "run", zeroshot_preempted)
+    with pytest.raises(PreemptedError, match="saved a checkpoint at step 2"):
+        train_and_evaluate(config, workdir)
+    _, rows = read_losses(workdir)
+    assert [r["step"] for r in rows] == [1, 2] and "zeroshot/mean_acc" in rows[1]
+    assert not any(k.startswith("zeroshot_again/") for k in rows[1])
 
     monkeypatch.setattr(ZeroShotAttributesEvaluator, "run", lambda self, params, step=None: (
         runs.append(("zeroshot", step)) or zeroshot_run(self, params, step)))
     train_and_evaluate(config, workdir)
-    assert runs == [("retrieval", 2), ("zeroshot", 2), ("retrieval", 4), ("zeroshot", 4)]
+    assert runs == [("retrieval", 2), ("zeroshot", 2), ("zeroshot", 2), ("retrieval", 4),
+                    ("zeroshot", 4), ("zeroshot", 4)]
     losses, rows = read_losses(workdir)
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
-    assert {"train/loss", "retrieval/t2i_R@1", "zeroshot/mean_acc"} <= set(rows[1])
-    assert {"train/loss", "retrieval/t2i_R@1", "zeroshot/mean_acc"} <= set(rows[3])
+    for row in (rows[1], rows[3]):
+        assert {"train/loss", "retrieval/t2i_R@1", "zeroshot/mean_acc",
+                "zeroshot_again/mean_acc"} <= set(row)
 
 
 @pytest.mark.parametrize("accum", [1, 2])

@@ -109,11 +109,13 @@ def non_finite_message(step: int) -> str:
 
 
 def finish_evaluations(config: ml_collections.ConfigDict, evaluators: dict,
-                       writer: MetricWriter, step: int, params: Callable[[], dict]) -> None:
+                       writer: MetricWriter, step: int, params: Callable[[], dict],
+                       preemption: PreemptionWatch | None = None) -> None:
     """Runs the evaluations due at the checkpoint a run resumes from that its metrics line
     lacks (the run stopped while evaluating, after saving), adding each one's results to that
-    line as it finishes. Best effort: one failing again is logged and left to `python -m
-    flipjax.evaluate`, so that it cannot keep the run from training on."""
+    line as it finishes. On one process, best effort: one failing again is logged and left to
+    `python -m flipjax.evaluate`, so that it cannot keep the run from training on; and a
+    preemption notice stops before the next one (raising PreemptedError: `step` is saved)."""
     missing = missing_evaluations(config.evals, step, config.total_steps,
                                   writer.logged_at_resume())
     rerun = [name for name in sorted(config.evals) if process0_flag(name in missing)]
@@ -123,6 +125,9 @@ def finish_evaluations(config: ml_collections.ConfigDict, evaluators: dict,
                  "were logged", step, rerun)
     params = functools.cache(params)
     for name in rerun:
+        # Several processes agree on a preemption step only as they train (reached(step)).
+        if preemption is not None and jax.process_count() == 1 and preemption.reached(step):
+            raise PreemptedError(step)
         try:
             for results in run_evaluators(evaluators, params(), step, {name}):
                 writer.amend_resumed_line(step, results)
@@ -219,7 +224,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     with (PreemptionWatch() as preemption, contextlib.closing(manager),
           contextlib.closing(MetricWriter(workdir, start)) as writer):
         if start:
-            finish_evaluations(config, evaluators, writer, start, lambda: state["params"])
+            finish_evaluations(config, evaluators, writer, start, lambda: state["params"],
+                               preemption)
             last_time = time.perf_counter()  # out of the first step's time
         for step in range(start + 1, total + 1):
             with jax.profiler.StepTraceAnnotation("train", step_num=step):
