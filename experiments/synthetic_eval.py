@@ -22,7 +22,7 @@ import numpy as np
 from experiments.common import evaluate, fmt, load_run, markdown_table, write
 from flipjax.data.pipeline import data_source
 from flipjax.data.tokenizer import text_of
-from flipjax.evaluate.features import Embedder, embed_split, iterate_records
+from flipjax.evaluate.features import Embedder, embed_split, eval_records, in_batches
 from flipjax.evaluate.prompts import attribute_names
 
 matplotlib.use("Agg")
@@ -76,7 +76,7 @@ def retrieval_sheet(run, path: str, num_queries: int, batch_size: int) -> None:
     emb = embed_split(embedder, run.params, data_cfg, "test", run.tokenizer,
                       text_key=data_cfg.text_key)
     images, captions = [], []
-    for recs in iterate_records(data_cfg, "test", batch_size, "sheet"):
+    for recs in in_batches(eval_records(data_cfg, "test"), batch_size, "sheet"):
         images += [r["image"] for r in recs]
         captions += [text_of(r[data_cfg.text_key]) for r in recs]
     queries = np.arange(num_queries)

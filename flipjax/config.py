@@ -26,7 +26,7 @@ from flipjax.models.layers import (
 from flipjax.models.text import POOLS as TEXT_POOLS
 from flipjax.models.two_towers import DTYPES, tower_size
 from flipjax.models.vit import POOLS as IMAGE_POOLS
-from flipjax.models.vit import POSEMBS
+from flipjax.models.vit import POSEMBS, probe_blocks
 from flipjax.storage import storage_path
 from flipjax.train.losses import LOSSES
 from flipjax.train.optimizer import param_groups
@@ -128,11 +128,11 @@ def validate_evals(config: ml_collections.ConfigDict, shards: int) -> None:
                 probe = ProbeConfig.from_eval_cfg(eval_cfg)
             except ValueError as e:  # as make_evaluators words it
                 raise ConfigError(f"config.evals.{name}: {e}") from None
-            depth = tower_size(model.image, with_patch=True)[0].depth
-            check(probe.features != "layers" or probe.blocks is None
-                  or all(1 <= b < depth for b in probe.blocks), f"evals.{name}.blocks",
-                  f"{probe.blocks} must be block numbers 1..{depth - 1} of the {depth}-block "
-                  "image tower (its last block's output is always read)")
+            if probe.features == "layers":
+                try:
+                    probe_blocks(probe.blocks, tower_size(model.image, with_patch=True)[0].depth)
+                except ValueError as e:
+                    raise ConfigError(f"config.evals.{name}.blocks: {e}") from None
 
 
 def validate(config: ml_collections.ConfigDict) -> None:

@@ -154,34 +154,37 @@ def test_a_resumed_run_evaluates_what_its_checkpointed_step_did_not(tiny_config,
                     "zeroshot": zeroshot, "zeroshot_again": zeroshot}
     config.model.image.depth = config.model.text.depth = 1
     runs = []
-    retrieval_run, zeroshot_run = RetrievalEvaluator.run, ZeroShotAttributesEvaluator.run
-    monkeypatch.setattr(RetrievalEvaluator, "run", lambda self, params, step=None: (
-        runs.append(("retrieval", step)) or retrieval_run(self, params, step)))
+
+    def recorded(name, run, before=lambda: None):
+        def record_and_run(self, params, step=None):
+            runs.append((name, step))
+            before()
+            return run(self, params, step)
+        return record_and_run
+
+    def stops_at_step_2(error, match, logged_key, missing_prefix):
+        with pytest.raises(error, match=match):
+            train_and_evaluate(config, workdir)
+        _, rows = read_losses(workdir)
+        assert [r["step"] for r in rows] == [1, 2] and logged_key in rows[1]
+        assert not any(k.startswith(missing_prefix) for k in rows[1])
 
     def zeroshot_fails(self, params, step=None):
         raise RuntimeError("zero-shot failed")
 
+    zeroshot_run = ZeroShotAttributesEvaluator.run
+    monkeypatch.setattr(RetrievalEvaluator, "run",
+                        recorded("retrieval", RetrievalEvaluator.run))
     monkeypatch.setattr(ZeroShotAttributesEvaluator, "run", zeroshot_fails)
-    with pytest.raises(RuntimeError, match="zero-shot failed"):
-        train_and_evaluate(config, workdir)
-    _, rows = read_losses(workdir)
-    assert [r["step"] for r in rows] == [1, 2] and "retrieval/t2i_R@1" in rows[1]
-    assert not any(k.startswith("zeroshot") for k in rows[1])
+    stops_at_step_2(RuntimeError, "zero-shot failed", "retrieval/t2i_R@1", "zeroshot")
 
-    def zeroshot_preempted(self, params, step=None):
-        runs.append(("zeroshot", step))
-        os.kill(os.getpid(), signal.SIGTERM)  # the notice arrives while it evaluates
-        return zeroshot_run(self, params, step)
+    # The notice arrives while it evaluates.
+    monkeypatch.setattr(ZeroShotAttributesEvaluator, "run", recorded(
+        "zeroshot", zeroshot_run, lambda: os.kill(os.getpid(), signal.SIGTERM)))
+    stops_at_step_2(PreemptedError, "saved a checkpoint at step 2", "zeroshot/mean_acc",
+                    "zeroshot_again/")
 
-    monkeypatch.setattr(ZeroShotAttributesEvaluator, "run", zeroshot_preempted)
-    with pytest.raises(PreemptedError, match="saved a checkpoint at step 2"):
-        train_and_evaluate(config, workdir)
-    _, rows = read_losses(workdir)
-    assert [r["step"] for r in rows] == [1, 2] and "zeroshot/mean_acc" in rows[1]
-    assert not any(k.startswith("zeroshot_again/") for k in rows[1])
-
-    monkeypatch.setattr(ZeroShotAttributesEvaluator, "run", lambda self, params, step=None: (
-        runs.append(("zeroshot", step)) or zeroshot_run(self, params, step)))
+    monkeypatch.setattr(ZeroShotAttributesEvaluator, "run", recorded("zeroshot", zeroshot_run))
     train_and_evaluate(config, workdir)
     assert runs == [("retrieval", 2), ("zeroshot", 2), ("zeroshot", 2), ("retrieval", 4),
                     ("zeroshot", 4), ("zeroshot", 4)]

@@ -110,11 +110,14 @@ class Embedder:
         return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
 
-def iterate_records(data_cfg: ml_collections.ConfigDict, split: str, batch_size: int,
-                    desc: str) -> Iterator[list[dict]]:
-    """Lists of up to `batch_size` eval-preprocessed records, in split order."""
-    records = grain.MapDataset.source(data_source(data_cfg, split)).map(
+def eval_records(data_cfg: ml_collections.ConfigDict, split: str) -> grain.MapDataset:
+    """A split's records, eval-preprocessed when read (by index, in split order)."""
+    return grain.MapDataset.source(data_source(data_cfg, split)).map(
         EvalPreprocess(data_cfg.image_size, data_cfg.image_key, data_cfg.eval_resize))
+
+
+def in_batches(records: grain.MapDataset, batch_size: int, desc: str) -> Iterator[list[dict]]:
+    """Lists of up to `batch_size` of `records`, in order, with a progress bar."""
     n = len(records)
     for start in tqdm(range(0, n, batch_size), desc=desc, leave=False,
                       disable=jax.process_index() != 0):
@@ -131,7 +134,8 @@ def embed_split(embedder: Embedder, params: dict, data_cfg: ml_collections.Confi
     """
     images, captions, owners = [], [], []
     num_images = 0
-    for recs in iterate_records(data_cfg, split, embedder.batch_size, f"embed {split}"):
+    for recs in in_batches(eval_records(data_cfg, split), embedder.batch_size,
+                           f"embed {split}"):
         images.append(embedder.images(params, np.stack([r["image"] for r in recs])))
         if text_key is not None:
             for i, r in enumerate(recs):
@@ -182,17 +186,17 @@ def image_features(embedder: Embedder, params: dict, data_cfg: ml_collections.Co
     """{"features": image embeddings (N, D), or with `layers` the image tower's
     `layer_features` of `blocks` (N, F, width), "labels": `label_key` of each record}.
 
-    With `cache_dir` and `step` the result is read from / written to an .npz keyed by dataset,
+    With `cache_dir` and `step` embeddings are read from / written to an .npz keyed by dataset,
     split, label, checkpoint step, the model fingerprint, the image tower's weights
     (`Embedder.weights_digest`) and the split's build, so
     re-evaluating a checkpoint (several probes, several hyperparameter grids) embeds each split
-    once.
+    once. Layer features are never cached: 12 vectors an image, 3.7 GB a CelebA evaluation,
+    would fill the workdir's disk within a run.
     """
     path = None
-    if cache_dir is not None and step is not None:
+    if cache_dir is not None and step is not None and not layers:
         path = feature_cache_path(cache_dir, data_cfg, split, label_key, step,
-                                  f"{embedder.fingerprint}-{embedder.weights_digest(params)}"
-                                  + (f"-layers{blocks}" if layers else ""))
+                                  f"{embedder.fingerprint}-{embedder.weights_digest(params)}")
         # Process 0's view for all: each must take the same branch (embedding is jitted over
         # all of them), and the others may look before process 0's write of this step (another
         # evaluator of the split) has landed.
@@ -201,16 +205,15 @@ def image_features(embedder: Embedder, params: dict, data_cfg: ml_collections.Co
                 return {"features": f["features"], "labels": f["labels"]}
     # Filled in place: a CelebA train split's layer features are 3 GB, a concatenated list
     # of batches would hold them twice.
-    feats, labels = None, []
-    for recs in iterate_records(data_cfg, split, embedder.batch_size, f"features {split}"):
+    records, feats, labels = eval_records(data_cfg, split), None, []
+    for recs in in_batches(records, embedder.batch_size, f"features {split}"):
         images = np.stack([r["image"] for r in recs])
         batch = (embedder.image_layers(params, images, blocks) if layers
                  else embedder.images(params, images))
         if feats is None:
-            feats = np.empty((len(data_source(data_cfg, split)), *batch.shape[1:]), batch.dtype)
+            feats = np.empty((len(records), *batch.shape[1:]), batch.dtype)
         feats[len(labels):len(labels) + len(batch)] = batch
         labels += [r[label_key] for r in recs]
-    assert len(labels) == len(feats), (split, len(labels), len(feats))
     out = {"features": feats, "labels": label_array(labels)}
     if path is not None and jax.process_index() == 0:
         try:

@@ -45,7 +45,7 @@ class ProbeConfig:
     kind: str = "multilabel"
     features: str = "embedding"
     # features="layers": the blocks read besides the last; None: FLIP's 4, 6, 8 of 12, at
-    # those fractions of another depth (`flip_probe_blocks`).
+    # those fractions of another depth (`vit.probe_blocks`).
     blocks: tuple[int, ...] | None = None
     l2_grid: tuple[float, ...] = (0.0, 1e-4, 1e-3, 1e-2)
     epochs_grid: tuple[int, ...] = (10, 30, 100)
@@ -85,16 +85,15 @@ class Head:
     which the head's LayerNorm normalises)."""
 
     params: dict[str, np.ndarray]
-    mean: np.ndarray | float
-    std: np.ndarray | float
+    mean: np.ndarray | None  # None: layer features, left as they are
+    std: np.ndarray | None
     classes: np.ndarray | None  # multiclass: label value of each output
 
     def logits(self, x: np.ndarray) -> np.ndarray:
-        standardise = x.ndim == 2
-        return np.concatenate([
-            np.asarray(_head_logits(self.params, (rows - self.mean) / self.std if standardise
-                                    else rows))
-            for rows in (x[i:i + _SCORE_ROWS] for i in range(0, len(x), _SCORE_ROWS))])
+        if self.mean is not None:
+            x = (x - self.mean) / self.std
+        return np.concatenate([np.asarray(_head_logits(self.params, x[i:i + _SCORE_ROWS]))
+                               for i in range(0, len(x), _SCORE_ROWS)])
 
 
 _head_logits = jax.jit(head_logits)
@@ -205,7 +204,7 @@ def select(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y: n
         mean, std = train_x.mean(0), train_x.std(0) + 1e-6
         xs = jnp.asarray((train_x - mean) / std, jnp.float32)
     else:  # layer features: the head's LayerNorm normalises them; float16 on the device
-        mean, std = 0.0, 1.0
+        mean = std = None
         xs = jnp.asarray(train_x)
     classes = None
     if probe.kind == "multiclass":
@@ -303,12 +302,9 @@ class LinearProbeEvaluator:
         self.label_key = cfg.get("label_key", "attributes")
 
     def features(self, params: dict, split: str, step: int | None) -> dict[str, np.ndarray]:
-        layers = self.probe.features == "layers"
-        # Layer features are not cached: 12 vectors an image, 3.7 GB a CelebA evaluation,
-        # would fill the workdir's disk within a run.
         return image_features(self.embedder, params, self.data_cfg, split, self.label_key,
-                              layers=layers, blocks=self.probe.blocks,
-                              cache_dir=None if layers else self.cache_dir, step=step)
+                              layers=self.probe.features == "layers", blocks=self.probe.blocks,
+                              cache_dir=self.cache_dir, step=step)
 
     def run(self, params: dict, step: int | None = None) -> dict[str, float]:
         cfg = self.cfg

@@ -91,11 +91,17 @@ class MAPHead(nnx.Module):
         return y[:, 0]
 
 
-def flip_probe_blocks(depth: int) -> tuple[int, ...]:
-    """The blocks FLIP's attribute head reads besides the last (4, 6, 8 of 12), at the same
-    fractions of `depth`: (1, 2) of 3, (1,) of 2, none of 1."""
-    return tuple(sorted({b for b in (round(depth / 3), depth // 2, round(2 * depth / 3))
-                         if 1 <= b < depth}))
+def probe_blocks(blocks: Sequence[int] | None, depth: int) -> tuple[int, ...]:
+    """The blocks FLIP's attribute head reads besides the last, checked against `depth`
+    (ValueError); None means FLIP's 4, 6, 8 of 12 at the same fractions of `depth`: (1, 2) of
+    3, (1,) of 2, none of 1."""
+    if blocks is None:
+        return tuple(sorted({b for b in (round(depth / 3), depth // 2, round(2 * depth / 3))
+                             if 1 <= b < depth}))
+    if not all(1 <= b < depth for b in blocks):
+        raise ValueError(f"{tuple(blocks)} must be block numbers 1..{depth - 1} of the "
+                         f"{depth}-block image tower (its last block's output is always read)")
+    return tuple(blocks)
 
 
 class ViT(nnx.Module):
@@ -145,10 +151,7 @@ class ViT(nnx.Module):
         max of the patch tokens, in that order. FLIP reads blocks 4, 6, 8 of 12 (F = 12);
         None means the blocks at those fractions of this tower's depth."""
         depth = self.depth
-        blocks = flip_probe_blocks(depth) if blocks is None else tuple(blocks)
-        if not all(1 <= b < depth for b in blocks):
-            raise ValueError(f"blocks {tuple(blocks)} must be block numbers 1..{depth - 1} "
-                             "(the last block's output is always included)")
+        blocks = probe_blocks(blocks, depth)
         cls = int(self.pool == "tok")
 
         def summarize(tokens: jax.Array) -> jax.Array:

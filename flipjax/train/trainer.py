@@ -44,12 +44,11 @@ DATA_POSITION_FIELDS = {
 }
 
 
-def check_same_data_position(config: ml_collections.ConfigDict, workdir: str) -> None:
+def check_same_data_position(config: ml_collections.ConfigDict,
+                             saved: ml_collections.ConfigDict, workdir: str) -> None:
     """Raises ConfigError when a resumed run could not continue from its checkpoint's data
-    position (it would silently skip or repeat records, or fail inside Grain)."""
-    if not (storage_path(workdir) / "config.json").exists():
-        return
-    saved = load_workdir_config(workdir)
+    position (it would silently skip or repeat records, or fail inside Grain); `saved` is
+    the workdir's config.json."""
     for field, why in DATA_POSITION_FIELDS.items():
         keys = field.split(".")
         old, new = (functools.reduce(lambda node, key: node.get(key), keys, cfg)
@@ -58,13 +57,11 @@ def check_same_data_position(config: ml_collections.ConfigDict, workdir: str) ->
               f"{why}. Resume with the saved value, or use a new workdir")
 
 
-def warn_if_schedule_changes(config: ml_collections.ConfigDict, workdir: str, step: int
-                             ) -> None:
+def warn_if_schedule_changes(config: ml_collections.ConfigDict,
+                             saved_config: ml_collections.ConfigDict, step: int) -> None:
     """Logs the learning-rate jump when a resume changes `total_steps`: the cosine schedule
     is stretched to the new total, so extending a finished run warms the rate back up."""
-    if not (storage_path(workdir) / "config.json").exists():
-        return
-    saved = load_workdir_config(workdir).total_steps
+    saved = saved_config.total_steps
     if saved != config.total_steps:
         before, after = (float(make_schedule(config.optim, total)(step))
                          for total in (saved, config.total_steps))
@@ -179,8 +176,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                         setup.abstract_state, setup.state_shardings), None)["params"])
         return {}
     if start:
-        check_same_data_position(config, workdir)
-        warn_if_schedule_changes(config, workdir, start)
+        if (root / "config.json").exists():  # a checkpoint without one: nothing to compare
+            saved = load_workdir_config(workdir)
+            check_same_data_position(config, saved, workdir)
+            warn_if_schedule_changes(config, saved, start)
         keep_tokenizer(config, workdir, resumed=True)
         abstract = checkpoint.abstract_with_shardings(setup.abstract_state,
                                                       setup.state_shardings)
