@@ -17,7 +17,7 @@ for tower, _, equation, _, sizes, count in products(size, image_tokens, batch, N
 compiled = {}
 for tower, seq, causal in (("image", image_tokens, False), ("text", 64, True)):
     block = EncoderBlock(size.width, size.mlp_dim, size.num_heads, gelu="exact", ln_eps=1e-5,
-                         attention="auto", platform="cpu", dtype=jnp.float32,
+                         attention="dot", platform="cpu", dtype=jnp.float32,
                          rngs=nnx.Rngs(0))
     graph, params = nnx.split(block)
     loss = lambda p, x: jnp.sum(nnx.merge(graph, p)(x, is_causal=causal) ** 2)

@@ -470,6 +470,9 @@ def test_auto_attention_is_cudnn_on_a_cuda_gpu_in_16_bits_else_xla():
     assert resolve_attention("cudnn", jnp.float32) == "cudnn"
     with pytest.raises(ValueError, match="attention must be 'auto' or one of"):
         resolve_attention("flash", jnp.float32)
+    # Layers take the name `make_model` resolved: "auto" there would be decided twice.
+    with pytest.raises(ValueError, match="attention must be one of"):
+        Attention(8, 2, attention="auto", platform="cpu", dtype=jnp.float32, rngs=nnx.Rngs(0))
 
 
 def attention_kernels(model: nnx.Module) -> set[str]:

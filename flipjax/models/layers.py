@@ -221,7 +221,8 @@ def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, is_causal: bool = 
 # The implementations `config.model.attention` names, each `(q, k, v, is_causal, num_keys)`
 # over (batch, seq, heads, head_dim) arrays. "dot" is plain XLA and runs on every backend;
 # "cudnn" is cuDNN's fused flash-attention kernel, for NVIDIA GPUs from Ampere on in 16-bit
-# compute. The config may also say "auto": "cudnn" where it runs, else "dot".
+# compute. The config may also say "auto": "cudnn" where it runs, else "dot"
+# (`resolve_attention`).
 ATTENTION_IMPLEMENTATIONS: dict[str, Callable[..., jax.Array]] = {
     "dot": heads_major_attention,
     "cudnn": cudnn_attention,
@@ -245,8 +246,8 @@ def resolve_attention(name: str, dtype: jnp.dtype | type, device: jax.Device | N
     passes its mesh's) and compute dtype; other names of `ATTENTION_IMPLEMENTATIONS` pass
     through.
 
-    `make_model` resolves it from the same device as the `platform` that `dense_matmul` and
-    `add_residual` take."""
+    `make_model` resolves it, once, from the same device as the `platform` that
+    `dense_matmul` and `add_residual` take; the layers take the resolved name."""
     if name == "auto":
         return "cudnn" if cudnn_attention_runs_here(dtype, device) else "dot"
     if name not in ATTENTION_IMPLEMENTATIONS:
@@ -259,12 +260,15 @@ class Attention(nnx.Module):
     """Multi-head attention with separate q/k/v/out projections (1:1 with HF's layout),
     initialised as big_vision's (xavier-uniform kernels over width -> width, zero biases)."""
 
-    def __init__(self, width: int, num_heads: int, *, attention: str = "auto", platform: str,
-                 dtype, rngs: nnx.Rngs):
+    def __init__(self, width: int, num_heads: int, *, attention: str, platform: str, dtype,
+                 rngs: nnx.Rngs):
         if width % num_heads:
             raise ValueError(f"width {width} is not divisible by num_heads {num_heads}")
+        if attention not in ATTENTION_IMPLEMENTATIONS:  # "auto" is resolved by `make_model`.
+            raise ValueError(f"attention must be one of {sorted(ATTENTION_IMPLEMENTATIONS)}, "
+                             f"got {attention!r}")
         self.num_heads, self.platform = num_heads, platform
-        self.implementation = resolve_attention(attention, dtype)
+        self.implementation = attention
         linear = functools.partial(dense, width, width, platform=platform, dtype=dtype,
                                    kernel_init=nnx.initializers.xavier_uniform(), rngs=rngs)
         self.q, self.k, self.v, self.out = linear(), linear(), linear(), linear()
@@ -414,8 +418,6 @@ class Encoder(nnx.Module):
                  rngs: nnx.Rngs):
         if remat not in REMAT_POLICIES:
             raise ValueError(f"remat must be one of {sorted(REMAT_POLICIES)}, got {remat!r}")
-        attention = resolve_attention(attention, dtype)  # once, for every block and the padding
-
         def make_block(block_rngs: nnx.Rngs) -> EncoderBlock:
             return EncoderBlock(width, mlp_dim, num_heads, gelu=gelu, ln_eps=ln_eps,
                                 attention=attention, platform=platform, dtype=dtype,

@@ -21,7 +21,7 @@ class TextTransformer(nnx.Module):
     def __init__(self, size: Size, *, vocab_size: int, max_len: int, pool: str = "last",
                  causal: bool = False, eos_id: int = 1, proj_dim: int | None = None,
                  proj_bias: bool = True, gelu: str = "tanh", ln_eps: float = 1e-6,
-                 remat: str = "none", scan_layers: bool = False, attention: str = "auto",
+                 remat: str = "none", scan_layers: bool = False, attention: str = "dot",
                  platform: str, dtype=jnp.float32, rngs: nnx.Rngs):
         if pool not in POOLS:
             raise ValueError(f"text pool must be one of {POOLS}, got {pool!r}")

@@ -110,7 +110,7 @@ class ViT(nnx.Module):
     def __init__(self, size: Size, patch: int, *, image_size: int, pool: str = "map",
                  posemb: str = "learn", pre_norm: bool = False, proj_dim: int | None = None,
                  proj_bias: bool = True, gelu: str = "tanh", ln_eps: float = 1e-6,
-                 remat: str = "none", scan_layers: bool = False, attention: str = "auto",
+                 remat: str = "none", scan_layers: bool = False, attention: str = "dot",
                  platform: str, dtype=jnp.float32, rngs: nnx.Rngs):
         if pool not in POOLS:
             raise ValueError(f"image pool must be one of {POOLS}, got {pool!r}")
