@@ -172,7 +172,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
           f"{sorted(LOSSES)}")
     # SigLIP's learnable bias, started at -10, is what keeps the B-1 negatives per row from
     # swamping the first steps; a sigmoid loss without one is an easy slip, not a recipe.
-    check(config.loss != "sigmoid" or model.get("bias_init") is not None, "model.bias_init",
+    check(config.loss != "sigmoid" or model.bias_init is not None, "model.bias_init",
           "the sigmoid loss needs a learnable bias: set it (SigLIP: -10.0, with "
           "model.temperature_init=10.0)")
     check(config.loss_impl in LOSS_IMPLS, "loss_impl",
@@ -186,7 +186,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     check(model.dtype in DTYPES, "model.dtype", f"{model.dtype!r} is not one of {sorted(DTYPES)}")
     check(model.remat in REMAT_POLICIES, "model.remat",
           f"{model.remat!r} is not one of {sorted(REMAT_POLICIES)}")
-    attention = model.get("attention", "auto")
+    attention = model.attention
     check(attention in ("auto", *ATTENTION_IMPLEMENTATIONS), "model.attention",
           f"{attention!r} is not 'auto' or one of {sorted(ATTENTION_IMPLEMENTATIONS)}")
     check(attention != "cudnn" or cudnn_attention_runs_here(DTYPES[model.dtype]),
@@ -194,7 +194,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
           "capability 8.0+ and "
           f"model.dtype bfloat16 (here: {jax.devices()[0].device_kind}, "
           f"{model.dtype}); use 'auto'")
-    mu_dtype = config.optim.get("mu_dtype")
+    mu_dtype = config.optim.mu_dtype
     check(mu_dtype in (None, *DTYPES), "optim.mu_dtype",
           f"{mu_dtype!r} is not None or one of {sorted(DTYPES)}")
     for tower, with_patch in (("image", True), ("text", False)):
@@ -220,8 +220,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     check(not (model.text.pool == "first" and model.text.causal), "model.text.pool",
           "'first' with model.text.causal=True pools a token that sees only itself; use "
           "'eos' (CLIP) or 'last' without a causal mask (SigLIP)")
-    check(model.text.pool != "eos" or model.text.get("eos_id", EOS_ID) == EOS_ID,
-          "model.text.eos_id", f"{model.text.get('eos_id')} is not the id our tokenizers end "
+    check(model.text.pool != "eos" or model.text.eos_id == EOS_ID,
+          "model.text.eos_id", f"{model.text.eos_id} is not the id our tokenizers end "
           f"captions with ({EOS_ID}): 'eos' pooling would find none and pool the first token")
     check(model.text.max_len == config.tokenizer.max_len, "tokenizer.max_len",
           f"{config.tokenizer.max_len} differs from config.model.text.max_len "

@@ -69,7 +69,7 @@ def make_optimizer(cfg: ml_collections.ConfigDict, params: Any,
     def adamw(mult: float) -> optax.GradientTransformation:
         lr = schedule if mult == 1.0 else (lambda step: mult * schedule(step))
         return optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
-                           mask=decay_mask, mu_dtype=cfg.get("mu_dtype"))
+                           mask=decay_mask, mu_dtype=cfg.mu_dtype)
 
     groups = {FROZEN: optax.set_to_zero(), "default": adamw(1.0)}
     groups.update({f"lr_mult_{i}": adamw(float(m)) for i, (_, m) in enumerate(cfg.lr_mults)})
