@@ -104,9 +104,8 @@ def check(condition: bool, field: str, message: str) -> None:
 def validate_evals(config: ml_collections.ConfigDict, shards: int) -> None:
     """Raises ConfigError on the first evaluator field that cannot work (`validate` before
     training, `python -m flipjax.evaluate` before evaluating); `make_evaluators` then checks
-    the field names and the splits they read."""
-    from flipjax.evaluate import EVAL_BATCH_SIZE, EVALUATORS
-    from flipjax.evaluate.linear_probe import ProbeConfig
+    the splits they read."""
+    from flipjax.evaluate import EVAL_BATCH_SIZE, EVALUATORS, evaluator_config
 
     data, model = config.data, config.model
     check(data.get("eval_resize") in EVAL_RESIZES, "data.eval_resize",
@@ -123,16 +122,12 @@ def validate_evals(config: ml_collections.ConfigDict, shards: int) -> None:
         ebs = eval_cfg.get("batch_size", EVAL_BATCH_SIZE)
         check(ebs % shards == 0, f"evals.{name}.batch_size",
               f"{ebs} is not divisible by the {shards} batch shards")
-        if eval_cfg.type == "linear_probe":
+        fields = evaluator_config(name, eval_cfg)
+        if eval_cfg.type == "linear_probe" and fields.features == "layers":
             try:
-                probe = ProbeConfig.from_eval_cfg(eval_cfg)
-            except ValueError as e:  # as make_evaluators words it
-                raise ConfigError(f"config.evals.{name}: {e}") from None
-            if probe.features == "layers":
-                try:
-                    probe_blocks(probe.blocks, tower_size(model.image, with_patch=True)[0].depth)
-                except ValueError as e:
-                    raise ConfigError(f"config.evals.{name}.blocks: {e}") from None
+                probe_blocks(fields.blocks, tower_size(model.image, with_patch=True)[0].depth)
+            except ValueError as e:
+                raise ConfigError(f"config.evals.{name}.blocks: {e}") from None
 
 
 def validate(config: ml_collections.ConfigDict) -> None:

@@ -215,6 +215,8 @@ def test_probe_on_flips_layer_features(saved_run, tmp_path):
                                   r"'synthetic_faces/tiny' .* has no such feature"),
     (dict(type="zeroshot_attributes", split="test", attributes=("Smiling", "Eyeglases")),
      r"config\.evals\.probe: attributes \['Eyeglases'\] are not attributes"),
+    (dict(type="retrieval"), r"config\.evals\.probe\.split: required by a 'retrieval' "
+                             r"evaluator, and not set"),
 ])
 def test_evaluator_mistakes_stop_before_any_work(saved_run, change, message):
     """A misspelt field, split or feature is an error naming the field when the evaluators
@@ -225,3 +227,19 @@ def test_evaluator_mistakes_stop_before_any_work(saved_run, change, message):
     config.evals = {"probe": {**probe, **change}}
     with pytest.raises(ValueError, match=message):
         make_evaluators(config, tokenizer, setup.graphdef, setup.mesh)
+
+
+def test_evaluator_config_has_one_default_per_field():
+    """An evaluator's fields are its Config dataclass: unset ones and None placeholders take
+    the one default, and sequences read back from JSON (lists) are tuples."""
+    from ml_collections.config_dict import placeholder
+
+    from flipjax.evaluate import evaluator_config
+    from flipjax.evaluate.linear_probe import ProbeConfig
+
+    cfg = ml_collections.ConfigDict(dict(type="linear_probe", every_steps=5,
+                                         val_split=placeholder(str), test_split="validation",
+                                         l2_grid=[0.0, 0.1]))
+    probe = evaluator_config("probe", cfg)
+    assert probe == ProbeConfig(test_split="validation", l2_grid=(0.0, 0.1))
+    assert (probe.train_split, probe.val_split, probe.label_key) == ("train", None, "attributes")

@@ -10,9 +10,11 @@ its attributes where the dataset's metadata does not (`DATA_OVERRIDES`).
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import json
 from collections.abc import Iterator, Mapping
+from typing import Any
 
 import ml_collections
 from absl import logging
@@ -31,7 +33,7 @@ from flipjax.evaluate.zeroshot import ZeroShotAttributesEvaluator
 EVAL_BATCH_SIZE = 256
 EVALUATORS = {"retrieval": RetrievalEvaluator, "linear_probe": LinearProbeEvaluator,
               "zeroshot_attributes": ZeroShotAttributesEvaluator}
-# Fields every evaluator takes; each type adds its own (`FIELDS`).
+# Fields every evaluator takes; each type adds its own (its `Config` dataclass).
 COMMON_FIELDS = ("type", "every_steps", "batch_size")
 DATA_OVERRIDES = {"dataset": "name", "builder_config": "builder_config",
                   "image_key": "image_key", "text_key": "text_key", "data_dir": "data_dir",
@@ -51,6 +53,36 @@ def evaluator_data_config(config: ml_collections.ConfigDict,
     return data_cfg
 
 
+def evaluator_config(name: str, eval_cfg: ml_collections.ConfigDict) -> Any:
+    """The evaluator's own fields of `config.evals.NAME` as its type's `Config` dataclass,
+    defaults filled in (a None, an unset placeholder, takes the default too; sequences become
+    tuples, as a config read back from JSON holds lists).
+
+    A field that is not one of its type's is a ConfigError: misspelt, it would otherwise
+    leave its default in force, unnoticed. So is a missing required field, or a value the
+    dataclass refuses."""
+    prefix = f"config.evals.{name}"
+    config_cls = EVALUATORS[eval_cfg.type].Config
+    own = [f.name for f in dataclasses.fields(config_cls)]
+    known = (*COMMON_FIELDS, *DATA_OVERRIDES, *own)
+    for field in eval_cfg:
+        if field not in known:
+            close = difflib.get_close_matches(field, known, n=1)
+            raise ConfigError(f"{prefix}.{field}: not a field of a {eval_cfg.type!r} evaluator"
+                              + (f" (did you mean {close[0]!r}?)" if close else "")
+                              + f"; its fields: {sorted(known)}")
+    values = {k: tuple(v) if isinstance(v, list | tuple) else v
+              for k, v in eval_cfg.items() if k in own and v is not None}
+    for field in dataclasses.fields(config_cls):
+        if field.name not in values and field.default is dataclasses.MISSING:
+            raise ConfigError(f"{prefix}.{field.name}: required by a {eval_cfg.type!r} "
+                              "evaluator, and not set")
+    try:
+        return config_cls(**values)
+    except ValueError as e:
+        raise ConfigError(f"{prefix}: {e}") from None
+
+
 def make_evaluators(config: ml_collections.ConfigDict, tokenizer: Tokenizer,
                     graphdef: nnx.GraphDef, mesh: Mesh, cache_dir: str | None = None) -> dict:
     """{name: evaluator}; each evaluator has `.run(params, step=None) -> {metric: value}`.
@@ -58,32 +90,23 @@ def make_evaluators(config: ml_collections.ConfigDict, tokenizer: Tokenizer,
     With `cache_dir` (e.g. WORKDIR/features) image features are cached on disk per checkpoint
     step, which `run` then needs to be given.
 
-    Each evaluator's fields are checked against those of its type, and every split it reads
-    is opened and checked for records and the features it needs: a typo stops the run before
-    training rather than at the first evaluation (or never, leaving a default in force).
+    Each evaluator's fields are checked against those of its type (`evaluator_config`), and
+    every split it reads is opened and checked for records and the features it needs: a typo
+    stops the run before training rather than at the first evaluation.
     """
     out = {}
     for name, eval_cfg in config.evals.items():
         data_cfg = evaluator_data_config(config, eval_cfg)
         evaluator_cls = EVALUATORS[eval_cfg.type]
-        known = (*COMMON_FIELDS, *DATA_OVERRIDES, *evaluator_cls.FIELDS)
-        for field in eval_cfg:
-            # A misspelt field would otherwise leave its default in force, unnoticed.
-            if field not in known:
-                close = difflib.get_close_matches(field, known, n=1)
-                raise ConfigError(f"config.evals.{name}.{field}: not a field of a "
-                                 f"{eval_cfg.type!r} evaluator"
-                                 + (f" (did you mean {close[0]!r}?)" if close else "")
-                                 + f"; its fields: {sorted(known)}")
+        fields = evaluator_config(name, eval_cfg)
         prefix = f"config.evals.{name}"
-        for field, split, keys in evaluator_cls.reads(eval_cfg, data_cfg):
+        for field, split, keys in evaluator_cls.reads(fields, data_cfg):
             data_source(data_cfg, split, f"{prefix}.{field}",
                         {f"{prefix}.{key_field}": key for key_field, key in keys.items()})
         embedder = Embedder(graphdef, mesh, data_cfg, eval_cfg.get("batch_size", EVAL_BATCH_SIZE),
                             fingerprint=model_fingerprint(config.model, data_cfg))
         try:
-            out[name] = evaluator_cls(eval_cfg, data_cfg, tokenizer, embedder,
-                                      cache_dir=cache_dir)
+            out[name] = evaluator_cls(fields, data_cfg, tokenizer, embedder, cache_dir=cache_dir)
         except ValueError as e:
             raise ConfigError(f"{prefix}: {e}") from e
     return out

@@ -42,6 +42,16 @@ _SCORE_ROWS = 4096
 
 @dataclasses.dataclass(frozen=True)
 class ProbeConfig:
+    """A `linear_probe` evaluator's fields (`config.evals.NAME`), with their defaults."""
+
+    train_split: str = "train"
+    # None: validate on `val_fraction` of train carved out with `seed`, whole groups of
+    # `val_group_key` (e.g. "identity") if set.
+    val_split: str | None = None
+    val_fraction: float = 0.1
+    val_group_key: str | None = None
+    test_split: str = "test"
+    label_key: str = "attributes"
     kind: str = "multilabel"
     features: str = "embedding"
     # features="layers": the blocks read besides the last; None: FLIP's 4, 6, 8 of 12, at
@@ -53,18 +63,12 @@ class ProbeConfig:
     probe_batch_size: int = 1024  # the head's training batch (`batch_size` embeds images)
     seed: int = 0
 
-    @classmethod
-    def from_eval_cfg(cls, cfg: ml_collections.ConfigDict) -> ProbeConfig:
-        fields = {f.name for f in dataclasses.fields(cls)}
-        kw = {k: (tuple(v) if isinstance(v, (list, tuple)) else v)
-              for k, v in cfg.items() if k in fields}
-        probe = cls(**kw)
-        if probe.kind not in KINDS:
-            raise ValueError(f"linear probe kind {probe.kind!r} is not one of {KINDS}")
-        if probe.features not in FEATURES:
-            raise ValueError(f"linear probe features {probe.features!r} is not one of "
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"linear probe kind {self.kind!r} is not one of {KINDS}")
+        if self.features not in FEATURES:
+            raise ValueError(f"linear probe features {self.features!r} is not one of "
                              f"{FEATURES}")
-        return probe
 
 
 def head_logits(params: dict, x: jax.Array) -> jax.Array:
@@ -273,61 +277,53 @@ def linear_probe(train: dict[str, np.ndarray], val: dict[str, np.ndarray],
 
 
 class LinearProbeEvaluator:
-    """`type="linear_probe"`: fields `train_split` ("train"), `val_split` (None: carve
-    `val_fraction` of train with `seed`, whole groups of `val_group_key` such as "identity" if
-    set), `test_split` ("test"), `label_key` ("attributes"), `kind` (multilabel|multiclass),
-    `features` (embedding|layers) with `blocks`, `l2_grid`, `epochs_grid`, `lr`,
-    `probe_batch_size`."""
+    """`type="linear_probe"`: the fields of `ProbeConfig`."""
 
-    FIELDS = ("train_split", "val_split", "val_fraction", "val_group_key", "test_split",
-              "label_key", *(f.name for f in dataclasses.fields(ProbeConfig)))
+    Config = ProbeConfig
 
     @staticmethod
-    def reads(cfg: ml_collections.ConfigDict, data_cfg: ml_collections.ConfigDict
+    def reads(cfg: ProbeConfig, data_cfg: ml_collections.ConfigDict
               ) -> list[tuple[str, str, dict[str, str]]]:
         """(split field, split, {key field: feature}) of the records `run` reads."""
-        keys = {"image_key": data_cfg.image_key, "label_key": cfg.get("label_key", "attributes")}
-        group = {"val_group_key": cfg.val_group_key} if cfg.get("val_group_key") else {}
-        out = [("train_split", cfg.get("train_split", "train"), {**keys, **group}),
-               ("test_split", cfg.get("test_split", "test"), keys)]
-        return out + ([("val_split", cfg.val_split, keys)] if cfg.get("val_split") else [])
+        keys = {"image_key": data_cfg.image_key, "label_key": cfg.label_key}
+        group = {"val_group_key": cfg.val_group_key} if cfg.val_group_key else {}
+        out = [("train_split", cfg.train_split, {**keys, **group}),
+               ("test_split", cfg.test_split, keys)]
+        return out + ([("val_split", cfg.val_split, keys)] if cfg.val_split else [])
 
-    def __init__(self, cfg: ml_collections.ConfigDict, data_cfg: ml_collections.ConfigDict,
+    def __init__(self, cfg: ProbeConfig, data_cfg: ml_collections.ConfigDict,
                  tokenizer: Tokenizer, embedder: Embedder,
                  cache_dir: str | None = None):
         del tokenizer
-        self.cfg, self.data_cfg, self.embedder = cfg, data_cfg, embedder
+        self.probe, self.data_cfg, self.embedder = cfg, data_cfg, embedder
         self.cache_dir = cache_dir
-        self.probe = ProbeConfig.from_eval_cfg(cfg)
-        self.label_key = cfg.get("label_key", "attributes")
 
     def features(self, params: dict, split: str, step: int | None) -> dict[str, np.ndarray]:
-        return image_features(self.embedder, params, self.data_cfg, split, self.label_key,
+        return image_features(self.embedder, params, self.data_cfg, split, self.probe.label_key,
                               layers=self.probe.features == "layers", blocks=self.probe.blocks,
                               cache_dir=self.cache_dir, step=step)
 
     def run(self, params: dict, step: int | None = None) -> dict[str, float]:
-        cfg = self.cfg
-        train_split = cfg.get("train_split", "train")
-        train = self.features(params, train_split, step)
-        if cfg.get("val_split"):
-            val = self.features(params, cfg.val_split, step)
+        probe = self.probe
+        train = self.features(params, probe.train_split, step)
+        if probe.val_split:
+            val = self.features(params, probe.val_split, step)
             carved = 0.0
         else:
-            group_key = cfg.get("val_group_key")
             groups = None
-            if group_key:
-                source = data_source(self.data_cfg, train_split)
-                groups = label_array([source[i][group_key] for i in range(len(source))])
-            tr, va = carve_validation(len(train["labels"]), cfg.get("val_fraction", 0.1),
-                                      self.probe.seed, groups)
+            if probe.val_group_key:
+                source = data_source(self.data_cfg, probe.train_split)
+                groups = label_array([source[i][probe.val_group_key]
+                                      for i in range(len(source))])
+            tr, va = carve_validation(len(train["labels"]), probe.val_fraction, probe.seed,
+                                      groups)
             train, val = ({k: v[tr] for k, v in train.items()},
                           {k: v[va] for k, v in train.items()})
             carved = 1.0
             logging.info("linear probe: no val_split, validating on %d train records carved "
-                         "out with seed %d", len(va), self.probe.seed)
-        test = self.features(params, cfg.get("test_split", "test"), step)
+                         "out with seed %d", len(va), probe.seed)
+        test = self.features(params, probe.test_split, step)
         names = None
-        if self.probe.kind == "multilabel":
-            names = attribute_names(self.data_cfg, train["labels"].shape[1], train_split)
-        return {**linear_probe(train, val, test, self.probe, names), "val_carved": carved}
+        if probe.kind == "multilabel":
+            names = attribute_names(self.data_cfg, train["labels"].shape[1], probe.train_split)
+        return {**linear_probe(train, val, test, probe, names), "val_carved": carved}

@@ -145,19 +145,26 @@ def recall_at_k(img: np.ndarray, txt: np.ndarray, caption_owner: np.ndarray,
     return out
 
 
+@dataclasses.dataclass(frozen=True)
+class RetrievalConfig:
+    """A `retrieval` evaluator's fields (`config.evals.NAME`)."""
+
+    split: str
+
+
 class RetrievalEvaluator:
     """Recall@K of a split's images against its captions (one `text_key` string or a list)."""
 
-    FIELDS = ("split",)
+    Config = RetrievalConfig
 
     @staticmethod
-    def reads(cfg: ml_collections.ConfigDict, data_cfg: ml_collections.ConfigDict
+    def reads(cfg: RetrievalConfig, data_cfg: ml_collections.ConfigDict
               ) -> list[tuple[str, str, dict[str, str]]]:
         """(split field, split, {key field: feature}) of the records `run` reads."""
         return [("split", cfg.split,
                  {"image_key": data_cfg.image_key, "text_key": data_cfg.text_key})]
 
-    def __init__(self, cfg: ml_collections.ConfigDict, data_cfg: ml_collections.ConfigDict,
+    def __init__(self, cfg: RetrievalConfig, data_cfg: ml_collections.ConfigDict,
                  tokenizer: Tokenizer, embedder: Embedder,
                  cache_dir: str | None = None):
         del cache_dir  # Text embeddings depend on the tokenizer too; retrieval is cheap to redo.

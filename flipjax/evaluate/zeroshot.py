@@ -9,6 +9,7 @@ majority side on rare attributes.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 
 import ml_collections
@@ -48,38 +49,45 @@ def class_embeddings(embed_texts: Callable[[list[str]], np.ndarray], names: Sequ
     return np.stack(pos), np.stack(neg)
 
 
-class ZeroShotAttributesEvaluator:
-    """`type="zeroshot_attributes"`: fields `split` ("test"), `label_key` ("attributes"),
-    `attributes` (optional subset of names to score)."""
+@dataclasses.dataclass(frozen=True)
+class ZeroShotConfig:
+    """A `zeroshot_attributes` evaluator's fields (`config.evals.NAME`), with their defaults."""
 
-    FIELDS = ("split", "label_key", "attributes")
+    split: str = "test"
+    label_key: str = "attributes"
+    attributes: tuple[str, ...] = ()  # the names to score; empty: all the dataset's
+
+
+class ZeroShotAttributesEvaluator:
+    """`type="zeroshot_attributes"`: the fields of `ZeroShotConfig`."""
+
+    Config = ZeroShotConfig
 
     @staticmethod
-    def reads(cfg: ml_collections.ConfigDict, data_cfg: ml_collections.ConfigDict
+    def reads(cfg: ZeroShotConfig, data_cfg: ml_collections.ConfigDict
               ) -> list[tuple[str, str, dict[str, str]]]:
         """(split field, split, {key field: feature}) of the records `run` reads."""
-        return [("split", cfg.get("split", "test"),
-                 {"image_key": data_cfg.image_key,
-                  "label_key": cfg.get("label_key", "attributes")})]
+        return [("split", cfg.split,
+                 {"image_key": data_cfg.image_key, "label_key": cfg.label_key})]
 
-    def __init__(self, cfg: ml_collections.ConfigDict, data_cfg: ml_collections.ConfigDict,
+    def __init__(self, cfg: ZeroShotConfig, data_cfg: ml_collections.ConfigDict,
                  tokenizer: Tokenizer, embedder: Embedder,
                  cache_dir: str | None = None):
         self.cfg, self.data_cfg, self.tokenizer, self.embedder = cfg, data_cfg, tokenizer, embedder
         self.cache_dir = cache_dir
-        self.split, self.label_key = cfg.get("split", "test"), cfg.get("label_key", "attributes")
-        label = data_source(data_cfg, self.split).dataset_info.features[self.label_key]
-        self.names = attribute_names(data_cfg, label.shape[0], self.split)
-        unknown = [n for n in cfg.get("attributes") or () if n not in self.names]
+        label = data_source(data_cfg, cfg.split).dataset_info.features[cfg.label_key]
+        self.names = attribute_names(data_cfg, label.shape[0], cfg.split)
+        unknown = [n for n in cfg.attributes if n not in self.names]
         if unknown:
             raise ValueError(f"attributes {unknown} are not attributes of dataset "
                              f"{data_cfg.name!r}, which has {self.names}")
 
     def run(self, params: dict, step: int | None = None) -> dict[str, float]:
-        data = image_features(self.embedder, params, self.data_cfg, self.split,
-                              self.label_key, cache_dir=self.cache_dir, step=step)
+        cfg = self.cfg
+        data = image_features(self.embedder, params, self.data_cfg, cfg.split, cfg.label_key,
+                              cache_dir=self.cache_dir, step=step)
         keep = [i for i, n in enumerate(self.names)
-                if not self.cfg.get("attributes") or n in self.cfg.attributes]
+                if not cfg.attributes or n in cfg.attributes]
         names = [self.names[i] for i in keep]
         pos, neg = class_embeddings(
             lambda texts: self.embedder.texts(params, self.tokenizer.encode_batch(texts)), names)
