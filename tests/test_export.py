@@ -5,15 +5,16 @@ parameters, and the exported processor reproduces flipjax's eval preprocessing."
 
 import importlib.util
 import json
+import logging
 import math
 import os
 import shutil
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 import torch
-import transformers
 from conftest import load_config
 from flax import nnx
 from PIL import Image
@@ -27,14 +28,22 @@ from transformers import (
 )
 
 from flipjax.config import ConfigError
-from flipjax.data.pipeline import center_crop, data_source, decode_rgb, make_train_dataset
+from flipjax.data.pipeline import (
+    center_crop,
+    data_source,
+    decode_rgb,
+    make_train_dataset,
+    squash,
+)
 from flipjax.data.tokenizer import EOS_ID, Tokenizer, train_sentencepiece
 from flipjax.export.__main__ import main as export_main
 from flipjax.export.hf_export import (
     ExportError,
     choose_architecture,
     export_model,
-    export_processor,
+    fast_tokenizer,
+    make_processor,
+    save_processor,
 )
 from flipjax.export.hf_import import (
     check_same_tokenizer,
@@ -51,10 +60,9 @@ from flipjax.train.workdir import load_workdir_config, restore_params
 
 ATOL = 1e-4
 VOCAB = 97
-# flipjax's eval pipeline resizes with PIL; transformers 5 resizes with torchvision wherever
+# flipjax's eval pipeline resizes with PIL; transformers resizes with torchvision wherever
 # torchvision is installed, unless a processor is loaded with its PIL backend.
-TRANSFORMERS_5 = int(transformers.__version__.split(".")[0]) >= 5
-PIL_BACKEND = {"backend": "pil"} if TRANSFORMERS_5 else {}
+PIL_BACKEND = {"backend": "pil"}
 
 
 def tiny_model_cfg(kind: str):
@@ -135,8 +143,7 @@ def test_export_matches_flipjax_and_imports_back(kind, model_cls, tmp_path):
     # Export -> import gives back the same parameters.
     fresh = random_params(cfg, seed=2)
     back, report = load_into_params(fresh, str(tmp_path), ("img", "txt"), cfg)
-    assert not report.untouched and all("this model has no" in r
-                                        for r in report.skipped.values()), report.summary()
+    assert not report.untouched and not report.skipped, report.summary()
     want, got = flatten(params), flatten(back)
     assert set(want) == set(got)
     if kind == "clip":  # HF CLIP has no patch bias: export folds it into the position embedding.
@@ -273,6 +280,21 @@ def test_import_refuses_to_drop_a_head_bias(tmp_path):
         load_into_params(params, str(tmp_path), ("img", "txt"), cfg)
 
 
+def test_import_names_the_weights_a_config_leaves_out(tmp_path, caplog):
+    """A config without a place for some of the checkpoint's weights (here GAP pooling under
+    a SigLIP MAP head) loads the rest and warns, naming each one left out."""
+    random_hf_model("siglip", tmp_path)
+    cfg, vocab = model_config_from_hf(str(tmp_path))
+    cfg.image.pool = "gap"
+    params = nnx.to_pure_dict(nnx.state(make_model(cfg, vocab_size=vocab), nnx.Param))
+    with caplog.at_level(logging.WARNING):
+        _, report = load_into_params(params, str(tmp_path), ("img", "txt"), cfg)
+    assert report.dropped and all(k.startswith("img/map_head/") for k in report.dropped)
+    # The three rows of the MAP head's in_proj each keep their own entry.
+    assert {"img/map_head/attn/q/kernel", "img/map_head/attn/k/kernel"} <= set(report.dropped)
+    assert "left out: img/map_head/" in caplog.text
+
+
 def test_refuses_pickles(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "clip"}))
     (tmp_path / "pytorch_model.bin").write_bytes(b"not unpickled")
@@ -308,8 +330,16 @@ def orl_face_jpeg(path, subject: str, box: tuple[int, int, int, int] | None = No
     return path
 
 
-@pytest.mark.parametrize("model_type", ["bpe", "unigram"])
-def test_processor_matches_eval_preprocessing(model_type, tiny_config, tmp_path):
+def write_processor(output, arch: str, spm_path: str, max_len: int, size: int,
+                    mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), eval_resize="center_crop"):
+    spm_model = open(spm_path, "rb").read()
+    mean, std = tuple(map(float, mean)), tuple(map(float, std))
+    save_processor(make_processor(arch, spm_model, max_len, size, mean, std, eval_resize),
+                   spm_model, str(output))
+
+
+@pytest.mark.parametrize("model_type,arch", [("bpe", "siglip"), ("unigram", "clip")])
+def test_processor_matches_eval_preprocessing(model_type, arch, tiny_config, tmp_path):
     config = tiny_config
     source = data_source(config.data, "train")
     captions = [source[i]["caption"].decode() for i in range(len(source))]
@@ -317,11 +347,11 @@ def test_processor_matches_eval_preprocessing(model_type, tiny_config, tmp_path)
     size = 64
     mean = np.asarray((0.48145466, 0.4578275, 0.40821073), np.float32)
     std = np.asarray((0.26862954, 0.26130258, 0.27577711), np.float32)
-    export_processor(str(tmp_path / "hf"), "siglip", spm_path, config.tokenizer.max_len, size,
-                     tuple(mean.tolist()), tuple(std.tolist()))
+    write_processor(tmp_path / "hf", arch, spm_path, config.tokenizer.max_len, size, mean, std)
     processor = AutoProcessor.from_pretrained(str(tmp_path / "hf"), **PIL_BACKEND)
-    # transformers 4 has no `backend` attribute, and loads this processor with PIL by default.
-    assert getattr(processor.image_processor, "backend", "pil") == "pil"
+    assert type(processor).__name__ == ("SiglipProcessor" if arch == "siglip" else
+                                        "CLIPProcessor")
+    assert processor.image_processor.backend == "pil"
 
     # Text: exactly flipjax's ids, punctuation and case included, for every train caption.
     tok = Tokenizer(spm_path, config.tokenizer.max_len)
@@ -352,15 +382,46 @@ def test_processor_matches_eval_preprocessing(model_type, tiny_config, tmp_path)
     assert np.abs(other - theirs).mean() > 0.1
 
 
-@pytest.mark.skipif(not TRANSFORMERS_5 or importlib.util.find_spec("torchvision") is None,
-                    reason="transformers 5's torchvision backend (needs torchvision)")
+def test_squash_processor_matches_squash_evaluation(tiny_config, tmp_path):
+    """A run evaluated with data.eval_resize="squash" (FLIP's CelebA protocol) exports a
+    processor that squashes too: a portrait frame comes out as flipjax evaluates it."""
+    size, path = 64, orl_face_jpeg(tmp_path / "face.jpg", "s1")  # 92x112
+    write_processor(tmp_path / "hf", "siglip", tiny_config.tokenizer.path,
+                    tiny_config.tokenizer.max_len, size, eval_resize="squash")
+    processor = AutoProcessor.from_pretrained(str(tmp_path / "hf"), **PIL_BACKEND)
+    theirs = processor(images=Image.open(path), return_tensors="np")["pixel_values"][0]
+    ours = np.asarray(squash(decode_rgb(path.read_bytes()), size), np.float32) / 255
+    np.testing.assert_allclose(theirs.transpose(1, 2, 0), ours, atol=1e-5)
+
+
+def test_tokenizer_conversion_is_checked_against_sentencepiece(tiny_config, tmp_path):
+    """A converted tokenizer that gives any probe text other ids than SentencePiece is refused
+    (here: another model's conversion checked against ours), as is a SentencePiece model
+    type that does not convert exactly."""
+    from flipjax.export.hf_export import check_tokenizer
+
+    source = data_source(tiny_config.data, "train")
+    captions = [source[i]["caption"].decode() for i in range(len(source))]
+    bpe = open(train_sentencepiece(captions, str(tmp_path / "bpe.model"), 200), "rb").read()
+    unigram = open(train_sentencepiece(captions, str(tmp_path / "uni.model"), 200, "unigram"),
+                   "rb").read()
+    with pytest.raises(ExportError, match="the converted tokenizer encodes .* SentencePiece as"):
+        check_tokenizer(fast_tokenizer(unigram, 16), bpe)
+    word = open(train_sentencepiece(captions, str(tmp_path / "word.model"), 200, "word"),
+                "rb").read()
+    with pytest.raises(ExportError, match="SentencePiece WORD model; only BPE and unigram"):
+        fast_tokenizer(word, 16)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torchvision") is None,
+                    reason="transformers' torchvision backend (needs torchvision)")
 def test_torchvision_backend_is_within_a_grey_level(tiny_config, tmp_path):
-    """What the README tells users of the torchvision backend (transformers 5's default where
+    """What the README tells users of the torchvision backend (transformers' default where
     torchvision is installed): its resize differs from PIL's, so from flipjax's pixels, by at
     most one grey level in a few pixels."""
     size, path = 64, orl_face_jpeg(tmp_path / "square.jpg", "s1", box=(0, 10, 92, 102))
-    export_processor(str(tmp_path / "hf"), "siglip", tiny_config.tokenizer.path,
-                     tiny_config.tokenizer.max_len, size, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+    write_processor(tmp_path / "hf", "siglip", tiny_config.tokenizer.path,
+                    tiny_config.tokenizer.max_len, size)
     ours = np.asarray(center_crop(decode_rgb(path.read_bytes()), size), np.float32) / 255
     processor = AutoProcessor.from_pretrained(str(tmp_path / "hf"), backend="torchvision")
     theirs = processor(images=Image.open(path), return_tensors="np")["pixel_values"][0]
@@ -379,8 +440,10 @@ def test_cli_exports_a_workdir(tiny_config, tmp_path):
     manager.wait_until_finished()
     manager.close()
     (workdir / "config.json").write_text(config.to_json(indent=2))
-    (workdir / "metrics.jsonl").write_text(
-        json.dumps({"step": 10, "train/loss": 2.0, "retrieval/i2t_R@1": 12.5}) + "\n")
+    # The card reports the exported step's results, not a later step's.
+    (workdir / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in (
+        {"step": 10, "train/loss": 2.0, "retrieval/i2t_R@1": 12.5},
+        {"step": 20, "train/loss": 1.0, "retrieval/i2t_R@1": 99.0})))
 
     assert export_main([f"--workdir={workdir}", f"--output={out}"]) == 0
     model = AutoModel.from_pretrained(str(out)).eval()
@@ -388,7 +451,8 @@ def test_cli_exports_a_workdir(tiny_config, tmp_path):
     assert type(model).__name__ == "SiglipModel"
     assert processor.image_processor.crop_size["height"] == config.data.image_size
     card = (out / "README.md").read_text()
-    assert "| retrieval/i2t_R@1 | 12.5000 | 10 |" in card and "training step 10" in card
+    assert "| retrieval/i2t_R@1 | 12.5000 |" in card and "training step 10" in card
+    assert "99.0" not in card
 
     pixels, _ = inputs(config.model, tok.vocab_size)
     # As the README and the model card call it: the processor's whole output goes to the
@@ -408,6 +472,14 @@ def test_cli_exports_a_workdir(tiny_config, tmp_path):
     assert export_main([f"--workdir={workdir}", "--step=99", f"--output={out}",
                         "--overwrite"]) == 2
     assert export_main([f"--workdir={out}", f"--output={tmp_path / 'no'}"]) == 2
+    # A run that kept no tokenizer copy and whose config's is gone: one line, exit 2, and
+    # --tokenizer stands in for it.
+    moved = ml_collections.ConfigDict(config.to_dict())
+    moved.tokenizer.path = str(tmp_path / "gone.model")
+    (workdir / "config.json").write_text(moved.to_json(indent=2))
+    assert export_main([f"--workdir={workdir}", f"--output={out}", "--overwrite"]) == 2
+    assert export_main([f"--workdir={workdir}", f"--output={out}", "--overwrite",
+                        f"--tokenizer={config.tokenizer.path}"]) == 0
 
     config.model.image.pool = "gap"  # refused with one line naming the field
     (workdir / "config.json").write_text(config.to_json(indent=2))

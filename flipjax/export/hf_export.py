@@ -4,9 +4,9 @@ The model is written by building the torch model from an HF config and loading o
 `strict=True`, so a key the rename table misses fails the export instead of being left at
 random init. The processor reproduces flipjax's eval preprocessing: a SentencePiece tokenizer
 with sticky-EOS padding to `max_len` (a `tokenizers` conversion of our own .model, because
-`SiglipTokenizer` strips punctuation, which flipjax does not) and `CLIPImageProcessor`'s resize
-of the short side + centre crop, bicubic, with our mean/std (`SiglipImageProcessor` squashes
-instead of cropping).
+`SiglipTokenizer` strips punctuation, which flipjax does not; checked against SentencePiece before
+anything is written) and `CLIPImageProcessor`'s bicubic resize with our mean/std, as the run's
+`data.eval_resize` says: the short side + centre crop, or the whole image squashed to the square.
 """
 
 from __future__ import annotations
@@ -17,7 +17,9 @@ import os
 import jax
 import ml_collections
 import numpy as np
+import sentencepiece as spm
 import torch
+import transformers
 from PIL import Image
 from tokenizers import processors
 from transformers import (
@@ -102,7 +104,9 @@ def hf_config(model_cfg: ml_collections.ConfigDict, flat: dict, arch: str
     common = dict(hidden_act=HF_ACT[model_cfg.gelu], layer_norm_eps=model_cfg.ln_eps,
                   attention_dropout=0.0)
     # Sticky-EOS padding: EOS also pads, and there is no BOS (T5 id layout, flipjax.data).
-    eos = model_cfg.text.eos_id
+    # The ids our tokenizers write, whatever `text.eos_id` says (read by "eos" pooling only,
+    # which `validate` holds to EOS_ID).
+    eos = EOS_ID
     text = dict(vocab_size=d["vocab"], hidden_size=d["txt"].width,
                 intermediate_size=d["txt"].mlp_dim, num_hidden_layers=d["txt_depth"],
                 num_attention_heads=d["txt"].num_heads,
@@ -172,18 +176,33 @@ def export_model(params: dict, model_cfg: ml_collections.ConfigDict, output: str
     return model
 
 
+# Texts the exported tokenizer must encode as SentencePiece does, besides every piece's own
+# text: case, punctuation, spacing, digits and what NFKC normalisation rewrites.
+TOKENIZER_PROBES = (
+    "A young Woman with wavy brown hair, SMILING; clean-shaven?!",
+    "  extra   spaces  ", "", "he's 25-30 years old (maybe) & wears glasses.",
+    "Ünïcode ﬁ x² 日本 ½", "tab\there and a\nnewline",
+)
+
+
 def fast_tokenizer(spm_model: bytes, max_len: int) -> PreTrainedTokenizerFast:
     """Our SentencePiece model (the .model file's bytes) as a `tokenizers` tokenizer that
     appends EOS and pads with EOS, i.e. `padding="max_length", truncation=True` gives
-    flipjax's `Tokenizer.encode` ids."""
+    flipjax's `Tokenizer.encode` ids. Raises ExportError where it would give other ids than
+    SentencePiece (`check_tokenizer`)."""
     proto = sp_pb2.ModelProto()
     proto.ParseFromString(spm_model)
     # The converter builds BPE from a {piece: id} dict (merges ranked by score), unigram from
-    # a [(piece, score)] list.
-    if proto.trainer_spec.model_type == sp_pb2.TrainerSpec.BPE:
+    # a [(piece, score)] list; our trainer makes nothing else.
+    model_type = proto.trainer_spec.model_type
+    if model_type == sp_pb2.TrainerSpec.BPE:
         vocab = {p.piece: i for i, p in enumerate(proto.pieces)}
-    else:
+    elif model_type == sp_pb2.TrainerSpec.UNIGRAM:
         vocab = [(p.piece, p.score) for p in proto.pieces]
+    else:
+        raise ExportError(f"the tokenizer is a SentencePiece "
+                          f"{sp_pb2.TrainerSpec.ModelType.Name(model_type)} model; only BPE and "
+                          "unigram ones (python -m flipjax.data.tokenizer) convert exactly")
     backend = SpmConverter.build_tokenizer_from_spm_proto(proto, vocab, legacy=True)
     eos = proto.pieces[EOS_ID].piece
     backend.post_processor = processors.TemplateProcessing(single=f"$A {eos}",
@@ -193,52 +212,80 @@ def fast_tokenizer(spm_model: bytes, max_len: int) -> PreTrainedTokenizerFast:
     # so an attention_mask hiding the padding would change the embeddings. Special-token
     # strings inside a caption ("</s>") are text, as SentencePiece reads them (BPE models; a
     # Unigram lattice still matches them as pieces).
-    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=eos, pad_token=eos,
-                                   unk_token=unk, model_max_length=max_len,
-                                   padding_side="right", truncation_side="right",
-                                   model_input_names=["input_ids"], split_special_tokens=True)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, eos_token=eos, pad_token=eos, unk_token=unk,
+        model_max_length=max_len, padding_side="right", truncation_side="right",
+        model_input_names=["input_ids"], split_special_tokens=True)
+    check_tokenizer(tokenizer, spm_model)
+    return tokenizer
 
 
-def export_processor(output: str, arch: str, spm_path: str, max_len: int, image_size: int,
-                     mean: tuple[float, ...], std: tuple[float, ...]
-                     ) -> SiglipProcessor | CLIPProcessor:
-    """Writes the processor (tokenizer + image processor) config files; returns it."""
+def check_tokenizer(tokenizer: PreTrainedTokenizerFast, spm_model: bytes) -> None:
+    """Raises ExportError naming the first text that `tokenizer` encodes otherwise than the
+    SentencePiece model does, among `TOKENIZER_PROBES` and every ordinary piece's text: a
+    converter that drifts (transformers' changed between versions) would otherwise export a
+    text tower fed other ids than it was trained on."""
+    sp = spm.SentencePieceProcessor(model_proto=spm_model)
+    pieces = [sp.id_to_piece(i).replace("\u2581", " ") for i in range(sp.get_piece_size())
+              if not (sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i))]
+    texts = [*TOKENIZER_PROBES, *pieces]
+    ours = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
+    for text, got, want in zip(texts, ours, sp.encode(texts), strict=True):
+        if got != want:
+            raise ExportError(
+                f"the converted tokenizer encodes {text!r} as {got}, SentencePiece as {want} "
+                f"(transformers {transformers.__version__}); export with a version that the "
+                "`hf` extra of pyproject.toml allows")
+
+
+def make_processor(arch: str, spm_model: bytes, max_len: int, image_size: int,
+                   mean: tuple[float, ...], std: tuple[float, ...], eval_resize: str
+                   ) -> SiglipProcessor | CLIPProcessor:
+    """The processor (tokenizer + image processor) that turns captions and images into what
+    flipjax's evaluation feeds the model (`spm_model`: the .model file's bytes)."""
+    square = {"height": image_size, "width": image_size}
+    if eval_resize == "squash":  # the whole image to the square, aspect ratio not kept
+        resize = dict(size=square, do_center_crop=False)
+    else:
+        resize = dict(size={"shortest_edge": image_size}, do_center_crop=True, crop_size=square)
     image_processor = CLIPImageProcessor(
-        do_resize=True, size={"shortest_edge": image_size}, resample=Image.BICUBIC,
-        do_center_crop=True, crop_size={"height": image_size, "width": image_size},
-        do_rescale=True, rescale_factor=1 / 255, do_normalize=True, image_mean=list(mean),
-        image_std=list(std), do_convert_rgb=True)
-    spm_model = storage_path(spm_path).read_bytes()
+        do_resize=True, resample=Image.BICUBIC, do_rescale=True, rescale_factor=1 / 255,
+        do_normalize=True, image_mean=list(mean), image_std=list(std), do_convert_rgb=True,
+        **resize)
     processor_cls = SiglipProcessor if arch == SIGLIP else CLIPProcessor
-    processor = processor_cls(image_processor=image_processor,
-                              tokenizer=fast_tokenizer(spm_model, max_len))
+    return processor_cls(image_processor=image_processor,
+                         tokenizer=fast_tokenizer(spm_model, max_len))
+
+
+def save_processor(processor: SiglipProcessor | CLIPProcessor, spm_model: bytes, output: str
+                   ) -> None:
+    """Writes the processor's config files, and the SentencePiece model beside them."""
     processor.save_pretrained(output)
     with open(os.path.join(output, "spiece.model"), "wb") as f:  # the source of truth
         f.write(spm_model)
-    return processor
 
 
-def _eval_lines(workdir: str) -> list[str]:
-    """Retrieval results (keys like 'retrieval/i2t_R@1') from the last metrics line with any."""
-    path = storage_path(workdir) / "metrics.jsonl"
-    if not path.exists():
-        return []
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    for record in reversed(records):
-        results = {k: v for k, v in record.items() if "R@" in k and v is not None}
-        if results:
-            step = record.get("step", "?")
-            return [f"| {k} | {v:.4f} | {step} |" for k, v in sorted(results.items())]
-    return []
+def _eval_lines(workdir: str, step: int) -> list[str]:
+    """Retrieval results (keys like 'retrieval/i2t_R@1') of the checkpoint at `step`: its
+    metrics line's, and those `python -m flipjax.evaluate` wrote for it."""
+    root = storage_path(workdir)
+    records = []
+    if (root / "metrics.jsonl").exists():
+        lines = (root / "metrics.jsonl").read_text().splitlines()
+        records = [r for r in map(json.loads, filter(str.strip, lines)) if r.get("step") == step]
+    if (root / f"eval_step_{step}.json").exists():
+        records.append(json.loads((root / f"eval_step_{step}.json").read_text())["results"])
+    results = {k: v for r in records for k, v in r.items() if "R@" in k and v is not None}
+    return [f"| {k} | {v:.4f} |" for k, v in sorted(results.items())]
 
 
 def write_model_card(output: str, config: ml_collections.ConfigDict, workdir: str,
                      step: int, arch: str) -> None:
     model_cls = "SiglipModel" if arch == SIGLIP else "CLIPModel"
     m, data = config.model, config.data
-    evals = _eval_lines(workdir)
-    eval_text = ("| metric | value | step |\n| --- | --- | --- |\n" + "\n".join(evals)
-                 if evals else "No evaluation results were found in the workdir.")
+    evals = _eval_lines(workdir, step)
+    eval_text = (f"At step {step}:\n\n| metric | value |\n| --- | --- |\n" + "\n".join(evals)
+                 if evals else f"The workdir holds no retrieval results of step {step}.")
     card = f"""---
 library_name: transformers
 pipeline_tag: zero-shot-image-classification
@@ -297,10 +344,14 @@ def export_workdir(workdir: str, output: str, step: int | None = None,
                           "--overwrite to replace the files an export writes there")
     params, step, _, tokenizer = restore_params(config, workdir, step)
     params = jax.device_get(params)
+    spm_model = storage_path(tokenizer.model_path).read_bytes()
+    # Built (its tokenizer checked) before anything is written: a refusal leaves no
+    # half-written output behind.
+    processor = make_processor(arch, spm_model, config.model.text.max_len,
+                               config.model.image.image_size, tuple(config.data.mean),
+                               tuple(config.data.std), config.data.eval_resize)
     os.makedirs(output, exist_ok=True)
     export_model(params, config.model, output)
-    export_processor(output, arch, tokenizer.model_path, config.model.text.max_len,
-                     config.model.image.image_size, tuple(config.data.mean),
-                     tuple(config.data.std))
+    save_processor(processor, spm_model, output)
     write_model_card(output, config, workdir, step, arch)
     return "SiglipModel" if arch == SIGLIP else "CLIPModel"

@@ -34,18 +34,23 @@ MODEL_TYPES = {"siglip": SIGLIP, "clip": CLIP}
 @dataclasses.dataclass
 class ImportReport:
     """What happened to each parameter; `summary()` is what gets logged. `reshaped` holds
-    every loaded value that is not the checkpoint's tensor as is, with what was done to it."""
+    every loaded value that is not the checkpoint's tensor as is, with what was done to it;
+    `dropped` the checkpoint's tensors that the model's config has no place for (its own
+    choice, e.g. `pool="gap"` for a MAP head; logged as a warning)."""
 
     loaded: list[str] = dataclasses.field(default_factory=list)
     reshaped: dict[str, str] = dataclasses.field(default_factory=dict)
     skipped: dict[str, str] = dataclasses.field(default_factory=dict)
+    dropped: dict[str, str] = dataclasses.field(default_factory=dict)
     untouched: list[str] = dataclasses.field(default_factory=list)
 
     def summary(self) -> str:
         lines = [f"loaded {len(self.loaded)} params, reshaped {len(self.reshaped)}, skipped "
-                 f"{len(self.skipped)}, left at init {len(self.untouched)}"]
+                 f"{len(self.skipped)}, dropped {len(self.dropped)}, left at init "
+                 f"{len(self.untouched)}"]
         lines += [f"  reshaped {k}: {v}" for k, v in self.reshaped.items()]
         lines += [f"  skipped {k}: {v}" for k, v in self.skipped.items()]
+        lines += [f"  dropped {k}: {v}" for k, v in self.dropped.items()]
         lines += [f"  left at init {k}" for k in self.untouched]
         return "\n".join(lines)
 
@@ -222,7 +227,7 @@ def load_into_params(params: dict, path: str, towers: Sequence[str],
                 raise ValueError(f"config.model.{tower}.proj_bias=False "
                                  f"would drop the checkpoint's non-zero {rule.hf}, and the "
                                  "embeddings with it; set it to True")
-            report.skipped[rule.hf] = f"this model has no {rule.flip}"
+            report.dropped[rule.flip] = f"the checkpoint's {rule.hf}: this model has none"
             continue
         value = tensors[rule.hf]
         if rule.part is not None:
@@ -260,5 +265,9 @@ def load_into_params(params: dict, path: str, towers: Sequence[str],
                          "--config.model.max_temperature=inf (SigLIP has no cap)")
     report.untouched = [k for k in flat if k.split("/")[0] in selected and k not in updates]
     logging.info("init_from %s (%s, towers %s): %s", path, arch, tuple(towers), report.summary())
+    if report.dropped:
+        logging.warning("init_from %s: the config has no place for %d of the checkpoint's "
+                        "weights, left out: %s", path, len(report.dropped),
+                        ", ".join(report.dropped))
     loaded = unflatten_into(per_layer, updates)
     return (stack_layers(loaded) if has_stacked_layers(params) else loaded), report

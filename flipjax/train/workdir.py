@@ -47,7 +47,14 @@ def tokenizer_path(config: ml_collections.ConfigDict, workdir: str) -> str:
     relative `tokenizer.path` or a tokenizer retrained since cannot change what ids mean (runs
     from before the copy: `config.tokenizer.path`)."""
     kept = storage_path(workdir) / TOKENIZER_FILE
-    return str(kept) if kept.exists() else config.tokenizer.path
+    if kept.exists():
+        return str(kept)
+    if not storage_path(config.tokenizer.path).exists():
+        raise ConfigError(f"config.tokenizer.path={config.tokenizer.path!r}: no such file, and "
+                          f"{workdir} holds no {TOKENIZER_FILE} (runs keep a copy since they "
+                          "started to); point it at the run's tokenizer (flipjax.export: "
+                          "--tokenizer)")
+    return config.tokenizer.path
 
 
 def restore_params(config: ml_collections.ConfigDict, workdir: str, step: int | None
