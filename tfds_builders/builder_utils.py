@@ -24,8 +24,12 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import errno
 import functools
+import importlib.util
 import json
+import resource
+import types
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
@@ -37,6 +41,41 @@ from tfds_builders import face_crop
 from tfds_builders.parallel import ordered_map
 
 REPORT_FILENAME = "skipped.json"
+
+
+def tfds_buckets_without_tensorflow() -> None:
+    """Lets TFDS write a split larger than its in-memory buffer (1 GB of records, e.g.
+    CelebA's train split) without TensorFlow, as the rest of a build already goes.
+
+    Past the buffer TFDS's writer sorts records through 1000 temporary bucket files that it
+    opens with `tf.io.gfile`; without TensorFlow that raised ModuleNotFoundError after the
+    first gigabyte. Where TensorFlow is not installed, the buckets use plain files (etils, so
+    gs:// too). Each builder module calls this when imported."""
+    if importlib.util.find_spec("tensorflow") is not None:
+        return
+    from tensorflow_datasets.core import shuffle
+
+    def open_bucket(path: str, mode: str):
+        try:
+            return epath.Path(path).open(mode)
+        except OSError as e:  # up to 1000 buckets open at once, as TFDS allows for
+            soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+            if e.errno != errno.EMFILE or soft >= hard:
+                raise
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            return epath.Path(path).open(mode)
+
+    gfile = types.SimpleNamespace(GFile=open_bucket,
+                                  exists=lambda path: epath.Path(path).exists(),
+                                  remove=lambda path: epath.Path(path).unlink())
+    # `errors.ResourceExhaustedError` is what TFDS catches around writes; plain files raise
+    # OSError instead, which propagates.
+    shuffle.tf = types.SimpleNamespace(
+        io=types.SimpleNamespace(gfile=gfile),
+        errors=types.SimpleNamespace(ResourceExhaustedError=type("NeverRaised", (Exception,), {})))
+
+
+tfds_buckets_without_tensorflow()
 
 # The 40 CelebA attributes in the order of list_attr_celeba.txt; LFWA uses the same ones.
 CELEBA_ATTRIBUTE_NAMES: tuple[str, ...] = (

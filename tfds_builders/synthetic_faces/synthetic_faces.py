@@ -11,10 +11,13 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 
+from tfds_builders.builder_utils import tfds_buckets_without_tensorflow
 from tfds_builders.parallel import ordered_map
 from tfds_builders.synthetic_faces.attributes import ATTRIBUTE_NAMES, sample_attributes
 from tfds_builders.synthetic_faces.captions import make_caption
 from tfds_builders.synthetic_faces.render import encode_jpeg, render_face
+
+tfds_buckets_without_tensorflow()
 
 SPLITS: tuple[str, ...] = ("train", "validation", "test")
 
@@ -31,8 +34,12 @@ class SyntheticFacesConfig(tfds.core.BuilderConfig):
 
 
 def generate_example(seed: int, split_index: int, index: int,
-                     image_size: int) -> tuple[str, dict[str, Any]]:
-    """Renders record `index` of split `SPLITS[split_index]`.
+                     image_size: int) -> tuple[int, dict[str, Any]]:
+    """Renders record `index` of split `SPLITS[split_index]`; returns (key, example).
+
+    The key is `index` itself: with shuffling disabled TFDS writes records in key order and,
+    for a split past its in-memory buffer (1 GB), buckets them by the key's integer value (a
+    string key raised a TypeError there, and sorted "train_1000000" before "train_999999").
 
     The record is a pure function of (seed, split_index, index), so a build is bit-for-bit
     reproducible and records can be rendered in any order or in parallel workers. This is a
@@ -42,12 +49,11 @@ def generate_example(seed: int, split_index: int, index: int,
     attrs = sample_attributes(rng)
     image = render_face(attrs, rng, image_size)
     caption = make_caption(attrs, rng)
-    key = f"{SPLITS[split_index]}_{index:06d}"
-    return key, {
+    return index, {
         "image": encode_jpeg(image),
         "caption": caption,
         "attributes": np.array([attrs[name] for name in ATTRIBUTE_NAMES], dtype=np.int32),
-        "id": key,
+        "id": f"{SPLITS[split_index]}_{index:06d}",
     }
 
 
@@ -113,7 +119,7 @@ class SyntheticFaces(tfds.core.GeneratorBasedBuilder):
         return {name: self._generate_examples(i, sizes[i]) for i, name in enumerate(SPLITS)}
 
     def _generate_examples(self, split_index: int,
-                           num_examples: int) -> Iterator[tuple[str, dict[str, Any]]]:
+                           num_examples: int) -> Iterator[tuple[int, dict[str, Any]]]:
         cfg = self.builder_config
         make = functools.partial(generate_example, cfg.seed, split_index,
                                  image_size=cfg.image_size)
