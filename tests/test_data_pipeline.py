@@ -1,5 +1,8 @@
 import io
+import subprocess
+import sys
 from collections import Counter
+from pathlib import Path
 
 import ml_collections
 import numpy as np
@@ -24,6 +27,8 @@ from flipjax.data.tokenizer import (
     train_sentencepiece,
 )
 from flipjax.data.tokenizer import main as tokenizer_main
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def tokenizer_of(config):
@@ -182,6 +187,23 @@ def test_squash_keeps_what_a_centre_crop_cuts_off():
     assert data_cfg.eval_resize == "squash"  # and it keys the feature cache apart:
     assert model_fingerprint(config.model, data_cfg) != model_fingerprint(config.model,
                                                                            config.data)
+
+
+def test_tokenizer_training_on_a_sample_is_reproducible(tmp_path):
+    """More captions than `input_sentence_size` (FaceCaption-15M's 13M against 2M) are
+    sampled; the sample, and so the tokenizer, is the same in every process (SentencePiece's
+    own sampling gave each process another one)."""
+    script = (
+        "import sys; from flipjax.data.tokenizer import train_sentencepiece\n"
+        "texts = [f'caption {i}: a {\"young\" if i % 3 else \"old\"} face {i * 7919 % 1000}'"
+        " for i in range(3000)]\n"
+        "train_sentencepiece(texts, sys.argv[1], 200, input_sentence_size=500)\n")
+    models = []
+    for name in ("a", "b"):
+        path = tmp_path / f"{name}.model"
+        subprocess.run([sys.executable, "-c", script, str(path)], check=True, cwd=REPO)
+        models.append(path.read_bytes())
+    assert models[0] == models[1]
 
 
 def test_same_tokenizer_compares_pieces_scores_and_normalisation(tmp_path):

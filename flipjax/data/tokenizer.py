@@ -14,6 +14,8 @@ Train one with:
 from __future__ import annotations
 
 import io
+import itertools
+import math
 from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
@@ -25,25 +27,47 @@ PAD_ID, EOS_ID, UNK_ID = 0, 1, 2
 
 
 def train_sentencepiece(texts: Iterable[str], output_path: str, vocab_size: int,
-                        model_type: str = "bpe") -> str:
+                        model_type: str = "bpe", input_sentence_size: int = 2_000_000) -> str:
     """Trains a SentencePiece model on `texts` and writes it to `output_path`.
 
     BPE by default: on captions written from a small grammar (FaceCaption-15M's are LLM
     rewrites of templates) unigram training prunes whole words away and leaves near-character
     pieces, while BPE keeps merging frequent words; `vocab_size` is a ceiling. Case is folded by
     the model's own normaliser (`nmt_nfkc_cf`), so the exported tokenizer lowercases exactly as
-    training did.
+    training did. Past `input_sentence_size` texts (FaceCaption-15M's 13M captions) training
+    reads a seeded sample of them (`sample_texts`): the same texts give the same tokenizer in
+    every run, which SentencePiece's own sampling did not (another sample per process, its
+    `set_random_generator_seed` notwithstanding).
     """
     if not output_path.endswith(".model"):
         raise ValueError(f"tokenizer output must end in .model, got {output_path!r}")
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(texts), model_writer=model, vocab_size=vocab_size,
-        model_type=model_type, normalization_rule_name="nmt_nfkc_cf", character_coverage=1.0,
-        pad_id=PAD_ID, eos_id=EOS_ID, unk_id=UNK_ID, bos_id=-1, hard_vocab_limit=False,
-        input_sentence_size=2_000_000, shuffle_input_sentence=True, minloglevel=2)
+        sentence_iterator=iter(sample_texts(texts, input_sentence_size)), model_writer=model,
+        vocab_size=vocab_size, model_type=model_type, normalization_rule_name="nmt_nfkc_cf",
+        character_coverage=1.0, pad_id=PAD_ID, eos_id=EOS_ID, unk_id=UNK_ID, bos_id=-1,
+        hard_vocab_limit=False, input_sentence_size=0, minloglevel=2)
     write_bytes_whole(storage_path(output_path), model.getvalue())
     return output_path
+
+
+def sample_texts(texts: Iterable[str], size: int, seed: int = 0) -> list[str]:
+    """A uniform random sample of `size` of `texts` (all of them if fewer), the same for the
+    same texts and seed; one pass, `size` texts held (reservoir sampling, Li's algorithm L,
+    which skips over the texts it will not keep instead of drawing for each)."""
+    rng = np.random.default_rng(seed)
+    stream = iter(texts)
+    sample = list(itertools.islice(stream, size))
+    if len(sample) < size:
+        return sample
+    w = math.exp(math.log(rng.random()) / size)
+    while True:
+        skip = math.floor(math.log(rng.random()) / math.log1p(-w))
+        kept = next(itertools.islice(stream, skip, None), None)
+        if kept is None:
+            return sample
+        sample[rng.integers(size)] = kept
+        w *= math.exp(math.log(rng.random()) / size)
 
 
 def same_tokenizer(a: bytes, b: bytes) -> bool:
