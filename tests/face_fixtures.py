@@ -133,6 +133,7 @@ class Row:
     scene: Image.Image | None = None  # Upright original, for content checks of kept rows,
     scene_box: tuple[int, int, int, int] | None = None  # and the face box in it.
     resize: bool = False  # Whether img2dataset resized it (only plain RGB JPEGs).
+    sidecar_size: bool = True  # Whether its img2dataset sidecar records the original size.
     reason: str | None = None  # Expected skip reason; None if the row must be kept.
 
 
@@ -245,8 +246,9 @@ def _sidecar(row: Row, key: str, stored: Image.Image | None, original: Image.Ima
     meta = {"url": "https://example.com/x.jpg", "key": key, "status": "success",
             "error_message": None, "caption": "", "_id": row.id}
     if stored is not None:
-        meta.update(width=stored.width, height=stored.height, original_width=original.width,
-                    original_height=original.height)
+        meta.update(width=stored.width, height=stored.height)
+        if row.sidecar_size:
+            meta.update(original_width=original.width, original_height=original.height)
     return meta
 
 
@@ -302,6 +304,9 @@ def make_facecaption15m(root: Path, layout: str, resize_mode: str = "border",
             if row.image is not None and row.id not in (None, "") and row.reason != "duplicate_id":
                 (images_dir / f"{row.id}.{row.ext}").write_bytes(row.image)
     else:
+        good_img, good_box = scene(34)
+        rows.append(Row(id="no_original_size", box=json.dumps(good_box), image=encode(good_img),
+                        resize=True, sidecar_size=False, reason="unknown_original_size"))
         if layout in ("webdataset", "parquet"):
             cut_img, cut_box = scene(33)
             rows.append(Row(id="shard_cut", box=json.dumps(cut_box), image=encode(cut_img),

@@ -51,6 +51,9 @@ DUPLICATE_ID = "duplicate_id"
 BAD_ANNOTATION = "bad_annotation"  # An annotation line or value that cannot be parsed.
 MISSING_ANNOTATION = "missing_annotation"  # An image listed in a split without its labels.
 TRAIN_TEST_OVERLAP = "train_test_overlap"  # Listed in train and test: kept in test only.
+# An image img2dataset may have resized whose sidecar does not say its original size, so the
+# box (original pixels) cannot be placed on it.
+UNKNOWN_ORIGINAL_SIZE = "unknown_original_size"
 
 # Pixel limit of a decoded image. Big enough for any real photo (10k x 10k), small enough that a
 # forged header cannot make a worker allocate tens of gigabytes.

@@ -6,8 +6,8 @@ same checks in the same order and produce the same records and the same skip cou
   1. row checks (`parse_row`): missing `_id`, invalid UTF-8, empty caption, malformed or
      degenerate box;
   2. duplicates: the first row (in parquet order) of each `_id` that passed step 1 is kept;
-  3. image checks (`make_example`): missing, unreadable or oversized image, box outside the
-     image, face too small.
+  3. image checks (`make_example`): missing, unreadable or oversized image, an img2dataset
+     image without its original size, box outside the image, face too small.
 
 Splits are assigned by hashing `_id`, so a record's split never depends on the build mode, the
 number of workers or which other rows exist, and one `_id` can only ever be in one split.
@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 from etils import epath
 
 from tfds_builders import face_crop
-from tfds_builders.face_crop import MISSING_ID, MISSING_IMAGE, Skip
+from tfds_builders.face_crop import MISSING_ID, MISSING_IMAGE, UNKNOWN_ORIGINAL_SIZE, Skip
 from tfds_builders.facecaption15m import layouts
 
 # Columns of FaceCaption-v2.parquet. `url` is not needed to build the dataset.
@@ -212,6 +212,9 @@ def make_example(row: Row, ref: layouts.ImageRef | None,
     if ref is None:
         raise Skip(MISSING_IMAGE)
     img = face_crop.open_image(ref.read(), settings.spec.max_pixels)
+    if (ref.original_size is None and settings.layout != layouts.FLAT
+            and settings.resize_mode != "no"):
+        raise Skip(UNKNOWN_ORIGINAL_SIZE)  # the stored image's size is not the box's frame
     stored_size = img.size
     original_size = ref.original_size or stored_size
     # Clipped to the photo first: a box off it is counted (box_outside_image), not cut from
