@@ -202,6 +202,16 @@ def test_unknown_parquet_schema_is_rejected(tmp_path: Path) -> None:
         build(fixture, tmp_path / "data", config("v1"))
 
 
+def test_a_cut_off_parquet_download_is_named(tmp_path: Path) -> None:
+    """The 4 GB parquet cut off mid-download has no footer: the error names the file."""
+    fixture = _manual_dir_with(tmp_path)
+    path = fixture.manual_dir / "FaceCaption-v2.parquet"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(records.SchemaError, match=r"FaceCaption-v2\.parquet: not a readable "
+                       r"parquet file .*download it again"):
+        build(fixture, tmp_path / "data", config("cut"))
+
+
 def test_empty_split_fails_clearly(tmp_path: Path) -> None:
     fixture = _manual_dir_with(tmp_path)
     cfg = FaceCaption15MConfig(name="tiny", resolution=RESOLUTION, min_face_size=16,

@@ -9,7 +9,6 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 import numpy as np
-import pyarrow.parquet as pq
 import tensorflow_datasets as tfds
 from etils import epath
 from tqdm import tqdm
@@ -155,8 +154,8 @@ class FaceCaption15M(FaceDatasetBuilder):
         cfg = self.builder_config
         manual_dir = dl_manager.manual_dir
         parquet = self._find_parquet(manual_dir)
-        with parquet.open("rb") as f:
-            columns = records.check_schema(pq.ParquetFile(f).schema_arrow, str(parquet))
+        columns = records.check_schema(records.parquet_metadata(parquet).schema.to_arrow_schema(),
+                                       str(parquet))
         images_dir = manual_dir / cfg.images_subdir
         layout = layouts.detect_layout(images_dir, cfg.layout)
         settings = records.ImageSettings(layout=layout, images_dir=str(images_dir),

@@ -44,7 +44,8 @@ SUPPORTED_SCHEMAS = (
 
 
 class SchemaError(ValueError):
-    """The parquet file is not a FaceCaption-15M version this builder understands."""
+    """The parquet file is unreadable, or not a FaceCaption-15M version this builder
+    understands; the message names the file."""
 
 
 def _is_text(t: pa.DataType) -> bool:
@@ -91,10 +92,20 @@ class RowGroup:
     num_rows: int
 
 
+def parquet_metadata(path: epath.Path) -> pq.FileMetaData:
+    """The parquet file's footer, or SchemaError naming the file: a cut-off download of the
+    4 GB file ends without one."""
+    try:
+        with path.open("rb") as f:
+            return pq.ParquetFile(f).metadata
+    except (pa.ArrowException, OSError) as e:
+        raise SchemaError(f"{path}: not a readable parquet file ({e}); if it is a partial "
+                          "download, download it again") from None
+
+
 def row_groups(path: epath.Path) -> list[RowGroup]:
     """The row groups of the parquet file, in file order."""
-    with path.open("rb") as f:
-        metadata = pq.ParquetFile(f).metadata
+    metadata = parquet_metadata(path)
     out, first = [], 0
     for i in range(metadata.num_row_groups):
         rows = metadata.row_group(i).num_rows
@@ -135,8 +146,12 @@ def read_rows(group: RowGroup, columns: Sequence[str], split: str,
     Text columns are read as raw bytes so that `parse_row` can reject invalid UTF-8 itself
     rather than have Arrow fail on the whole batch.
     """
-    with epath.Path(group.path).open("rb") as f:
-        table = pq.ParquetFile(f).read_row_group(group.index, columns=list(columns))
+    try:
+        with epath.Path(group.path).open("rb") as f:
+            table = pq.ParquetFile(f).read_row_group(group.index, columns=list(columns))
+    except (pa.ArrowException, OSError) as e:
+        raise SchemaError(f"{group.path}: row group {group.index} (rows {group.first_row} to "
+                          f"{group.first_row + group.num_rows - 1}) is unreadable ({e})") from None
     cells = {}
     for name in columns:
         column = table.column(name)
