@@ -112,6 +112,18 @@ def test_lfwa(tmp_path: Path) -> None:
             assert decode(got["image"]).size == (250, 250)
 
 
+@pytest.mark.parametrize("name", ["lfw_att_40.mat", "indices_train_test.mat"])
+def test_lfwa_cut_off_mat_file_is_named(tmp_path: Path, name: str) -> None:
+    """A .mat file cut off mid-download (v7.3/HDF5 and the older format alike) is an error
+    naming it, not h5py's or scipy's message without a path."""
+    fixture = ff.make_lfwa(tmp_path)
+    path = fixture.manual_dir / name
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(ManualDirError, match=rf"{name.replace('.', '[.]')}: not a readable "
+                                             r"\.mat file"):
+        build(LFWA, fixture, tmp_path / "data")
+
+
 def test_mm_celeba_hq(tmp_path: Path) -> None:
     fixture = ff.make_mm_celeba_hq(tmp_path, size=320)
     builder = build(MMCelebAHQ, fixture, tmp_path / "data")

@@ -39,13 +39,17 @@ def _hdf5_value(f: Any, value: Any) -> Any:
 
 
 def read_mat(path: epath.Path) -> dict[str, Any]:
-    """Variables of a .mat file, v7.3 (HDF5, as LFWA+ ships it) or older (scipy)."""
+    """Variables of a .mat file, v7.3 (HDF5, as LFWA+ ships it) or older (scipy);
+    ManualDirError naming the file if it does not read (a cut-off download)."""
     with path.open("rb") as f:
         is_v73 = f.read(len(_MAT73_MAGIC)) == _MAT73_MAGIC
-    if is_v73:
-        with h5py.File(path, "r") as f:
-            return {key: _hdf5_value(f, f[key]) for key in f if not key.startswith("#")}
-    raw = scipy.io.loadmat(path, simplify_cells=True)
+    try:
+        if is_v73:
+            with h5py.File(path, "r") as f:
+                return {key: _hdf5_value(f, f[key]) for key in f if not key.startswith("#")}
+        raw = scipy.io.loadmat(path, simplify_cells=True)
+    except (OSError, ValueError) as e:
+        raise ManualDirError(f"{path}: not a readable .mat file ({e})") from None
     return {key: value for key, value in raw.items() if not key.startswith("__")}
 
 

@@ -33,8 +33,9 @@ Batch = dict[str, np.ndarray]
 
 def decode_rgb(data: bytes) -> Image.Image:
     """Encoded image bytes as 8-bit RGB, converted as the dataset builders and
-    `flipjax.embed` convert (`face_crop.to_rgb`: transparency over white, 16-bit grey scaled),
-    so that a picture gets the same pixels whichever way it reaches the model."""
+    `flipjax.embed` convert (`face_crop.to_rgb`: transparency over white, 16-bit grey scaled).
+    No EXIF orientation is applied: the builders apply it before they encode a record, so
+    records carry none (`flipjax.embed`, reading users' files, applies it first)."""
     return to_rgb(Image.open(io.BytesIO(data)))
 
 
