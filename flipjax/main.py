@@ -44,7 +44,7 @@ def main(argv: list[str]) -> None:
 
     # Before JAX starts its CPU client, whose threads would keep their malloc arenas.
     # `get`: config files written before the field existed mean False.
-    if FLAGS.config.keep_freed_host_memory and not keep_freed_host_memory():
+    if FLAGS.config.get("keep_freed_host_memory", False) and not keep_freed_host_memory():
         logging.warning("keep_freed_host_memory: not glibc, malloc left as it is")
     import jax
 

@@ -103,6 +103,8 @@ def exif_jpeg(img: Image.Image, orientation: int) -> bytes:
 def img2dataset_resize(img: Image.Image, mode: str, size: int) -> Image.Image:
     """What img2dataset stores for `--resize_mode mode --image_size size` (RGB images)."""
     width, height = img.size
+    if mode == "no":
+        return img
     if mode == "border":
         scale = size / max(width, height)
         resized = img.resize((round(width * scale), round(height * scale)), Image.Resampling.BOX)
@@ -305,8 +307,10 @@ def make_facecaption15m(root: Path, layout: str, resize_mode: str = "border",
                 (images_dir / f"{row.id}.{row.ext}").write_bytes(row.image)
     else:
         good_img, good_box = scene(34)
+        # Kept where img2dataset did not resize: the stored size is the original one then.
         rows.append(Row(id="no_original_size", box=json.dumps(good_box), image=encode(good_img),
-                        resize=True, sidecar_size=False, reason="unknown_original_size"))
+                        resize=True, sidecar_size=False, scene=good_img, scene_box=good_box,
+                        reason=None if resize_mode == "no" else "unknown_original_size"))
         if layout in ("webdataset", "parquet"):
             cut_img, cut_box = scene(33)
             rows.append(Row(id="shard_cut", box=json.dumps(cut_box), image=encode(cut_img),

@@ -214,11 +214,11 @@ def test_workdir_config_of_an_older_run_is_filled_in(tmp_path):
     config = load_config()
     saved = json.loads(config.to_json())
     saved["model"]["remat"] = True  # runs before remat named a policy
-    del saved["model"]["scan_layers"], saved["model"]["attention"]
+    del saved["model"]["scan_layers"], saved["model"]["attention"], saved["optim"]["mu_dtype"]
     (tmp_path / "config.json").write_text(json.dumps(saved))
     loaded = load_workdir_config(str(tmp_path))
     assert loaded.model.remat == "full" and loaded.model.scan_layers is False
-    assert loaded.model.attention == "auto"
+    assert loaded.model.attention == "auto" and loaded.optim.mu_dtype is None
 
 
 def test_missing_dataset_and_tokenizer_are_reported(tmp_path):

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import io
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import face_fixtures as ff
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
+from conftest import REPO
 from PIL import Image
 
 import tfds_builders
@@ -79,6 +82,44 @@ def test_celeba(tmp_path: Path) -> None:
                                                   "landmarks": True}
 
 
+def test_celeba_past_the_memory_buffer_without_tensorflow(tmp_path: Path) -> None:
+    """A split past TFDS's in-memory buffer (1 GB; here 4 KB) is sorted through bucket files
+    (hashed keys: several), without TensorFlow: the same records and report."""
+    fixture = ff.make_celeba(tmp_path)
+    script = f"""
+import sys
+from unittest import mock
+import tensorflow_datasets as tfds
+from tensorflow_datasets.core import shuffle
+from tfds_builders.celeba import CelebA
+with mock.patch.object(shuffle, "MAX_MEM_BUFFER_SIZE", 4096):
+    CelebA(data_dir={str(tmp_path / "data")!r}).download_and_prepare(
+        download_config=tfds.download.DownloadConfig(manual_dir={str(fixture.manual_dir)!r}))
+assert "tensorflow" not in sys.modules
+"""
+    subprocess.run([sys.executable, "-c", script], check=True, cwd=REPO)
+    builder = CelebA(data_dir=str(tmp_path / "data"))
+    check_ids_and_report(builder, fixture, read_back(builder))
+
+
+def test_bucket_files_raise_the_open_files_limit(tmp_path: Path) -> None:
+    """TFDS keeps up to 1000 bucket files open; under a lower limit (macOS: 256) opening one
+    more raises the limit instead of failing."""
+    script = f"""
+import os, resource
+from tensorflow_datasets.core import shuffle
+from tfds_builders.builder_utils import tfds_buckets_without_tensorflow
+tfds_buckets_without_tensorflow()
+limit = len(os.listdir("/proc/self/fd")) + 4
+resource.setrlimit(resource.RLIMIT_NOFILE, (limit, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+files = [shuffle.tf.io.gfile.GFile({str(tmp_path)!r} + f"/bucket_{{i}}.tmp", "wb")
+         for i in range(50)]
+assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] > limit
+"""
+    subprocess.run([sys.executable, "-c", script], check=True, cwd=REPO)
+    assert len(list(tmp_path.glob("bucket_*.tmp"))) == 50
+
+
 def test_celeba_without_optional_annotations(tmp_path: Path) -> None:
     fixture = ff.make_celeba(tmp_path)
     for name in ("identity_CelebA.txt", "list_bbox_celeba.txt",
@@ -113,12 +154,14 @@ def test_lfwa(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("name", ["lfw_att_40.mat", "indices_train_test.mat"])
-def test_lfwa_cut_off_mat_file_is_named(tmp_path: Path, name: str) -> None:
-    """A .mat file cut off mid-download (v7.3/HDF5 and the older format alike) is an error
-    naming it, not h5py's or scipy's message without a path."""
+@pytest.mark.parametrize("kept", [0, 10, 100, 0.5])
+def test_lfwa_cut_off_mat_file_is_named(tmp_path: Path, name: str, kept: float) -> None:
+    """A .mat file cut off mid-download (v7.3/HDF5 and the older format alike; empty, inside
+    its header, or half of it) is an error naming it, not h5py's or scipy's without a path."""
     fixture = ff.make_lfwa(tmp_path)
     path = fixture.manual_dir / name
-    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    data = path.read_bytes()
+    path.write_bytes(data[: int(kept * len(data)) if isinstance(kept, float) else kept])
     with pytest.raises(ManualDirError, match=rf"{name.replace('.', '[.]')}: not a readable "
                                              r"\.mat file"):
         build(LFWA, fixture, tmp_path / "data")

@@ -4,6 +4,7 @@ random HF model imported into flipjax gives HF's outputs, export -> import retur
 parameters, and the exported processor reproduces flipjax's eval preprocessing."""
 
 import importlib.util
+import io
 import json
 import logging
 import math
@@ -396,21 +397,34 @@ def test_squash_processor_matches_squash_evaluation(tiny_config, tmp_path):
 
 def test_tokenizer_conversion_is_checked_against_sentencepiece(tiny_config, tmp_path):
     """A converted tokenizer that gives any probe text other ids than SentencePiece is refused
-    (here: another model's conversion checked against ours), as is a SentencePiece model
-    type that does not convert exactly."""
+    (here one whose normaliser drifted: no case folding, which only the probes with capitals
+    show), as is a SentencePiece model type that does not convert exactly; a byte-fallback
+    model converts (its byte pieces' names are not text to probe)."""
+    import sentencepiece as spm
+    from tokenizers import normalizers
+
     from flipjax.export.hf_export import check_tokenizer
 
     source = data_source(tiny_config.data, "train")
     captions = [source[i]["caption"].decode() for i in range(len(source))]
     bpe = open(train_sentencepiece(captions, str(tmp_path / "bpe.model"), 200), "rb").read()
-    unigram = open(train_sentencepiece(captions, str(tmp_path / "uni.model"), 200, "unigram"),
-                   "rb").read()
-    with pytest.raises(ExportError, match="the converted tokenizer encodes .* SentencePiece as"):
-        check_tokenizer(fast_tokenizer(unigram, 16), bpe)
+    drifted = fast_tokenizer(bpe, 16)
+    drifted.backend_tokenizer.normalizer = normalizers.Sequence([
+        normalizers.Replace(" ", "\u2581")])
+    with pytest.raises(ExportError, match="the converted tokenizer encodes 'A young Woman"):
+        check_tokenizer(drifted, bpe)
     word = open(train_sentencepiece(captions, str(tmp_path / "word.model"), 200, "word"),
                 "rb").read()
     with pytest.raises(ExportError, match="SentencePiece WORD model; only BPE and unigram"):
         fast_tokenizer(word, 16)
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(captions), model_writer=model, vocab_size=300,
+        model_type="unigram", byte_fallback=True, normalization_rule_name="nmt_nfkc_cf",
+        pad_id=0, eos_id=EOS_ID, unk_id=2, bos_id=-1, hard_vocab_limit=False, minloglevel=2)
+    ids = fast_tokenizer(model.getvalue(), 16)(["a smiling man 日本"])["input_ids"][0]
+    assert ids == spm.SentencePieceProcessor(model_proto=model.getvalue()).encode(
+        "a smiling man 日本") + [EOS_ID]
 
 
 @pytest.mark.skipif(importlib.util.find_spec("torchvision") is None,

@@ -36,7 +36,7 @@ SPLITS = (("train", 0.5), ("validation", 0.25), ("test", 0.25))
 RESOLUTION = 64
 MARGIN = 0.2
 LAYOUTS = [("flat", "border"), ("files", "border"), ("webdataset", "center_crop"),
-           ("parquet", "border")]
+           ("parquet", "border"), ("files", "no")]
 
 
 def config(name: str, **overrides) -> FaceCaption15MConfig:

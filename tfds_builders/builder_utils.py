@@ -28,7 +28,6 @@ import errno
 import functools
 import importlib.util
 import json
-import resource
 import types
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
@@ -50,7 +49,7 @@ def tfds_buckets_without_tensorflow() -> None:
     Past the buffer TFDS's writer sorts records through 1000 temporary bucket files that it
     opens with `tf.io.gfile`; without TensorFlow that raised ModuleNotFoundError after the
     first gigabyte. Where TensorFlow is not installed, the buckets use plain files (etils, so
-    gs:// too). Each builder module calls this when imported."""
+    gs:// too). Every builder's constructor calls this (once is enough; again is harmless)."""
     if importlib.util.find_spec("tensorflow") is not None:
         return
     from tensorflow_datasets.core import shuffle
@@ -58,11 +57,9 @@ def tfds_buckets_without_tensorflow() -> None:
     def open_bucket(path: str, mode: str):
         try:
             return epath.Path(path).open(mode)
-        except OSError as e:  # up to 1000 buckets open at once, as TFDS allows for
-            soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-            if e.errno != errno.EMFILE or soft >= hard:
+        except OSError as e:  # up to 1000 buckets open at once (macOS allows 256 by default)
+            if e.errno != errno.EMFILE or not _allow_more_open_files(shuffle.BUCKETS_NUMBER):
                 raise
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
             return epath.Path(path).open(mode)
 
     gfile = types.SimpleNamespace(GFile=open_bucket,
@@ -75,7 +72,17 @@ def tfds_buckets_without_tensorflow() -> None:
         errors=types.SimpleNamespace(ResourceExhaustedError=type("NeverRaised", (Exception,), {})))
 
 
-tfds_buckets_without_tensorflow()
+def _allow_more_open_files(more: int) -> bool:
+    """Raises the soft limit on open files by `more`, up to the hard limit (which macOS sets
+    to unlimited); whether it rose."""
+    import resource  # POSIX only; the builders' TensorFlow-free buckets need it on EMFILE only
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = soft + more if hard == resource.RLIM_INFINITY else min(soft + more, hard)
+    if wanted <= soft:
+        return False
+    resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+    return True
 
 # The 40 CelebA attributes in the order of list_attr_celeba.txt; LFWA uses the same ones.
 CELEBA_ATTRIBUTE_NAMES: tuple[str, ...] = (
@@ -246,6 +253,7 @@ class FaceDatasetBuilder(tfds.core.GeneratorBasedBuilder):
         ArrayRecord is the default file format because TFDS's default, TFRecord, needs
         TensorFlow to write.
         """
+        tfds_buckets_without_tensorflow()
         if kwargs.get("file_format") is None:
             kwargs["file_format"] = "array_record"
         self._num_workers = max(1, int(num_workers))

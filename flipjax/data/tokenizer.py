@@ -55,6 +55,8 @@ def sample_texts(texts: Iterable[str], size: int, seed: int = 0) -> list[str]:
     """A uniform random sample of `size` of `texts` (all of them if fewer), the same for the
     same texts and seed; one pass, `size` texts held (reservoir sampling, Li's algorithm L,
     which skips over the texts it will not keep instead of drawing for each)."""
+    if size <= 0:
+        raise ValueError(f"the sample size must be positive, got {size}")
     rng = np.random.default_rng(seed)
     stream = iter(texts)
     sample = list(itertools.islice(stream, size))

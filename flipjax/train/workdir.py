@@ -24,7 +24,7 @@ TOKENIZER_FILE = "tokenizer.model"
 def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
     """The config a run saved as WORKDIR/config.json, with fields added since filled in:
     runs saved before `model.remat` named a policy stored a bool, and had no `scan_layers`
-    (nor `attention`, nor `data.eval_resize`)."""
+    (nor `attention`, `optim.mu_dtype` or `data.eval_resize`)."""
     path = storage_path(workdir) / "config.json"
     if not path.exists():
         raise ConfigError(f"{workdir}: no config.json here, so not the workdir of a training run "
@@ -39,6 +39,7 @@ def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
         model["remat"] = "full" if model["remat"] else "none"
     model.setdefault("scan_layers", False)
     model.setdefault("attention", "auto")
+    saved["optim"].setdefault("mu_dtype", None)  # float32 moments, as those runs had
     return ml_collections.ConfigDict(saved)
 
 

@@ -17,8 +17,6 @@ from tfds_builders.synthetic_faces.attributes import ATTRIBUTE_NAMES, sample_att
 from tfds_builders.synthetic_faces.captions import make_caption
 from tfds_builders.synthetic_faces.render import encode_jpeg, render_face
 
-tfds_buckets_without_tensorflow()
-
 SPLITS: tuple[str, ...] = ("train", "validation", "test")
 
 
@@ -92,6 +90,7 @@ class SyntheticFaces(tfds.core.GeneratorBasedBuilder):
 
     def __init__(self, *, num_workers: int = 1, **kwargs: Any) -> None:
         """`num_workers` > 1 renders in a spawned process pool (rendering dominates build time)."""
+        tfds_buckets_without_tensorflow()
         self._num_workers = num_workers
         super().__init__(**kwargs)
 
