@@ -329,16 +329,12 @@ class FaceDatasetBuilder(tfds.core.GeneratorBasedBuilder):
                         max_pixels: int) -> Iterator[tuple[str, dict[str, Any]]]:
         """Examples for (key, image path, other features) entries of an evaluation set.
 
-        Each image goes through `face_crop.normalize_file` in the worker pool; entries whose
+        Each image goes through `face_crop.image_example` in the worker pool; entries whose
         image is missing or unusable are counted in the report and left out.
         """
-        tasks = [(path, max_short_side, max_pixels) for _, path, _ in entries]
-        outcomes = self._parallel(face_crop.normalize_file, tasks)
-        for (key, _, features), (ok, value) in zip(entries, outcomes, strict=True):
-            if ok:
-                yield key, {"image": value, **features}
-            else:
-                self.report.skipped[value] += 1
+        tasks = [(key, path, features, max_short_side, max_pixels)
+                 for key, path, features in entries]
+        yield from self._keep_successes(self._parallel(face_crop.image_example, tasks))
 
 
 class ImageSetBuilder(FaceDatasetBuilder):

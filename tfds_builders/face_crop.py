@@ -379,10 +379,12 @@ def read_file(path: str) -> bytes:
         raise Skip(MISSING_IMAGE, str(e)) from None
 
 
-def normalize_file(task: tuple[str, int | None, int]) -> bytes:
-    """`normalize_image` of the file at `task[0]` with (max_short_side, max_pixels) = task[1:].
+def image_example(task: tuple[str, str, dict, int | None, int]) -> tuple[str, dict]:
+    """(key, example) of an evaluation-set image: task = (key, image path, other features,
+    max_short_side, max_pixels); the image is the file's `normalize_image`.
 
     One picklable argument, so it can be mapped over a process pool.
     """
-    path, max_short_side, max_pixels = task
-    return normalize_image(read_file(path), max_short_side, max_pixels)
+    key, path, features, max_short_side, max_pixels = task
+    return key, {"image": normalize_image(read_file(path), max_short_side, max_pixels),
+                 **features}

@@ -36,7 +36,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from etils import epath
 
-from tfds_builders.face_crop import CORRUPT_IMAGE, MISSING_IMAGE, TRUNCATED_IMAGE, Box, Skip
+from tfds_builders.face_crop import (
+    CORRUPT_IMAGE,
+    MISSING_IMAGE,
+    TRUNCATED_IMAGE,
+    Box,
+    Skip,
+    read_file,
+)
 
 FILES = "files"
 WEBDATASET = "webdataset"
@@ -105,10 +112,10 @@ class ImageRef:
         """Returns the encoded image; Skip(MISSING_IMAGE) / Skip(TRUNCATED_IMAGE) on failure."""
         if self.column is not None:
             return self._read_parquet_row()
+        if self.offset < 0:
+            return read_file(self.path)
         try:
             with epath.Path(self.path).open("rb") as f:
-                if self.offset < 0:
-                    return f.read()
                 f.seek(self.offset)
                 data = f.read(self.length)
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as e:
