@@ -7,11 +7,15 @@ builder code) and compares every record and every skip count with what the fixtu
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
+import os
+import resource
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 import face_fixtures as ff
 import numpy as np
@@ -82,6 +86,11 @@ def test_celeba(tmp_path: Path) -> None:
                                                   "landmarks": True}
 
 
+NO_TENSORFLOW = pytest.mark.skipif(importlib.util.find_spec("tensorflow") is not None,
+                                   reason="TFDS uses TensorFlow's files where it is installed")
+
+
+@NO_TENSORFLOW
 def test_celeba_past_the_memory_buffer_without_tensorflow(tmp_path: Path) -> None:
     """A split past TFDS's in-memory buffer (1 GB; here 4 KB) is sorted through bucket files
     (hashed keys: several), without TensorFlow: the same records and report."""
@@ -102,6 +111,8 @@ assert "tensorflow" not in sys.modules
     check_ids_and_report(builder, fixture, read_back(builder))
 
 
+@NO_TENSORFLOW
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts open files in /proc")
 def test_bucket_files_raise_the_open_files_limit(tmp_path: Path) -> None:
     """TFDS keeps up to 1000 bucket files open; under a lower limit (macOS: 256) opening one
     more raises the limit instead of failing."""
@@ -118,6 +129,24 @@ assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] > limit
 """
     subprocess.run([sys.executable, "-c", script], check=True, cwd=REPO)
     assert len(list(tmp_path.glob("bucket_*.tmp"))) == 50
+
+
+@pytest.mark.parametrize("limits,raised_to", [
+    ((256, resource.RLIM_INFINITY), 256 + 1000),  # macOS's default: no hard limit
+    ((100, 500), 500),  # up to the hard limit
+    ((500, 500), None),  # cannot rise: the EMFILE stands
+    ((resource.RLIM_INFINITY, resource.RLIM_INFINITY), None),
+])
+def test_open_files_limit_rises_by_what_the_buckets_need(limits, raised_to) -> None:
+    from tfds_builders.builder_utils import _allow_more_open_files
+
+    with mock.patch("resource.getrlimit", return_value=limits), \
+            mock.patch("resource.setrlimit") as setrlimit:
+        assert _allow_more_open_files(1000) == (raised_to is not None)
+    if raised_to is not None:
+        setrlimit.assert_called_once_with(resource.RLIMIT_NOFILE, (raised_to, limits[1]))
+    else:
+        setrlimit.assert_not_called()
 
 
 def test_celeba_without_optional_annotations(tmp_path: Path) -> None:
@@ -162,8 +191,8 @@ def test_lfwa_cut_off_mat_file_is_named(tmp_path: Path, name: str, kept: float) 
     path = fixture.manual_dir / name
     data = path.read_bytes()
     path.write_bytes(data[: int(kept * len(data)) if isinstance(kept, float) else kept])
-    with pytest.raises(ManualDirError, match=rf"{name.replace('.', '[.]')}: not a readable "
-                                             r"\.mat file"):
+    with pytest.raises(ManualDirError, match=rf"{name.replace('.', '[.]')}: cannot be read "
+                                             r"as LFWA's \.mat file"):
         build(LFWA, fixture, tmp_path / "data")
 
 

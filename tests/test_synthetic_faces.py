@@ -8,7 +8,6 @@ import re
 import subprocess
 import sys
 from pathlib import Path
-from unittest import mock
 
 import numpy as np
 import pytest
@@ -126,10 +125,14 @@ def test_a_split_past_the_memory_buffer_keeps_its_order(tmp_path: Path) -> None:
     """TFDS writes a split larger than its in-memory buffer (1 GB; here lowered to 4 KB)
     through temporary bucket files: without TensorFlow too (it opened them with tf.io.gfile),
     and with the integer keys the order needs (string keys raised TypeError there)."""
-    from tensorflow_datasets.core import shuffle
-
-    with mock.patch.object(shuffle, "MAX_MEM_BUFFER_SIZE", 4096):
-        tfds_builders.build("synthetic_faces", str(tmp_path), config="tiny")
+    script = f"""
+from unittest import mock
+from tensorflow_datasets.core import shuffle
+import tfds_builders
+with mock.patch.object(shuffle, "MAX_MEM_BUFFER_SIZE", 4096):
+    tfds_builders.build("synthetic_faces", {str(tmp_path)!r}, config="tiny")
+"""
+    subprocess.run([sys.executable, "-c", script], check=True, cwd=REPO_ROOT)
     source = tfds.data_source("synthetic_faces/tiny", split="test", data_dir=str(tmp_path))
     assert [source[i]["id"] for i in range(len(source))] == [
         f"test_{i:06d}".encode() for i in range(TINY_SIZES["test"])]

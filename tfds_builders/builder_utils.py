@@ -78,10 +78,15 @@ def _allow_more_open_files(more: int) -> bool:
     import resource  # POSIX only; the builders' TensorFlow-free buckets need it on EMFILE only
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return False
     wanted = soft + more if hard == resource.RLIM_INFINITY else min(soft + more, hard)
     if wanted <= soft:
         return False
-    resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+    except (ValueError, OSError):  # e.g. macOS refuses a soft limit above OPEN_MAX
+        return False
     return True
 
 # The 40 CelebA attributes in the order of list_attr_celeba.txt; LFWA uses the same ones.

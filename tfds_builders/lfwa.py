@@ -49,7 +49,7 @@ def read_mat(path: epath.Path) -> dict[str, Any]:
                 return {key: _hdf5_value(f, f[key]) for key in f if not key.startswith("#")}
         raw = scipy.io.loadmat(path, simplify_cells=True)
     except Exception as e:  # h5py and scipy fail in many ways on a cut-off file
-        raise ManualDirError(f"{path}: not a readable .mat file "
+        raise ManualDirError(f"{path}: cannot be read as LFWA's .mat file (cut off?) "
                              f"({type(e).__name__}: {e})") from e
     return {key: value for key, value in raw.items() if not key.startswith("__")}
 

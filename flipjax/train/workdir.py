@@ -22,9 +22,10 @@ TOKENIZER_FILE = "tokenizer.model"
 
 
 def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
-    """The config a run saved as WORKDIR/config.json, with fields added since filled in:
-    runs saved before `model.remat` named a policy stored a bool, and had no `scan_layers`
-    (nor `attention`, `optim.mu_dtype` or `data.eval_resize`)."""
+    """The config a run saved as WORKDIR/config.json, with these fields, added since, filled
+    in: runs saved before `model.remat` named a policy stored a bool, and had no
+    `scan_layers` (nor `attention`, `optim.mu_dtype` or `data.eval_resize`). (Runs older
+    than the non-finite step counter in the train state do not restore at all.)"""
     path = storage_path(workdir) / "config.json"
     if not path.exists():
         raise ConfigError(f"{workdir}: no config.json here, so not the workdir of a training run "
