@@ -441,10 +441,7 @@ class Encoder(nnx.Module):
         if is_static_index(position) and not -num_tokens <= position < num_tokens:
             raise IndexError(f"position {position} is out of range for {num_tokens} tokens")
         position = None if position is None else position % num_tokens
-        padded = self.needs_even_length and num_tokens % 2 == 1
-        if padded:
-            x = jnp.pad(x, [(0, 0), (0, 1), (0, 0)])
-        num_keys = num_tokens if padded else None
+        x, num_keys = self._pad_for_attention(x)
 
         def apply(block: EncoderBlock, y: jax.Array) -> jax.Array:
             return block(y, is_causal=is_causal, num_keys=num_keys)
@@ -469,6 +466,15 @@ class Encoder(nnx.Module):
         x = self.encoder_norm(x)
         return x if position is None else x[:, 0]
 
+    def _pad_for_attention(self, x: jax.Array) -> tuple[jax.Array, int | None]:
+        """(x, num_keys) as the blocks take them: an odd-length input padded with one masked
+        zero token where the attention kernel needs even lengths (num_keys: the real tokens),
+        else as it is (None)."""
+        num_tokens = x.shape[1]
+        if not (self.needs_even_length and num_tokens % 2 == 1):
+            return x, None
+        return jnp.pad(x, [(0, 0), (0, 1), (0, 0)]), num_tokens
+
     def block_summaries(self, x: jax.Array, summarize: Callable[[jax.Array], jax.Array]
                         ) -> jax.Array:
         """`summarize` of every block's output and of the final (normed) output, stacked:
@@ -476,9 +482,7 @@ class Encoder(nnx.Module):
         (FLIP's attribute head) read these; each block's tokens are summarised as they are
         made, so a scanned encoder never holds all of them."""
         num_tokens = x.shape[1]
-        if self.needs_even_length and num_tokens % 2 == 1:
-            x = jnp.pad(x, [(0, 0), (0, 1), (0, 0)])
-        num_keys = num_tokens if x.shape[1] != num_tokens else None
+        x, num_keys = self._pad_for_attention(x)
 
         def apply(block: EncoderBlock, y: jax.Array) -> tuple[jax.Array, jax.Array]:
             y = block(y, num_keys=num_keys)
