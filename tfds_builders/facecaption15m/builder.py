@@ -154,14 +154,14 @@ class FaceCaption15M(FaceDatasetBuilder):
         cfg = self.builder_config
         manual_dir = dl_manager.manual_dir
         parquet = self._find_parquet(manual_dir)
-        columns = records.check_schema(records.parquet_metadata(parquet).schema.to_arrow_schema(),
-                                       str(parquet))
+        metadata = records.parquet_metadata(parquet)  # the footer, read once
+        columns = records.check_schema(metadata.schema.to_arrow_schema(), str(parquet))
         images_dir = manual_dir / cfg.images_subdir
         layout = layouts.detect_layout(images_dir, cfg.layout)
         settings = records.ImageSettings(layout=layout, images_dir=str(images_dir),
                                          resize_mode=cfg.img2dataset_resize_mode,
                                          spec=cfg.crop_spec)
-        groups = records.row_groups(parquet)
+        groups = records.row_groups(parquet, metadata)
         shards = [] if layout == layouts.FLAT else layouts.list_shards(images_dir, layout)
         index = None
         if not self._use_beam and layout != layouts.FLAT:

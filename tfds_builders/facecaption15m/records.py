@@ -103,9 +103,8 @@ def parquet_metadata(path: epath.Path) -> pq.FileMetaData:
                           "download, download it again") from None
 
 
-def row_groups(path: epath.Path) -> list[RowGroup]:
-    """The row groups of the parquet file, in file order."""
-    metadata = parquet_metadata(path)
+def row_groups(path: epath.Path, metadata: pq.FileMetaData) -> list[RowGroup]:
+    """The row groups of the parquet file at `path` (its `parquet_metadata`), in file order."""
     out, first = [], 0
     for i in range(metadata.num_row_groups):
         rows = metadata.row_group(i).num_rows
