@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 
 import jax
 from etils import epath
@@ -35,6 +35,13 @@ def lines_up_to(path: epath.Path, last_step: int) -> list[str]:
         if step <= last_step:
             kept.append(line)
     return kept
+
+
+def _finite_or_none(value: float | None) -> float | None:
+    if value is None:
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
 
 
 class MetricWriter:
@@ -87,19 +94,18 @@ class MetricWriter:
         self.resumed_line = {"step": step, **previous, **metrics}
 
     def write(self, step: int, metrics: Mapping[str, float | None],
-              scalars: Mapping[str, float] | None = None) -> None:
-        """Logs `metrics` as the line of `step`, and `scalars` (default: all of them) to
-        TensorBoard."""
+              scalars: Collection[str] | None = None) -> None:
+        """Logs `metrics` as the line of `step`, and those named in `scalars` (default: all)
+        to TensorBoard. A non-finite value (a skipped step's loss), or a None (a null read
+        back from a line), is null in the line, as NaN is not JSON (jq refuses it), and is
+        left out of TensorBoard."""
         if not self.enabled:
             return
-        values = {k: (float(v) if v is not None else math.nan) for k, v in metrics.items()}
-        for name, value in (values if scalars is None else scalars).items():
-            if math.isfinite(value):
-                self.tensorboard.add_scalar(name, value, step)
-        # A non-finite value (a skipped step's loss) is null: NaN is not JSON (jq refuses it).
-        line = json.dumps({"step": step, **{k: v if math.isfinite(v) else None
-                                            for k, v in values.items()}}, allow_nan=False)
-        line += "\n"
+        values = {k: _finite_or_none(v) for k, v in metrics.items()}
+        for name in values if scalars is None else scalars:
+            if values[name] is not None:
+                self.tensorboard.add_scalar(name, values[name], step)
+        line = json.dumps({"step": step, **values}, allow_nan=False) + "\n"
         if self.jsonl is not None:
             self.jsonl.write(line)
             self.jsonl.flush()
