@@ -85,9 +85,12 @@ def keep_tokenizer(config: ml_collections.ConfigDict, workdir: str, resumed: boo
 
 
 def is_same_run(config: ml_collections.ConfigDict, workdir: str) -> bool:
-    """Whether `config` is the one the run saved as config.json, tokenizer included."""
-    path = storage_path(workdir) / "config.json"
-    return (path.exists() and json.loads(path.read_text()) == json.loads(config.to_json())
+    """Whether `config` is the one the run saved as config.json (`load_workdir_config`),
+    tokenizer included."""
+    if not (storage_path(workdir) / "config.json").exists():
+        return False
+    saved = load_workdir_config(workdir)
+    return (json.loads(saved.to_json()) == json.loads(config.to_json())
             and bool(is_kept_tokenizer(config, workdir)))
 
 
