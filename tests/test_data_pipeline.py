@@ -4,14 +4,17 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+import grain
 import ml_collections
 import numpy as np
 import pytest
 from conftest import load_config
 from PIL import Image
 
+from flipjax.config import ConfigError
 from flipjax.data.pipeline import (
     EvalPreprocess,
+    ProcessSlice,
     TrainPreprocess,
     center_crop,
     data_source,
@@ -93,6 +96,30 @@ def test_epochs_cover_the_split_and_reshuffle(tiny_config):
               for _ in range(2)]
     assert Counter(epochs[0]) == expected == Counter(epochs[1])
     assert epochs[0] != epochs[1]
+
+
+def test_no_batch_spans_two_epochs_and_processes_split_each_batch():
+    """10 records, global batch 4 over 2 processes: each epoch is 2 whole batches of distinct
+    records and drops 2 others (different ones each epoch); the processes' rows put side by
+    side are the one-process batch."""
+    epochs = grain.MapDataset.range(10).shuffle(seed=0).repeat()
+    whole = ProcessSlice(epochs, 10, index=0, count=1, local_batch=4)
+    halves = [ProcessSlice(epochs, 10, index=i, count=2, local_batch=2) for i in range(2)]
+    batches = [[whole[4 * k + r] for r in range(4)] for k in range(6)]
+    for k, batch in enumerate(batches):
+        assert batch == [halves[i][2 * k + r] for i in range(2) for r in range(2)]
+    for e in range(3):
+        seen = batches[2 * e] + batches[2 * e + 1]
+        assert len(set(seen)) == 8
+        assert seen == [epochs[10 * e + i] for i in range(8)]
+    assert len({frozenset(batches[2 * e] + batches[2 * e + 1]) for e in range(3)}) > 1
+
+
+def test_a_batch_larger_than_the_split_is_refused(tiny_config):
+    tiny_config.data.global_batch_size = 1024  # the tiny train split has 512 records
+    with pytest.raises(ConfigError, match=r"global_batch_size: 1024 is more than the 512 "
+                                          r"records of config\.data\.train_split='train'"):
+        make_train_dataset(tiny_config.data, tokenizer_of(tiny_config), seed=0)
 
 
 def test_a_record_with_several_captions_trains_on_each_of_them(tiny_config):

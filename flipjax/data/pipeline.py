@@ -2,8 +2,9 @@
 
 Train: `tfds.data_source` -> seeded global shuffle, reshuffled each epoch -> repeat -> JPEG
 decode + random resized crop + flip + tokenise (lazy, seeded per global record, so a restored
-iterator reproduces the same batches) -> this process's contiguous rows of each global batch
-(`ProcessSlice`) -> per-process batch -> optional worker processes. The global batch is the same
+iterator reproduces the same batches) -> this process's contiguous rows of each global batch,
+no batch spanning two epochs (`ProcessSlice`) -> per-process batch -> optional worker
+processes. The global batch is the same
 for any number of processes. Each process's iterator state is checkpointed with the model.
 
 Images leave the host as uint8 and are normalised on the device (`normalize_images`), which
@@ -142,18 +143,28 @@ def data_source(cfg: ml_collections.ConfigDict, split: str, field: str | None = 
 
 
 class ProcessSlice(grain.MapDataset):
-    """Process `index`'s contiguous share of every global batch: global batch k is records
-    [k*B, (k+1)*B) of `parent` and this process holds rows [index*b, (index+1)*b) of it.
+    """Process `index`'s contiguous share of every global batch, no batch spanning two epochs.
+
+    `parent` repeats epochs of `epoch_length` records, reshuffled each time. An epoch gives
+    `epoch_length // B` global batches and drops its last `epoch_length % B` records (others
+    each epoch), as PyTorch's `drop_last`: a batch across the boundary could hold one record
+    twice, a negative the contrastive loss cannot tell from the positive. Global batch k is
+    records [e*N + j*B, e*N + (j+1)*B) of `parent`, with (e, j) = divmod(k, N // B), and this
+    process holds rows [index*b, (index+1)*b) of it.
 
     That is the row order `jax.make_array_from_process_local_data` assembles, so the global
     batch is the same records in the same order whatever the number of processes (a strided
     `parent[index::count]` gives the same records per batch, but interleaved).
     """
 
-    def __init__(self, parent: grain.MapDataset, index: int, count: int, local_batch: int):
+    def __init__(self, parent: grain.MapDataset, epoch_length: int, index: int, count: int,
+                 local_batch: int):
         super().__init__(parent)
-        self._index, self._count, self._local_batch = index, count, local_batch
-        self._length = len(parent) // (count * local_batch) * local_batch
+        self._epoch_length, self._index, self._count = epoch_length, index, count
+        self._local_batch = local_batch
+        self._batches_per_epoch = epoch_length // (count * local_batch)
+        epochs = len(parent) // epoch_length
+        self._length = epochs * self._batches_per_epoch * local_batch
 
     def __len__(self) -> int:
         return self._length
@@ -162,10 +173,14 @@ class ProcessSlice(grain.MapDataset):
         if isinstance(index, slice):
             return self.slice(index)
         batch, row = divmod(index, self._local_batch)
-        return self._parent[(batch * self._count + self._index) * self._local_batch + row]
+        epoch, batch_in_epoch = divmod(batch, self._batches_per_epoch)
+        global_batch = self._count * self._local_batch
+        return self._parent[epoch * self._epoch_length + batch_in_epoch * global_batch
+                            + self._index * self._local_batch + row]
 
     def __str__(self) -> str:
-        return f"ProcessSlice(index={self._index}, count={self._count}, b={self._local_batch})"
+        return (f"ProcessSlice(epoch_length={self._epoch_length}, index={self._index}, "
+                f"count={self._count}, b={self._local_batch})")
 
 
 def make_train_dataset(cfg: ml_collections.ConfigDict, tokenizer: Tokenizer,
@@ -173,14 +188,19 @@ def make_train_dataset(cfg: ml_collections.ConfigDict, tokenizer: Tokenizer,
     """The infinite, per-process training dataset of uint8 images and token ids."""
     num_processes = jax.process_count()
     local_batch = cfg.global_batch_size // num_processes
-    ds = grain.MapDataset.source(data_source(
-        cfg, cfg.train_split, "config.data.train_split",
-        {"config.data.image_key": cfg.image_key, "config.data.text_key": cfg.text_key}))
-    ds = ds.shuffle(seed=seed).repeat()
+    source = data_source(cfg, cfg.train_split, "config.data.train_split",
+                         {"config.data.image_key": cfg.image_key,
+                          "config.data.text_key": cfg.text_key})
+    if len(source) < cfg.global_batch_size:
+        from flipjax.config import ConfigError  # flipjax.config imports this module
+        raise ConfigError(f"config.data.global_batch_size: {cfg.global_batch_size} is more "
+                          f"than the {len(source)} records of config.data.train_split="
+                          f"{cfg.train_split!r}; an epoch must fill one batch")
+    ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat()
     # Augmentation seeds come from the global index (MapDataset is lazy: each process still
     # decodes only its own records), so the batches don't depend on the number of processes.
     ds = ds.random_map(TrainPreprocess(cfg, tokenizer), seed=seed + 1)
-    ds = ProcessSlice(ds, jax.process_index(), num_processes, local_batch)
+    ds = ProcessSlice(ds, len(source), jax.process_index(), num_processes, local_batch)
     ds = ds.batch(local_batch, drop_remainder=True)
     # Batched first, so that a worker's slice (mp_prefetch) is whole batches and the batches
     # are the same for any number of workers: each read thread builds a whole batch, and the
