@@ -184,22 +184,43 @@ def test_linear_probe_learns_separable_attributes():
     assert set(out) >= {"chosen_l2", "chosen_epochs", "balanced_acc", "acc/attr_4"}
 
 
-def test_layer_probe_finds_the_informative_vector():
-    """FLIP's head on layer features (N, F, D): the labels live in one of the F vectors, the
-    others are noise at another scale (as block outputs are); the shared LayerNorm and the
-    learned weighted sum must find it."""
-    def data(n, seed):
-        d = separable(n, seed)
-        noise = np.random.default_rng(seed + 10).normal(size=(n, 4, 16)) * 30
-        x = np.concatenate([noise[:, :2], d["features"][:, None], noise[:, 2:]], axis=1)
-        return {"features": x.astype(np.float16), "labels": d["labels"]}
+def layer_data(n, seed):
+    """Layer features (N, F=5, D): the labels live in vector 2, the others are noise at
+    another scale (as block outputs are)."""
+    d = separable(n, seed)
+    noise = np.random.default_rng(seed + 10).normal(size=(n, 4, 16)) * 30
+    x = np.concatenate([noise[:, :2], d["features"][:, None], noise[:, 2:]], axis=1)
+    return {"features": x.astype(np.float16), "labels": d["labels"]}
 
+
+def test_layer_probe_finds_the_informative_vector():
+    """FLIP's head on layer features: the shared LayerNorm and the learned weighted sum must
+    find the vector that holds the labels."""
     probe = dataclasses.replace(PROBE, features="layers", epochs_grid=(30,), lr=3e-2)
-    out = linear_probe(data(1000, 0), data(200, 1), data(500, 2), probe)
+    out = linear_probe(layer_data(1000, 0), layer_data(200, 1), layer_data(500, 2), probe)
     assert out["mean_acc"] > 90.0, out
-    train = data(1000, 0)
+    train = layer_data(1000, 0)
     mix = np.abs(fit(jnp.asarray(train["features"]), train["labels"], probe, 0.0, 5)[30]["mix"])
     assert mix.argmax() == 2 and mix[2] > 2 * np.delete(mix, 2).max(), mix
+
+
+def test_flip_recipe_adamw_learns_and_decays_every_parameter():
+    """`optimizer="adamw"` (FLIP's head recipe: AdamW, cosine to 0) learns the layer head; its
+    decay is decoupled and reaches the output bias, which Adam's L2 penalty leaves alone."""
+    flip = ProbeConfig(features="layers", optimizer="adamw", lr=3e-2, l2_grid=(0.05,),
+                       epochs_grid=(10, 30), probe_batch_size=64)
+    out = linear_probe(layer_data(1000, 0), layer_data(200, 1), layer_data(500, 2), flip)
+    assert out["mean_acc"] > 90.0, out
+
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(512, 4)), jnp.float32)
+    y = np.ones((512, 1), np.int32)
+    y[:51] = 0  # prior 0.9: the bias starts at log 9 = 2.2 and the data keep it there
+    strong = dict(l2_grid=(10.0,), epochs_grid=(5,), lr=0.1, probe_batch_size=64)
+    bias = {opt: float(fit(x, y, ProbeConfig(optimizer=opt, **strong), 10.0, 1)[5]["b"][0])
+            for opt in ("adam", "adamw")}
+    assert bias["adam"] > 2.0 and bias["adamw"] < 1.0, bias
+    with pytest.raises(ValueError, match="optimizer 'sgd' is not one of"):
+        ProbeConfig(optimizer="sgd")
 
 
 def test_multiclass_probe():

@@ -50,11 +50,12 @@ def test_attribute_prediction_script(run_and_data):
     assert "images `squash`" in text
     lines = text.splitlines()
     for dataset, validation in (("celeba", "official"), ("lfwa", "carved from train")):
-        for method in ("probe on embedding", "probe on layers"):
+        for method in ("probe embedding", "probe layers", "probe flip_recipe"):
             assert any(line.startswith(f"| {dataset} | {method} |")
                        and f"| {validation} |" in line for line in lines), (dataset, method)
         assert any(line.startswith(f"| {dataset} | zero-shot |") for line in lines)
     assert "| Wearing_Necktie |" in text and "celeba_probe_layers" in text
+    assert "| celeba | probe flip_recipe |" in text and "| 0.05 / 100 |" in text
 
 
 def test_retrieval_benchmarks_script(run_and_data):

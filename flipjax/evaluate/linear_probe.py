@@ -9,11 +9,17 @@ share and a learned weighted sum, then the linear layer. `multilabel` fits one i
 sigmoid output per attribute (BCE; CelebA/LFWA's 40 attributes), `multiclass` one softmax over
 the classes seen in train (e.g. `identity`).
 
-Hyperparameters (L2 penalty x epochs) are chosen on the validation split only: `select` never
-receives test data, and the test split is scored once, with the chosen head. This is where the
-official FLIP code went wrong (it kept the checkpoint with the best *test* accuracy, and its LFWA
-head trained on test images), so the separation is structural here and tested. A dataset with
-no validation split (LFWA) gets a seeded subset carved out of train, reported as `val_carved`.
+The head trains with Adam at a constant `lr` and an L2 penalty in the loss (`optimizer="adam"`,
+one run gives every epoch count of the grid), or with FLIP's recipe (`optimizer="adamw"`: AdamW
+with decoupled weight decay on every parameter, the learning rate cosine-decayed to 0 over the
+run, one run per epoch count; FLIP's CelebA head: lr 0.3, decay 0.05, 100 epochs, batch 64).
+
+Hyperparameters (L2 penalty or weight decay x epochs) are chosen on the validation split only:
+`select` never receives test data, and the test split is scored once, with the chosen head. This
+is where the official FLIP code went wrong (it kept the checkpoint with the best *test*
+accuracy, and its LFWA head trained on test images), so the separation is structural here and
+tested. A dataset with no validation split (LFWA) gets a seeded subset carved out of train,
+reported as `val_carved`.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ from flipjax.evaluate.prompts import attribute_names
 
 KINDS = ("multilabel", "multiclass")
 FEATURES = ("embedding", "layers")
+OPTIMIZERS = ("adam", "adamw")
 # Rows per call when a fitted head scores a split: layer features are 12 vectors per image.
 _SCORE_ROWS = 4096
 
@@ -57,18 +64,20 @@ class ProbeConfig:
     # features="layers": the blocks read besides the last; None: FLIP's 4, 6, 8 of 12, at
     # those fractions of another depth (`vit.probe_blocks`).
     blocks: tuple[int, ...] | None = None
+    # optimizer="adam": L2 penalties; "adamw": decoupled weight decays.
     l2_grid: tuple[float, ...] = (0.0, 1e-4, 1e-3, 1e-2)
     epochs_grid: tuple[int, ...] = (10, 30, 100)
+    optimizer: str = "adam"
     lr: float = 3e-3
     probe_batch_size: int = 1024  # the head's training batch (`batch_size` embeds images)
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.kind not in KINDS:
-            raise ValueError(f"linear probe kind {self.kind!r} is not one of {KINDS}")
-        if self.features not in FEATURES:
-            raise ValueError(f"linear probe features {self.features!r} is not one of "
-                             f"{FEATURES}")
+        for field, value, allowed in (("kind", self.kind, KINDS),
+                                      ("features", self.features, FEATURES),
+                                      ("optimizer", self.optimizer, OPTIMIZERS)):
+            if value not in allowed:
+                raise ValueError(f"linear probe {field} {value!r} is not one of {allowed}")
 
 
 def head_logits(params: dict, x: jax.Array) -> jax.Array:
@@ -147,17 +156,21 @@ def score(head: Head, x: np.ndarray, y: np.ndarray, kind: str) -> float:
 
 def fit(xs: jax.Array, y: np.ndarray, probe: ProbeConfig, l2: float, num_outputs: int
         ) -> dict[int, dict[str, np.ndarray]]:
-    """Adam on the mean BCE (or CE) + l2/2 |theta|^2 over every weight but the output bias
-    (a layer head's LayerNorm and mixing weights too: FLIP's AdamW decays its whole head, and
-    a penalty on the linear layer alone is dodged by scaling the mix up), minibatches
-    reshuffled each epoch, on the standardised features `xs`; returns the head's params after
-    each epoch count in `probe.epochs_grid`. The bias starts at the train log-odds
-    (log-prior), so an untrained head is the majority baseline, not a coin flip; a layer
-    head's weighted sum starts as the mean of its F vectors."""
+    """Trains a head on the mean BCE (or CE) of the standardised features `xs`, minibatches
+    reshuffled each epoch, and returns its params after each epoch count in
+    `probe.epochs_grid`. The bias starts at the train log-odds (log-prior), so an untrained
+    head is the majority baseline, not a coin flip; a layer head's weighted sum starts as the
+    mean of its F vectors.
+
+    `adam`: a constant learning rate and l2/2 |theta|^2 over every weight but the output bias
+    (a layer head's LayerNorm and mixing weights too: FLIP's AdamW decays its whole head, and a
+    penalty on the linear layer alone is dodged by scaling the mix up); one run, read at each
+    epoch count. `adamw`: FLIP's AdamW, decay `l2` on every parameter, the learning rate
+    cosine-decayed to 0 over each epoch count's own run."""
     n, d = xs.shape[0], xs.shape[-1]
     bs = min(probe.probe_batch_size, n)
     steps = n // bs
-    tx = optax.adam(probe.lr)
+    penalty = l2 if probe.optimizer == "adam" else 0.0
 
     def loss_fn(params, xb, yb):
         logits = head_logits(params, xb)
@@ -165,39 +178,46 @@ def fit(xs: jax.Array, y: np.ndarray, probe: ProbeConfig, l2: float, num_outputs
             loss = optax.sigmoid_binary_cross_entropy(logits, yb.astype(jnp.float32)).mean()
         else:
             loss = optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean()
-        return loss + 0.5 * l2 * sum(jnp.sum(v**2) for k, v in params.items() if k != "b")
-
-    @jax.jit
-    def epoch(params, opt_state, xs, ys, key):
-        perm = jax.random.permutation(key, n)
-
-        def body(carry, i):
-            params, opt_state = carry
-            idx = jax.lax.dynamic_slice(perm, (i * bs,), (bs,))
-            grads = jax.grad(loss_fn)(params, xs[idx], ys[idx])
-            updates, opt_state = tx.update(grads, opt_state, params)
-            return (optax.apply_updates(params, updates), opt_state), None
-
-        return jax.lax.scan(body, (params, opt_state), jnp.arange(steps))[0]
+        return loss + 0.5 * penalty * sum(jnp.sum(v**2) for k, v in params.items() if k != "b")
 
     if probe.kind == "multilabel":
         p = np.clip(y.mean(0), 1e-4, 1 - 1e-4)
         b0 = np.log(p / (1 - p))
     else:
         b0 = np.log(np.bincount(y, minlength=num_outputs) / n)
-    params = {"w": jnp.zeros((d, num_outputs)), "b": jnp.asarray(b0, jnp.float32)}
+    init = {"w": jnp.zeros((d, num_outputs)), "b": jnp.asarray(b0, jnp.float32)}
     if xs.ndim == 3:
-        params.update(ln_scale=jnp.ones(d), ln_bias=jnp.zeros(d),
-                      mix=jnp.full(xs.shape[1], 1.0 / xs.shape[1]))
-    opt_state = tx.init(params)
+        init.update(ln_scale=jnp.ones(d), ln_bias=jnp.zeros(d),
+                    mix=jnp.full(xs.shape[1], 1.0 / xs.shape[1]))
     ys = jnp.asarray(y)
     key = jax.random.key(probe.seed)
-    fitted = {}
-    for e in range(1, max(probe.epochs_grid) + 1):
-        params, opt_state = epoch(params, opt_state, xs, ys, jax.random.fold_in(key, e))
-        if e in probe.epochs_grid:
-            fitted[e] = jax.tree.map(np.asarray, params)
-    return fitted
+
+    def train(tx: optax.GradientTransformation, keep: Sequence[int]) -> dict:
+        @jax.jit
+        def epoch(params, opt_state, xs, ys, key):
+            perm = jax.random.permutation(key, n)
+
+            def body(carry, i):
+                params, opt_state = carry
+                idx = jax.lax.dynamic_slice(perm, (i * bs,), (bs,))
+                grads = jax.grad(loss_fn)(params, xs[idx], ys[idx])
+                updates, opt_state = tx.update(grads, opt_state, params)
+                return (optax.apply_updates(params, updates), opt_state), None
+
+            return jax.lax.scan(body, (params, opt_state), jnp.arange(steps))[0]
+
+        params, opt_state, fitted = init, tx.init(init), {}
+        for e in range(1, max(keep) + 1):
+            params, opt_state = epoch(params, opt_state, xs, ys, jax.random.fold_in(key, e))
+            if e in keep:
+                fitted[e] = jax.tree.map(np.asarray, params)
+        return fitted
+
+    if probe.optimizer == "adam":
+        return train(optax.adam(probe.lr), probe.epochs_grid)
+    return {epochs: train(optax.adamw(optax.cosine_decay_schedule(probe.lr, epochs * steps),
+                                      weight_decay=l2), [epochs])[epochs]
+            for epochs in probe.epochs_grid}
 
 
 def select(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y: np.ndarray,
