@@ -244,6 +244,14 @@ def write_facecaption_parquet(path: Path, rows: list[Row]) -> None:
     pq.write_table(table, path, row_group_size=16)
 
 
+def damage_page_header(data: bytes, row_group: int, column: int) -> bytes:
+    """The parquet file `data` with the first page header of one column chunk overwritten (not
+    thrift any more): the footer and every other row group still read."""
+    chunk = pq.ParquetFile(io.BytesIO(data)).metadata.row_group(row_group).column(column)
+    offset = chunk.dictionary_page_offset or chunk.data_page_offset
+    return data[:offset] + b"\xff" * 16 + data[offset + 16:]
+
+
 def _sidecar(row: Row, key: str, stored: Image.Image | None, original: Image.Image | None) -> dict:
     meta = {"url": "https://example.com/x.jpg", "key": key, "status": "success",
             "error_message": None, "caption": "", "_id": row.id}
@@ -294,7 +302,8 @@ def make_facecaption15m(root: Path, layout: str, resize_mode: str = "border",
     adds an orphan image, a broken sidecar, a sidecar without `_id` and an image without a
     sidecar. The webdataset fixture also has a second shard cut off in the middle of an image;
     the parquet one (img2dataset --output_format parquet: no sidecar can be broken or missing
-    there) a first shard cut off in the middle, and a row per failed download.
+    there) a first shard cut off in the middle, a row per failed download, and a last shard
+    whose second row group's `_id` column is damaged (its first row group is read).
     """
     rows = facecaption_rows()
     manual_dir = root / "manual"
@@ -316,6 +325,10 @@ def make_facecaption15m(root: Path, layout: str, resize_mode: str = "border",
             rows.append(Row(id="shard_cut", box=json.dumps(cut_box), image=encode(cut_img),
                             reason="truncated_image" if layout == "webdataset" else
                             "missing_image"))
+        if layout == "parquet":
+            rows.append(dataclasses.replace(_good_row(36), id="row_group_kept"))
+            rows.append(dataclasses.replace(_good_row(37), id="row_group_damaged",
+                                            reason="missing_image"))
         samples = _img2dataset_samples(rows, resize_mode, image_size)
         ignored = dict(FACECAPTION_IGNORED)
         if layout == "files":
@@ -326,7 +339,7 @@ def make_facecaption15m(root: Path, layout: str, resize_mode: str = "border",
         else:
             _write_parquet_layout(images_dir, samples, rows)
             del ignored["bad_sidecar"], ignored["image_without_sidecar"]
-            ignored["unreadable_parquet"] = 1
+            ignored["unreadable_parquet"] = 2  # shard 00000, and a row group of 00002
     write_facecaption_parquet(manual_dir / "FaceCaption-v2.parquet", rows)
     skipped = collections.Counter(row.reason for row in rows if row.reason)
     return FaceCaptionFixture(
@@ -369,17 +382,22 @@ def _write_parquet_layout(images_dir: Path, samples: list, rows: list[Row]) -> N
     """img2dataset's parquet output: one row per sample, the image in the `jpg` column beside
     the sidecar fields, failed downloads as rows without an image, rows in the order downloads
     finished (shuffled). Shard 00000, listed first, holds only the `shard_cut` sample and is
-    cut off in the middle; shard 00001 holds the others, its sizes typed float64 (as older
-    img2dataset versions inferred them when the first rows were failed downloads)."""
+    cut off in the middle; shard 00002 holds `row_group_kept` and `row_group_damaged`, a row
+    group each, the second's `_id` page header overwritten; shard 00001 holds the others, its
+    sizes typed float64 (as older img2dataset versions inferred them when the first rows were
+    failed downloads)."""
     failed = [{"_id": row.id, "status": "failed_to_download"} for row in rows
               if row.image is None and row.id not in (None, "")]
     entries = [(data, meta) for _, data, meta in samples if isinstance(meta, dict)]
     entries += [(None, meta) for meta in failed]
     np.random.default_rng(0).shuffle(entries)
     cut = next(e for e in entries if e[1].get("_id") == "shard_cut")
+    last = [e for e in entries if e[1].get("_id") in ("row_group_kept", "row_group_damaged")]
+    last.sort(key=lambda e: e[1]["_id"], reverse=True)  # kept first
     columns = ("key", "jpg", "status", "_id", "width", "height", "original_width",
                "original_height", "url", "error_message")
-    for shard, part in enumerate(([cut], [e for e in entries if e is not cut])):
+    for shard, part in enumerate(([cut], [e for e in entries if e is not cut and e not in last],
+                                  last)):
         table = {name: [] for name in columns}
         for i, (data, meta) in enumerate(part):
             cells = {**meta, "key": f"{shard:05d}{i:04d}", "jpg": data}
@@ -388,10 +406,14 @@ def _write_parquet_layout(images_dir: Path, samples: list, rows: list[Row]) -> N
         schema = pa.schema([(name, pa.binary() if name == "jpg" else pa.float64() if "width" in
                              name or "height" in name else pa.string()) for name in columns])
         buffer = io.BytesIO()
-        pq.write_table(pa.table(table, schema=schema), buffer, row_group_size=3)
+        pq.write_table(pa.table(table, schema=schema), buffer,
+                       row_group_size=1 if shard == 2 else 3)
         data = buffer.getvalue()
-        (images_dir / f"{shard:05d}.parquet").write_bytes(data[: len(data) // 2] if shard == 0
-                                                          else data)
+        if shard == 0:
+            data = data[: len(data) // 2]
+        if shard == 2:
+            data = damage_page_header(data, 1, columns.index("_id"))
+        (images_dir / f"{shard:05d}.parquet").write_bytes(data)
         (images_dir / f"{shard:05d}_stats.json").write_text("{}")
 
 
@@ -467,12 +489,13 @@ def _write(path: Path, data: bytes | None) -> None:
 def make_celeba(root: Path) -> EvalFixture:
     """The official CelebA archive layout (Img/, Anno/, Eval/; the attribute file with CRLF line
     ends), with a shuffled attribute column order, a grey image, broken images and bad
-    annotation lines."""
+    annotation lines (image 18's line repeated with other values, 19's repeated as it is)."""
     manual = root / "manual"
     names = [f"{i:06d}.jpg" for i in range(1, 22)]
     split_of = {n: (i - 1) // 7 for i, n in enumerate(names, 1)}  # 7 train, 7 val, 7 test
     bad_images = dict(zip((5, 10, 15, 16), _bad_images().values(), strict=True))
-    bad_attributes = {11: "bad_annotation", 17: "bad_annotation", 12: "missing_annotation"}
+    bad_attributes = {11: "bad_annotation", 17: "bad_annotation", 12: "missing_annotation",
+                      18: "bad_annotation"}
     column_order = list(np.random.default_rng(0).permutation(40))
     attr_lines, identity, bbox, landmarks = [], [], [], []
     splits: dict[str, dict[str, dict]] = {"train": {}, "validation": {}, "test": {}}
@@ -486,6 +509,10 @@ def make_celeba(root: Path) -> EvalFixture:
             values[5] = "0"  # Not -1/1.
         if i != 12:  # No attributes at all.
             attr_lines.append(f"{name} " + "  ".join(values))
+        if i == 18:  # Two lines that disagree.
+            attr_lines.append(f"{name} " + "  ".join(values[:-1] + [str(-int(values[-1]))]))
+        if i == 19:
+            attr_lines.append(attr_lines[-1])
         if i != 3:
             identity.append(f"{name} {1000 + i}")
         bbox.append(f"{name}    {i} {2 * i} {100 + i} {120 + i}")

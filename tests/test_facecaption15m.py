@@ -212,6 +212,17 @@ def test_a_cut_off_parquet_download_is_named(tmp_path: Path) -> None:
         build(fixture, tmp_path / "data", config("cut"))
 
 
+def test_an_unreadable_row_group_of_the_captions_is_named(tmp_path: Path) -> None:
+    """A damaged row group of the caption parquet (its ids unreadable, so not even its split is
+    known) stops the build with the file, the row group and its rows."""
+    fixture = _manual_dir_with(tmp_path)
+    path = fixture.manual_dir / "FaceCaption-v2.parquet"
+    path.write_bytes(ff.damage_page_header(path.read_bytes(), 1, 0))
+    with pytest.raises(records.SchemaError, match=r"FaceCaption-v2\.parquet: row group 1 "
+                       r"\(rows 16 to 31\) is unreadable"):
+        build(fixture, tmp_path / "data", config("damaged"))
+
+
 def test_empty_split_fails_clearly(tmp_path: Path) -> None:
     fixture = _manual_dir_with(tmp_path)
     cfg = FaceCaption15MConfig(name="tiny", resolution=RESOLUTION, min_face_size=16,

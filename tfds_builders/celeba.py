@@ -37,7 +37,8 @@ def parse_attribute_file(path: epath.Path) -> dict[str, np.ndarray | None]:
 
     Format: a count line, a line of the 40 attribute names, then "<name> v1 ... v40" with
     values -1/1. Columns are matched by name, so a reordered file still reads correctly. A
-    line that cannot be parsed maps to None (counted as bad_annotation for its image).
+    line that cannot be parsed maps to None (counted as bad_annotation for its image), and so
+    does an image with two lines that disagree: which one is right is unknown.
     """
     lines = annotation_lines(path)
     header = (lines[1] or "").split() if len(lines) > 1 else []
@@ -54,10 +55,14 @@ def parse_attribute_file(path: epath.Path) -> dict[str, np.ndarray | None]:
             values = np.array([int(v) for v in fields[1:]], dtype=np.int32)
         except ValueError:
             values = None
-        if values is None or len(values) != 40 or not np.isin(values, (-1, 1)).all():
-            out[fields[0]] = None
-        else:
-            out[fields[0]] = (values[order] > 0).astype(np.int32)
+        parsed = None
+        if values is not None and len(values) == 40 and np.isin(values, (-1, 1)).all():
+            parsed = (values[order] > 0).astype(np.int32)
+        name = fields[0]
+        if name in out and (out[name] is None or parsed is None
+                            or not np.array_equal(out[name], parsed)):
+            parsed = None
+        out[name] = parsed
     return out
 
 

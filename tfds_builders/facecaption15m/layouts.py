@@ -366,8 +366,13 @@ def _index_tar_shard(shard: str) -> ShardIndex:
 
 
 def _index_parquet_shard(shard: str) -> ShardIndex:
-    """Reads the sidecar columns of every row (not the images): a row is a sample."""
+    """Reads the sidecar columns of every row (not the images): a row is a sample.
+
+    A shard without a footer or an image column counts once as `unreadable_parquet`, and so
+    does each row group whose sidecar columns do not read; the shard's other row groups are
+    used (each image is later read from its own row group)."""
     index = ShardIndex()
+    groups: dict[int, list[dict]] = {}
     try:
         with epath.Path(shard).open("rb") as f:
             shard_file = pq.ParquetFile(f)
@@ -376,12 +381,15 @@ def _index_parquet_shard(shard: str) -> ShardIndex:
             if column is None:  # a partial download, or not img2dataset's
                 raise pa.ArrowInvalid(f"{shard} has no image column {PARQUET_IMAGE_COLUMNS}")
             names = [n for n in _PARQUET_META_COLUMNS if n in columns]
-            groups = [shard_file.read_row_group(g, columns=names).to_pylist()
-                      for g in range(shard_file.metadata.num_row_groups)]
+            for group in range(shard_file.metadata.num_row_groups):
+                try:
+                    groups[group] = shard_file.read_row_group(group, columns=names).to_pylist()
+                except (pa.ArrowException, OSError):
+                    index.ignored[UNREADABLE_PARQUET] += 1
     except (pa.ArrowException, OSError):
         index.ignored[UNREADABLE_PARQUET] += 1
         return index
-    for group, metas in enumerate(groups):
+    for group, metas in groups.items():
         for row, meta in enumerate(metas):
             _add_entry(index, meta, ImageRef(shard, offset=group, length=row, column=column))
     return index
