@@ -158,6 +158,7 @@ def _good_row(i: int) -> Row:
 def facecaption_rows() -> list[Row]:
     """Every case the FaceCaption-15M builder must handle, one row each."""
     rows = [_good_row(i) for i in range(8)]
+    rows[3].ext = "Jpg"  # a mixed-case extension, as some cameras and uploads spell it
     img, box = scene(20)
     grey = img.convert("L")
     rgba = img.convert("RGBA")

@@ -30,7 +30,7 @@ import functools
 import itertools
 import json
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -395,8 +395,20 @@ def _index_parquet_shard(shard: str) -> ShardIndex:
     return index
 
 
-def resolve_flat(images_dir: str, sample_id: str) -> ImageRef | None:
-    """The original image `<images_dir>/<sample_id>.<ext>`, trying the known extensions.
+def flat_extensions(images_dir: epath.Path) -> tuple[str, ...]:
+    """The extensions `resolve_flat` tries, in order: the image extensions among the
+    directory's first entries as they are spelt there (`.Jpg` too), most common first, then
+    the known ones in lower and upper case."""
+    seen = collections.Counter(p.suffix for p in itertools.islice(images_dir.iterdir(),
+                                                                  _SAMPLE_ENTRIES)
+                               if p.suffix.lower() in IMAGE_EXTENSIONS)
+    return tuple(dict.fromkeys([ext for ext, _ in seen.most_common()] + list(_FLAT_EXTENSIONS)))
+
+
+def resolve_flat(images_dir: str, sample_id: str, extensions: Sequence[str]
+                 ) -> ImageRef | None:
+    """The original image `<images_dir>/<sample_id><ext>`, trying `extensions`
+    (`flat_extensions`) in order.
 
     Probing by name needs no directory listing, which matters for millions of files. An `_id`
     that is not a plain file name (contains a path separator) cannot name a file here.
@@ -404,7 +416,7 @@ def resolve_flat(images_dir: str, sample_id: str) -> ImageRef | None:
     if "/" in sample_id or "\\" in sample_id or sample_id in (".", ".."):
         return None
     base = epath.Path(images_dir)
-    for ext in _FLAT_EXTENSIONS:
+    for ext in extensions:
         path = base / f"{sample_id}{ext}"
         if path.is_file():
             return ImageRef(str(path))

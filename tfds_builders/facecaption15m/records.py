@@ -212,6 +212,7 @@ class ImageSettings:
     images_dir: str
     resize_mode: str
     spec: face_crop.CropSpec
+    flat_extensions: tuple[str, ...] = ()  # the flat layout's (`layouts.flat_extensions`)
 
 
 def make_example(row: Row, ref: layouts.ImageRef | None,
@@ -222,7 +223,8 @@ def make_example(row: Row, ref: layouts.ImageRef | None,
     in the worker, because probing file names is I/O that should run in parallel.
     """
     if settings.layout == layouts.FLAT:
-        ref = layouts.resolve_flat(settings.images_dir, row.id)
+        ref = layouts.resolve_flat(settings.images_dir, row.id,
+                                   settings.flat_extensions)
     if ref is None:
         raise Skip(MISSING_IMAGE)
     img = face_crop.open_image(ref.read(), settings.spec.max_pixels)
