@@ -12,12 +12,14 @@ import numpy as np
 import pytest
 from conftest import REPO
 
+from flipjax.config import ConfigError
 from flipjax.data.pipeline import make_train_dataset
 from flipjax.data.tokenizer import Tokenizer
 from flipjax.evaluate import make_evaluators
 from flipjax.train import checkpoint
 from flipjax.train.sharding import make_mesh
 from flipjax.train.step import TrainSetup
+from flipjax.train.workdir import check_describes_run
 
 
 def save_initial_run(config, workdir):
@@ -81,8 +83,30 @@ def test_cli_names_a_wrong_workdir_or_step(saved_run, tmp_path, module):
         assert "Traceback" not in proc.stderr
 
 
+def test_a_config_for_another_model_is_refused(saved_run):
+    """`flipjax.evaluate --config` must describe the trained run: another GELU or input mean
+    would restore and silently compute something else. Compute choices may differ."""
+    config, workdir = saved_run[0], saved_run[1]
+    check_describes_run(config, workdir)
+    free = ml_collections.ConfigDict(config.to_dict())
+    free.model.update(dtype="bfloat16", attention="dot", remat="full")
+    check_describes_run(free, workdir)
+    for field, value in (("model.gelu", "exact" if config.model.gelu != "exact" else "tanh"),
+                         ("model.text.causal", not config.model.text.causal),
+                         ("data.mean", [0.25, 0.5, 0.75])):
+        other = ml_collections.ConfigDict(config.to_dict())
+        node, key = other, field.split(".")
+        for name in key[:-1]:
+            node = node[name]
+        node[key[-1]] = value
+        with pytest.raises(ConfigError, match=rf"^config\.{re.escape(field)}: "
+                                              rf"{re.escape(repr(value))} differs from .* in "
+                                              rf".*config\.json, the run this checkpoint"):
+            check_describes_run(other, workdir)
+
+
 def test_cli_checks_the_evaluators_fields_first(saved_run, tmp_path):
-    """`--config` replaces the run's evaluators: their fields are checked as training checks
+    """`--config` brings its own evaluators: their fields are checked as training checks
     them, before anything is restored."""
     config, workdir = saved_run[0], saved_run[1]
     bad = ml_collections.ConfigDict(config.to_dict())

@@ -76,11 +76,12 @@ class CelebADialog(ImageSetBuilder):
     mapping (the same way other CelebA-HQ benchmarks split).
 
     Records: `image` (RGB JPEG, downscaled to the config's max_short_side), `caption` (the
-    overall caption, which retrieval queries with), `captions` (the overall caption first,
-    then the attribute-wise captions for Bangs, Eyeglasses, No_Beard, Smiling and Young, then
-    any other attribute alphabetically; a null or blank one is dropped, so the metadata's
-    "caption_order" is their order, not fixed positions) and `id` ("N"). Images with no caption entry (the release lacks a few), a blank overall
-    caption or no partition are skipped and counted in skipped.json.
+    overall caption, which retrieval queries with), `captions` (the overall caption first, then
+    the attribute-wise captions for Bangs, Eyeglasses, No_Beard, Smiling and Young, then any
+    other attribute alphabetically; a null or blank one is dropped, so the metadata's
+    "caption_order" is their order, not fixed positions) and `id` ("N"). Images with no caption
+    entry (the release lacks a few), a blank overall caption or no partition are skipped and
+    counted in skipped.json.
     """
 
     name = "celeba_dialog"

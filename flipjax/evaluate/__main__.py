@@ -2,9 +2,10 @@
 [--step=N]`.
 
 Runs every evaluator in `config.evals` (the training config's, WORKDIR/config.json, unless
-`--config` names another, e.g. one that adds probes) on the checkpoint at `--step` (default: the
-latest) and writes WORKDIR/eval_step_<N>.json. Image features are cached in WORKDIR/features,
-so re-running with other probe settings embeds nothing again.
+`--config` names another, e.g. one that adds probes: it must describe the trained model and its
+input normalisation, or a ConfigError names the field) on the checkpoint at `--step` (default:
+the latest) and writes WORKDIR/eval_step_<N>.json. Image features are cached in
+WORKDIR/features, so re-running with other probe settings embeds nothing again.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from flipjax.config import exit_on_config_error, parse_flags, validate_evals
 from flipjax.evaluate import make_evaluators, run_evaluators
 from flipjax.storage import storage_path, write_bytes_whole
 from flipjax.train.sharding import batch_shards, make_mesh
-from flipjax.train.workdir import load_workdir_config, restore_params
+from flipjax.train.workdir import check_describes_run, load_workdir_config, restore_params
 
 config_flags.DEFINE_config_file("config", None, "Config file (default WORKDIR/config.json).")
 flags.DEFINE_string("workdir", None, "The training run's workdir.")
@@ -33,6 +34,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
                         step: int | None = None) -> tuple[int, dict[str, float]]:
     """Runs every evaluator on a checkpoint; returns (step, {"NAME/metric": value})."""
     validate_evals(config, batch_shards(make_mesh(config.mesh)))  # before any restoring
+    check_describes_run(config, workdir)
     params, step, setup, tokenizer = restore_params(config, workdir, step)
     evaluators = make_evaluators(config, tokenizer, setup.graphdef, setup.mesh,
                                  cache_dir=str(storage_path(workdir) / "features"))

@@ -10,7 +10,7 @@ import json
 
 import ml_collections
 
-from flipjax.config import ConfigError
+from flipjax.config import ConfigError, check
 from flipjax.data.tokenizer import Tokenizer
 from flipjax.storage import storage_path
 from flipjax.train import checkpoint
@@ -42,6 +42,40 @@ def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
     model.setdefault("attention", "auto")
     saved["optim"].setdefault("mu_dtype", None)  # float32 moments, as those runs had
     return ml_collections.ConfigDict(saved)
+
+
+# Model fields a checkpoint does not fix: how it is computed, or only how it was initialised.
+_FREE_MODEL_FIELDS = ("dtype", "remat", "attention", "temperature_init", "max_temperature")
+
+
+def _leaves(tree: dict, prefix: str) -> dict[str, object]:
+    out = {}
+    for key, value in tree.items():
+        name = f"{prefix}.{key}"
+        out.update(_leaves(value, name) if isinstance(value, dict) else {name: value})
+    return out
+
+
+def check_describes_run(config: ml_collections.ConfigDict, workdir: str) -> None:
+    """Raises ConfigError naming the first field in which `config` (e.g. `flipjax.evaluate
+    --config`) describes another model or input normalisation than the run in `workdir`
+    trained with: its checkpoint would restore and compute something else (another GELU,
+    mean or pooling), or fail inside Orbax. Compute choices (dtype, attention, remat) may
+    differ."""
+    saved = load_workdir_config(workdir)
+
+    def fields(cfg: ml_collections.ConfigDict) -> dict[str, object]:
+        model = {k: v for k, v in cfg.model.to_dict().items() if k not in _FREE_MODEL_FIELDS}
+        out = _leaves(model, "model")
+        out.update({f"data.{k}": cfg.data.get(k) for k in ("mean", "std")})
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
+
+    trained, given = fields(saved), fields(config)
+    for field in sorted(trained.keys() | given.keys()):
+        old, new = trained.get(field), given.get(field)
+        check(old == new, field, f"{new!r} differs from {old!r} in {workdir}/config.json, "
+              "the run this checkpoint was trained with; a config for it must keep the "
+              "run's value")
 
 
 def tokenizer_path(config: ml_collections.ConfigDict, workdir: str) -> str:
