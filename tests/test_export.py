@@ -482,6 +482,12 @@ def test_cli_exports_a_workdir(tiny_config, tmp_path):
     # Into a non-empty directory only when told: the user's README.md there would be replaced.
     assert export_main([f"--workdir={workdir}", f"--output={out}"]) == 2
     assert export_main([f"--workdir={workdir}", f"--output={out}", "--overwrite"]) == 0
+    assert AutoProcessor.from_pretrained(str(out)).image_processor.do_center_crop
+    # The run evaluated with center_crop; --eval_resize frames the processor's images as told.
+    assert export_main([f"--workdir={workdir}", f"--output={out}", "--overwrite",
+                        "--eval_resize=squash"]) == 0
+    squashing = AutoProcessor.from_pretrained(str(out)).image_processor
+    assert not squashing.do_center_crop and squashing.size["height"] == config.data.image_size
     # A step not saved, or a directory that holds no run: one line, exit 2.
     assert export_main([f"--workdir={workdir}", "--step=99", f"--output={out}",
                         "--overwrite"]) == 2

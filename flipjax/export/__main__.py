@@ -1,6 +1,7 @@
 """Exports a flipjax training workdir as a Hugging Face model directory.
 
     python -m flipjax.export --workdir=DIR [--step=N] --output=OUT [--overwrite]
+        [--eval_resize=center_crop|squash]
 
 `OUT` then loads with `transformers.AutoModel.from_pretrained(OUT)` (a `SiglipModel`, or a
 `CLIPModel` for class-token/causal-text configs) and `AutoProcessor.from_pretrained(OUT)`.
@@ -12,6 +13,8 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+
+from flipjax.data.pipeline import EVAL_RESIZES
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -25,6 +28,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "not resolve from here")
     parser.add_argument("--overwrite", action="store_true", help="write into a non-empty "
                         "--output, replacing files of the same names")
+    parser.add_argument("--eval_resize", choices=sorted(EVAL_RESIZES), default=None,
+                        help="how the image processor frames an image; default the run's "
+                        "data.eval_resize")
     args = parser.parse_args(argv)
     try:
         from flipjax.export.hf_export import export_workdir
@@ -39,7 +45,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         model_cls = export_workdir(args.workdir, args.output, args.step, args.tokenizer,
-                                   args.overwrite)
+                                   args.overwrite, args.eval_resize)
     except ConfigError as e:  # ExportError, or a workdir or step that does not restore
         print(f"cannot export: {e}", file=sys.stderr)
         return 2

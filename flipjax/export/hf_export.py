@@ -331,15 +331,21 @@ Tokenizer: SentencePiece ({config.tokenizer.vocab_size} pieces, case-folded), `s
 
 
 def export_workdir(workdir: str, output: str, step: int | None = None,
-                   tokenizer_path: str | None = None, overwrite: bool = False) -> str:
+                   tokenizer_path: str | None = None, overwrite: bool = False,
+                   eval_resize: str | None = None) -> str:
     """Exports the checkpoint at `step` (default: latest) of `workdir`; returns the HF class.
 
     `tokenizer_path` stands in for the config's where the workdir holds no copy of the
     tokenizer (runs from before training kept one). A non-empty `output` is refused unless
-    `overwrite`: the export would replace files of the same names (README.md among them)."""
+    `overwrite`: the export would replace files of the same names (README.md among them).
+    `eval_resize` ("center_crop" or "squash") is how the processor frames an image, by default
+    the run's `data.eval_resize` (an evaluator may have used the other, e.g. FLIP's squashed
+    CelebA portraits)."""
     config = load_workdir_config(workdir)
     if tokenizer_path:
         config.tokenizer.path = tokenizer_path
+    if eval_resize:
+        config.data.eval_resize = eval_resize
     arch = choose_architecture(config.model)  # refuse before loading or writing anything
     if not overwrite and os.path.isdir(output) and os.listdir(output):
         raise ExportError(f"{output} is not empty; export into a new directory, or pass "
