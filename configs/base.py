@@ -45,7 +45,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     batch = int(arg.removeprefix("batch=")) if arg else 4096
     c = ml_collections.ConfigDict()
     c.seed = 0
-    c.total_steps = 15 * NUM_TRAIN_PAIRS // batch
+    c.total_steps = 15 * (NUM_TRAIN_PAIRS // batch)  # 15 epochs of whole batches
     c.log_every_steps = 100
 
     resolution = ml_collections.FieldReference(224)

@@ -97,6 +97,13 @@ def test_epochs_cover_the_split_and_reshuffle(tiny_config):
     assert Counter(epochs[0]) == expected == Counter(epochs[1])
     assert epochs[0] != epochs[1]
 
+    # Batches of 24: an epoch is 21 batches (504 records), 8 records left out of each.
+    tiny_config.data.global_batch_size = 24
+    it = iter(make_train_dataset(tiny_config.data, tok, seed=0))
+    for _ in range(3):
+        epoch = Counter(tok.decode(t) for _ in range(21) for t in next(it)["text"])
+        assert epoch.total() == 504 and not epoch - expected, epoch - expected
+
 
 def test_no_batch_spans_two_epochs_and_processes_split_each_batch():
     """10 records, global batch 4 over 2 processes: each epoch is 2 whole batches of distinct

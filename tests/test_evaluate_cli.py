@@ -83,26 +83,47 @@ def test_cli_names_a_wrong_workdir_or_step(saved_run, tmp_path, module):
         assert "Traceback" not in proc.stderr
 
 
-def test_a_config_for_another_model_is_refused(saved_run):
+def test_a_config_for_another_model_is_refused(saved_run, tmp_path):
     """`flipjax.evaluate --config` must describe the trained run: another GELU or input mean
-    would restore and silently compute something else. Compute choices may differ."""
+    would restore and silently compute something else. Compute choices may differ, and sizes
+    compare as resolved (another variant name with the same sizes is the same model)."""
     config, workdir = saved_run[0], saved_run[1]
-    check_describes_run(config, workdir)
-    free = ml_collections.ConfigDict(config.to_dict())
-    free.model.update(dtype="bfloat16", attention="dot", remat="full")
-    check_describes_run(free, workdir)
-    for field, value in (("model.gelu", "exact" if config.model.gelu != "exact" else "tanh"),
-                         ("model.text.causal", not config.model.text.causal),
-                         ("data.mean", [0.25, 0.5, 0.75])):
+
+    def changed(**fields):
         other = ml_collections.ConfigDict(config.to_dict())
-        node, key = other, field.split(".")
-        for name in key[:-1]:
-            node = node[name]
-        node[key[-1]] = value
-        with pytest.raises(ConfigError, match=rf"^config\.{re.escape(field)}: "
-                                              rf"{re.escape(repr(value))} differs from .* in "
+        for field, value in fields.items():
+            node, keys = other, field.split("__")
+            for key in keys[:-1]:
+                node = node[key]
+            node[keys[-1]] = value
+        return other
+
+    check_describes_run(config, workdir)
+    check_describes_run(changed(model__dtype="bfloat16", model__attention="dot",
+                                model__remat="full", model__image__variant="Ti/8"), workdir)
+    for fields, message in (
+            (dict(model__gelu="exact"), "model.gelu: 'exact' differs from 'tanh'"),
+            (dict(model__text__causal=True), "model.text.causal: True differs from False"),
+            (dict(data__mean=[0.25, 0.5, 0.75]),
+             "data.mean: [0.25, 0.5, 0.75] differs from [0.5, 0.5, 0.5]"),
+            (dict(model__image__variant="mu/16"),
+             "model.image.variant: 'patch 16' differs from 'patch 8'"),
+            (dict(model__bias_init=-10.0), "model.bias_init: 'a learned bias' differs from None"),
+            (dict(optim__mu_dtype="bfloat16"), "optim.mu_dtype: 'bfloat16' differs from None")):
+        with pytest.raises(ConfigError, match=rf"^config\.{re.escape(message)} in "
                                               rf".*config\.json, the run this checkpoint"):
-            check_describes_run(other, workdir)
+            check_describes_run(changed(**fields), workdir)
+
+    # As the command runs it: one line, exit 2, before anything is restored.
+    (tmp_path / "other.py").write_text(
+        "import ml_collections\n\n\ndef get_config():\n"
+        f"    return ml_collections.ConfigDict({changed(model__gelu='exact').to_dict()!r})\n")
+    proc = subprocess.run([sys.executable, "-m", "flipjax.evaluate", f"--workdir={workdir}",
+                           f"--config={tmp_path / 'other.py'}"], cwd=REPO,
+                          env=dict(os.environ, PYTHONPATH=REPO), capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "error: config.model.gelu: 'exact' differs from 'tanh'" in proc.stderr
 
 
 def test_cli_checks_the_evaluators_fields_first(saved_run, tmp_path):

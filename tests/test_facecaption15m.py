@@ -127,7 +127,7 @@ def test_workers_give_identical_records(tmp_path: Path) -> None:
 
 @pytest.mark.skipif(importlib.util.find_spec("apache_beam") is None,
                     reason="apache-beam is not installed (pip install .[beam])")
-@pytest.mark.parametrize("layout", ["webdataset", "parquet"])
+@pytest.mark.parametrize("layout", ["flat", "webdataset", "parquet"])
 def test_beam_build_matches_local_build(tmp_path: Path, layout: str) -> None:
     import apache_beam as beam
 
@@ -165,7 +165,7 @@ def test_layout_errors_say_what_was_expected_and_found(tmp_path: Path) -> None:
     with pytest.raises(layouts.LayoutError, match=r"(?s)Found 0 tar shards.*is empty"):
         build(fixture, tmp_path / "c", config("c"))
     images.rmdir()
-    with pytest.raises(layouts.LayoutError, match=r"not found.*(\n.*){7}\n"
+    with pytest.raises(layouts.LayoutError, match=r"not found.*(\n.*){8}\n"
                        r"Found: .*contains: FaceCaption-v2.parquet"):
         build(fixture, tmp_path / "d", config("d"))
     parquet = fixture.manual_dir / "FaceCaption-v2.parquet"
@@ -340,7 +340,8 @@ def test_a_box_off_the_photo_or_into_border_padding_takes_no_padding(tmp_path: P
     (tmp_path / "x.jpg").write_bytes(ff.encode(stored, quality=95))
     ref = layouts.ImageRef(str(tmp_path / "x.jpg"), original_size=(600, 200))
     settings = records.ImageSettings(layouts.FILES, str(tmp_path), "border",
-                                     face_crop.CropSpec(resolution=32, margin=0.2, min_face_size=8))
+                                     face_crop.CropSpec(resolution=32, margin=0.2, min_face_size=8),
+                                     flat_extensions=())
     row = records.Row(index=0, id="x", caption="c", laion_caption="",
                       box=(250.0, 150.0, 342.0, 262.0))  # its lower part is off the photo
     _, example = records.make_example(row, ref, settings)

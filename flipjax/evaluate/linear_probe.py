@@ -78,6 +78,9 @@ class ProbeConfig:
                                       ("optimizer", self.optimizer, OPTIMIZERS)):
             if value not in allowed:
                 raise ValueError(f"linear probe {field} {value!r} is not one of {allowed}")
+        if not self.l2_grid or not self.epochs_grid or min(self.epochs_grid) < 1:
+            raise ValueError(f"linear probe l2_grid {self.l2_grid} and epochs_grid "
+                             f"{self.epochs_grid} must be non-empty, with epochs >= 1")
 
 
 def head_logits(params: dict, x: jax.Array) -> jax.Array:

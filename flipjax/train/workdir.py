@@ -6,12 +6,15 @@ the experiment scripts.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import ml_collections
+from absl import logging
 
 from flipjax.config import ConfigError, check
 from flipjax.data.tokenizer import Tokenizer
+from flipjax.models.two_towers import SIZE_FIELDS, tower_size
 from flipjax.storage import storage_path
 from flipjax.train import checkpoint
 from flipjax.train.sharding import make_mesh
@@ -44,33 +47,44 @@ def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(saved)
 
 
-# Model fields a checkpoint does not fix: how it is computed, or only how it was initialised.
-_FREE_MODEL_FIELDS = ("dtype", "remat", "attention", "temperature_init", "max_temperature")
+# Model fields a checkpoint does not fix: how it is computed, or only how it was initialised
+# (whether a learned bias exists is compared, not its initial value).
+_FREE_MODEL_FIELDS = ("dtype", "remat", "attention", "temperature_init", "max_temperature",
+                      "bias_init")
 
 
-def _leaves(tree: dict, prefix: str) -> dict[str, object]:
-    out = {}
-    for key, value in tree.items():
-        name = f"{prefix}.{key}"
-        out.update(_leaves(value, name) if isinstance(value, dict) else {name: value})
-    return out
+def _trained_fields(cfg: ml_collections.ConfigDict) -> dict[str, object]:
+    """{field: value} of what a checkpoint fixes: every model field but the free ones, each
+    tower's size as resolved (a placeholder and the variant's own value are one model) and
+    patch, whether a learned bias exists, the input normalisation and the optimizer moments'
+    dtype (the optimizer state restores too)."""
+    model = cfg.model.to_dict()
+    out: dict[str, object] = {f"model.{k}": v for k, v in model.items()
+                              if k not in ("image", "text", *_FREE_MODEL_FIELDS)}
+    for tower in ("image", "text"):
+        size, patch = tower_size(cfg.model[tower], with_patch=tower == "image")
+        out.update({f"model.{tower}.{k}": v for k, v in dataclasses.asdict(size).items()})
+        out.update({f"model.{tower}.{k}": v for k, v in model[tower].items()
+                    if k not in (*SIZE_FIELDS, "variant")})
+        if patch is not None:
+            out[f"model.{tower}.variant"] = f"patch {patch}"
+    out["model.bias_init"] = None if cfg.model.get("bias_init") is None else "a learned bias"
+    out["optim.mu_dtype"] = cfg.optim.get("mu_dtype")
+    out.update({f"data.{k}": cfg.data.get(k) for k in ("mean", "std")})
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
 
 
 def check_describes_run(config: ml_collections.ConfigDict, workdir: str) -> None:
     """Raises ConfigError naming the first field in which `config` (e.g. `flipjax.evaluate
-    --config`) describes another model or input normalisation than the run in `workdir`
-    trained with: its checkpoint would restore and compute something else (another GELU,
-    mean or pooling), or fail inside Orbax. Compute choices (dtype, attention, remat) may
-    differ."""
-    saved = load_workdir_config(workdir)
-
-    def fields(cfg: ml_collections.ConfigDict) -> dict[str, object]:
-        model = {k: v for k, v in cfg.model.to_dict().items() if k not in _FREE_MODEL_FIELDS}
-        out = _leaves(model, "model")
-        out.update({f"data.{k}": cfg.data.get(k) for k in ("mean", "std")})
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
-
-    trained, given = fields(saved), fields(config)
+    --config`) describes another model than the run in `workdir` trained (`_trained_fields`):
+    its checkpoint would restore and compute something else (another GELU, mean or pooling),
+    or fail inside Orbax. Compute choices (dtype, attention, remat) may differ. A workdir
+    without config.json (a checkpoint copied alone) has nothing to compare: logged."""
+    if not (storage_path(workdir) / "config.json").exists():
+        logging.warning("%s has no config.json: the config cannot be checked against the "
+                        "run's", workdir)
+        return
+    trained, given = _trained_fields(load_workdir_config(workdir)), _trained_fields(config)
     for field in sorted(trained.keys() | given.keys()):
         old, new = trained.get(field), given.get(field)
         check(old == new, field, f"{new!r} differs from {old!r} in {workdir}/config.json, "

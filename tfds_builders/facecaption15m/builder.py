@@ -157,11 +157,11 @@ class FaceCaption15M(FaceDatasetBuilder):
         metadata = records.parquet_metadata(parquet)  # the footer, read once
         columns = records.check_schema(metadata.schema.to_arrow_schema(), str(parquet))
         images_dir = manual_dir / cfg.images_subdir
-        layout = layouts.detect_layout(images_dir, cfg.layout)
+        detected = layouts.detect_layout(images_dir, cfg.layout)
+        layout = detected.name
         settings = records.ImageSettings(
             layout=layout, images_dir=str(images_dir), resize_mode=cfg.img2dataset_resize_mode,
-            spec=cfg.crop_spec, flat_extensions=(layouts.flat_extensions(images_dir)
-                                                 if layout == layouts.FLAT else ()))
+            spec=cfg.crop_spec, flat_extensions=detected.flat_extensions)
         groups = records.row_groups(parquet, metadata)
         shards = [] if layout == layouts.FLAT else layouts.list_shards(images_dir, layout)
         index = None

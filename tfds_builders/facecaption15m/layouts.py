@@ -79,7 +79,8 @@ _LAYOUT_HELP = f"""\
                members 000000123.jpg and 000000123.json holding "_id"
   parquet    - img2dataset --output_format parquet: shards such as 00000.parquet with an
                image column (jpg, png or webp) and an "_id" column
-  flat       - original images named <_id>.<ext>, ext one of {", ".join(IMAGE_EXTENSIONS)}"""
+  flat       - original images named <_id>.<ext>, ext one of {", ".join(IMAGE_EXTENSIONS)}
+               (lower or upper case, or as the folder spells it, e.g. .Jpg)"""
 
 _SAMPLE_ENTRIES = 2000
 
@@ -170,12 +171,23 @@ def _describe(directory: epath.Path) -> str:
     return f"{directory} contains: {', '.join(names[:20])}" + (" ..." if len(names) > 20 else "")
 
 
-def detect_layout(images_dir: epath.Path, layout: str = AUTO) -> str:
-    """Returns the layout of `images_dir`, checking a forced `layout` against what is there.
+@dataclasses.dataclass(frozen=True)
+class DetectedLayout:
+    """What `detect_layout` found: the layout, and for `flat` the extensions `resolve_flat`
+    tries, in order: the image extensions among the directory's first entries as they are
+    spelt there (`.Jpg` too), most common first, then the known ones in lower and upper
+    case."""
 
-    Only the first entries of the directory are looked at, so this is instant even on a flat
-    directory of millions of files. Raises LayoutError, listing the expected layouts and what
-    was found, when the directory matches none or several of them.
+    name: str
+    flat_extensions: tuple[str, ...] = ()
+
+
+def detect_layout(images_dir: epath.Path, layout: str = AUTO) -> DetectedLayout:
+    """The layout of `images_dir`, checking a forced `layout` against what is there.
+
+    Only the first entries of the directory are looked at (once), so this is instant even on
+    a flat directory of millions of files. Raises LayoutError, listing the expected layouts
+    and what was found, when the directory matches none or several of them.
     """
     if layout != AUTO and layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; expected {AUTO} or one of {LAYOUTS}")
@@ -202,11 +214,15 @@ def detect_layout(images_dir: epath.Path, layout: str = AUTO) -> str:
         raise LayoutError(f"Cannot use the images in {images_dir}. Expected {wanted}:\n"
                           f"{_LAYOUT_HELP}\nFound {counts}; {_describe(images_dir)}")
     chosen = present[0] if layout == AUTO else layout
+    if chosen == FLAT:
+        seen = collections.Counter(p.suffix for p in found[FLAT])
+        return DetectedLayout(FLAT, tuple(dict.fromkeys(
+            [ext for ext, _ in seen.most_common()] + list(_FLAT_EXTENSIONS))))
     if chosen == PARQUET:
         _check_parquet_has_id(found[PARQUET][0])
-    elif chosen != FLAT:
+    else:
         _check_sidecars_have_id(found[chosen][0], chosen)
-    return chosen
+    return DetectedLayout(chosen)
 
 
 def _image_column(names: list[str]) -> str | None:
@@ -395,20 +411,10 @@ def _index_parquet_shard(shard: str) -> ShardIndex:
     return index
 
 
-def flat_extensions(images_dir: epath.Path) -> tuple[str, ...]:
-    """The extensions `resolve_flat` tries, in order: the image extensions among the
-    directory's first entries as they are spelt there (`.Jpg` too), most common first, then
-    the known ones in lower and upper case."""
-    seen = collections.Counter(p.suffix for p in itertools.islice(images_dir.iterdir(),
-                                                                  _SAMPLE_ENTRIES)
-                               if p.suffix.lower() in IMAGE_EXTENSIONS)
-    return tuple(dict.fromkeys([ext for ext, _ in seen.most_common()] + list(_FLAT_EXTENSIONS)))
-
-
 def resolve_flat(images_dir: str, sample_id: str, extensions: Sequence[str]
                  ) -> ImageRef | None:
     """The original image `<images_dir>/<sample_id><ext>`, trying `extensions`
-    (`flat_extensions`) in order.
+    (`DetectedLayout.flat_extensions`) in order.
 
     Probing by name needs no directory listing, which matters for millions of files. An `_id`
     that is not a plain file name (contains a path separator) cannot name a file here.

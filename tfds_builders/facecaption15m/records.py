@@ -212,7 +212,7 @@ class ImageSettings:
     images_dir: str
     resize_mode: str
     spec: face_crop.CropSpec
-    flat_extensions: tuple[str, ...] = ()  # the flat layout's (`layouts.flat_extensions`)
+    flat_extensions: tuple[str, ...]  # the flat layout's (`layouts.DetectedLayout`)
 
 
 def make_example(row: Row, ref: layouts.ImageRef | None,
