@@ -503,6 +503,25 @@ def test_bf16_compute_keeps_fp32_params():
     assert zimg.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(zimg)))
 
 
+def test_bf16_token_embedding_gradient_sums_in_float32():
+    """A bf16 text tower's embedding gradient, for EOS (most positions of EOS-padded captions),
+    is a sum of ~10k rows: it matches the float32 tower's to bf16 rounding, where a bf16
+    scatter-add stalled far short of it."""
+    cfg = model_config(variant="mu/8", image_size=32)
+    cfg.text.max_len = 64
+    ids = np.full((256, 64), 1, np.int32)  # EOS
+    ids[:, :8] = np.random.default_rng(0).integers(3, 50, (256, 8))
+    w = jax.random.normal(jax.random.key(0), (cfg.text.proj_dim or SIZES["mu"].width,))
+    grads = {}
+    for dtype in ("float32", "bfloat16"):
+        cfg.dtype = dtype
+        graphdef, params = nnx.split(make_model(cfg, vocab_size=50).txt, nnx.Param)
+        grads[dtype] = jax.grad(lambda p, g=graphdef: jnp.sum(
+            nnx.merge(g, p)(jnp.asarray(ids)).astype(jnp.float32) * w))(params)
+    exact, bf16 = (np.asarray(g["token_embedding"]["embedding"][...][1]) for g in grads.values())
+    assert np.linalg.norm(bf16 - exact) < 0.03 * np.linalg.norm(exact)
+
+
 def test_bf16_first_moment_keeps_float32_params():
     config = load_config()
     config.optim.mu_dtype = "bfloat16"
