@@ -227,7 +227,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
           "model.image.proj_dim and/or model.text.proj_dim to the same value")
     for field, value in (("total_steps", config.total_steps),
                          ("log_every_steps", config.log_every_steps),
-                         ("checkpoint.every_steps", config.checkpoint.every_steps)):
+                         ("checkpoint.every_steps", config.checkpoint.every_steps),
+                         # Orbax's max_to_keep=0 deletes each checkpoint as soon as it lands.
+                         ("checkpoint.keep", config.checkpoint.keep)):
         check(value > 0, field, f"{value} must be positive")
     for name, eval_cfg in config.evals.items():
         check("every_steps" in eval_cfg, f"evals.{name}.every_steps",

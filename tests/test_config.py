@@ -40,6 +40,7 @@ from flipjax.train.workdir import load_workdir_config
     ("sharding_rules", [(".*", (None, "tensr"))], r"config\.sharding_rules: .*\['tensr'\]"),
     ("log_every_steps", 0, r"config\.log_every_steps: 0 must be positive"),
     ("checkpoint.every_steps", 0, r"config\.checkpoint\.every_steps: 0 must be positive"),
+    ("checkpoint.keep", 0, r"config\.checkpoint\.keep: 0 must be positive"),
     ("evals.retrieval.every_steps", 0, r"config\.evals\.retrieval\.every_steps: 0 must be"),
     ("optim.frozen_regex", "img/(", r"config\.optim\.frozen_regex: 'img/\(' is not a regular"),
     ("optim.lr_mults", [("txt/[", 0.1)], r"config\.optim\.lr_mults\[0\]: 'txt/\[' is not"),
