@@ -143,6 +143,48 @@ def test_two_process_main_preempted_then_resumed_matches_one_process(tiny_data, 
                                [expected[s] for s in range(1, 41)], rtol=1e-5)
 
 
+PREEMPTION_WORKER = """
+import json, os, signal, sys, time
+import jax
+from jax.experimental import multihost_utils
+
+index, port, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2,
+                           process_id=index)
+from flipjax.train.preemption import PreemptionWatch
+
+watch = PreemptionWatch(100)  # a run resuming from step 100, as soon as it knows
+os.kill(os.getpid(), signal.SIGTERM)  # the notice, while it restores: JAX's service catches it
+multihost_utils.sync_global_devices("noticed")
+time.sleep(1)
+agreed = []
+with watch:
+    for step in range(101, 111):
+        multihost_utils.sync_global_devices(f"step {step}")  # as a train step's collectives
+        time.sleep(0.2)
+        if watch.reached(step):
+            agreed.append(step)
+json.dump(agreed, open(out, "w"))
+"""
+
+
+def test_a_notice_before_a_resumed_runs_first_step_is_agreed_on(tmp_path):
+    """Two processes resumed from step 100 get SIGTERM before their first step (during the
+    restore or the resumed step's evaluations): both agree to stop at step 101. (JAX's service
+    agreed on step 1, which a resumed run never reaches: it trained on.)"""
+    script, port = tmp_path / "preempt.py", free_port()
+    script.write_text(textwrap.dedent(PREEMPTION_WORKER))
+    env = {**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu"}
+    procs = [subprocess.Popen([sys.executable, str(script), str(i), str(port),
+                               str(tmp_path / f"agreed{i}.json")], cwd=REPO, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i in range(2)]
+    for proc in procs:
+        assert proc.wait(timeout=300) == 0, proc.stdout.read()[-3000:]
+    assert [json.loads((tmp_path / f"agreed{i}.json").read_text()) for i in range(2)] == \
+        [[101], [101]]
+
+
 def test_a_failed_prepare_on_process_0_stops_every_process(tiny_data, tmp_path):
     """Only process 0 builds missing data; when that fails the others learn it and exit
     instead of waiting for it in a collective."""

@@ -82,7 +82,7 @@ def test_metrics_lines_are_strict_json_and_a_resumed_step_is_amended_in_place(
     assert jsonl.read_text().splitlines()[0] == '{"step": 1, "train/loss": null}'
     writer = metrics.MetricWriter(str(tmp_path), resumed_step=2)
     assert writer.logged_at_resume() == {"step": 2, "train/loss": 0.5}
-    writer.amend_resumed_line(2, {"probe/acc": 90.0})
+    writer.amend(2, {"probe/acc": 90.0})
     writer.write(3, {"train/loss": 0.125})
     writer.close()
     rows = [json.loads(line) for line in jsonl.read_text().splitlines()]

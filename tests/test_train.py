@@ -195,6 +195,37 @@ def test_a_resumed_run_evaluates_what_its_checkpointed_step_did_not(tiny_config,
                 "zeroshot_again/mean_acc"} <= set(row)
 
 
+def test_a_steps_line_is_out_before_its_evaluations_and_a_preempted_step_is_not_evaluated(
+        tiny_config, tmp_path, monkeypatch):
+    """Evaluations find their step's training line already written (a run killed while
+    evaluating keeps it); a notice makes the next step save and stop without evaluating (the
+    grace period is the save's), at the last step too: started again, the run evaluates it."""
+    from flipjax.evaluate.retrieval import RetrievalEvaluator
+    from flipjax.train.preemption import PreemptedError
+
+    config, workdir = tiny_config, str(tmp_path)
+    config.total_steps, config.checkpoint.every_steps = 2, 2
+    config.evals = {"retrieval": {**config.evals.retrieval, "every_steps": 1}}
+    config.model.image.depth = config.model.text.depth = 1
+    logged_when_evaluated = []
+    evaluate = RetrievalEvaluator.run
+
+    def notice_while_evaluating(self, params, step=None):
+        logged_when_evaluated.append(read_losses(workdir)[0].get(step))
+        os.kill(os.getpid(), signal.SIGTERM)
+        return evaluate(self, params, step)
+
+    monkeypatch.setattr(RetrievalEvaluator, "run", notice_while_evaluating)
+    with pytest.raises(PreemptedError, match="saved a checkpoint at step 2"):
+        train_and_evaluate(config, workdir)
+    losses, rows = read_losses(workdir)
+    assert len(logged_when_evaluated) == 1 and logged_when_evaluated[0] == losses[1]
+    assert "retrieval/t2i_R@1" in rows[0] and "retrieval/t2i_R@1" not in rows[1]
+    monkeypatch.undo()
+    assert train_and_evaluate(config, workdir) == {}
+    assert "retrieval/t2i_R@1" in read_losses(workdir)[1][1]
+
+
 @pytest.mark.parametrize("accum", [1, 2])
 def test_a_frozen_tower_is_left_as_is_and_out_of_the_backward_pass(tiny_config, accum):
     """LiT-style: with the image tower frozen it keeps its weights, its backward pass is not

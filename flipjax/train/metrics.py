@@ -60,6 +60,7 @@ class MetricWriter:
         self._rewrite(lines)
         last = json.loads(lines[-1]) if lines else {}
         self.resumed_line = last if last.get("step") == resumed_step else {}
+        self.last_line = self.resumed_line  # what `amend` adds to
         # Locally an open file to append to; at a URL every line, for the next rewrite.
         self.jsonl = None if is_url(root) else self.jsonl_path.open("a")
         self.lines = lines if self.jsonl is None else None
@@ -76,22 +77,23 @@ class MetricWriter:
         another process than 0)."""
         return self.resumed_line if self.enabled else {}
 
-    def amend_resumed_line(self, step: int, metrics: Mapping[str, float]) -> None:
-        """Adds `metrics` to the line of the step the run resumed from (writing it if the run
-        stopped before it was), before any line of a later step: one line per step stays."""
+    def amend(self, step: int, metrics: Mapping[str, float]) -> None:
+        """Adds `metrics` (an evaluation's results) to the line of `step`, the last one logged
+        or, on a resume, the step resumed from (writing it if the run stopped before it was),
+        and writes it out: one line per step stays, and a run killed while evaluating keeps
+        the results so far."""
         if not self.enabled:
             return
-        kept = lines_up_to(self.jsonl_path, step - 1)
-        if self.jsonl is None:
-            self.lines = kept
+        logged = self.last_line.get("step") == step
+        if self.jsonl is None:  # the lines held for the next rewrite, this step's dropped
+            self.lines = self.lines[:-1] if logged else self.lines
         else:  # the rewrite replaces the file: append to the new one
-            self._rewrite(kept)
+            self._rewrite(lines_up_to(self.jsonl_path, step - 1))
             self.jsonl.close()
             self.jsonl = self.jsonl_path.open("a")
-        previous = {k: v for k, v in self.resumed_line.items() if k != "step"}
+        previous = {k: v for k, v in self.last_line.items() if k != "step"} if logged else {}
         self.write(step, {**previous, **metrics}, scalars=metrics)
         self.flush()
-        self.resumed_line = {"step": step, **previous, **metrics}
 
     def write(self, step: int, metrics: Mapping[str, float | None],
               scalars: Collection[str] | None = None) -> None:
@@ -105,7 +107,8 @@ class MetricWriter:
         for name in values if scalars is None else scalars:
             if values[name] is not None:
                 self.tensorboard.add_scalar(name, values[name], step)
-        line = json.dumps({"step": step, **values}, allow_nan=False) + "\n"
+        self.last_line = {"step": step, **values}
+        line = json.dumps(self.last_line, allow_nan=False) + "\n"
         if self.jsonl is not None:
             self.jsonl.write(line)
             self.jsonl.flush()

@@ -33,9 +33,16 @@ class PreemptedError(Exception):
 
 class PreemptionWatch:
     """Context manager; `reached(step)` is true once a preemption notice has arrived (and, with
-    several processes, all of them have reached the agreed step)."""
+    several processes, all of them have reached the agreed step).
 
-    def __init__(self):
+    Made as soon as the run knows `start_step`, the step it starts from: with several
+    processes each tells JAX's service where it stands, since a notice that comes before any
+    process has (during a restore, or the resumed step's evaluations) is agreed at step 1,
+    which a resumed run never reaches again: it would train on until killed."""
+
+    def __init__(self, start_step: int):
+        if jax.process_count() > 1:
+            multihost_utils.reached_preemption_sync_point(start_step)
         self._notice = threading.Event()
         self._previous = None
 

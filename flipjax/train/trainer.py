@@ -130,7 +130,7 @@ def finish_evaluations(config: ml_collections.ConfigDict, evaluators: dict,
             raise PreemptedError(step)
         try:
             for results in run_evaluators(evaluators, params(), step, {name}):
-                writer.amend_resumed_line(step, results)
+                writer.amend(step, results)
         except Exception:  # noqa: BLE001 - whatever it was, training must not wait on it
             if jax.process_count() > 1:
                 # Where it failed on some processes only, the others would wait in its
@@ -150,6 +150,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     prepare(config)
     root = storage_path(workdir)
     root.mkdir(parents=True, exist_ok=True)
+    manager = checkpoint.make_manager(workdir, config.checkpoint)
+    start, total = manager.latest_step() or 0, config.total_steps
+    preemption = PreemptionWatch(start)
 
     # Mesh, model, optimizer, shardings.
     mesh = make_mesh(config.mesh)
@@ -160,8 +163,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     # Input pipeline, and resume.
     data_iter = iter(make_train_dataset(config.data, tokenizer, seed=config.seed))
-    manager = checkpoint.make_manager(workdir, config.checkpoint)
-    start, total = manager.latest_step() or 0, config.total_steps
     if start >= total:
         # e.g. a finished job restarted by its scheduler, or a reused --workdir: nothing to
         # train, and the config.json that describes the checkpoint stays.
@@ -223,7 +224,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     # An error (a failing evaluation, a non-finite loss) waits for a save in flight to land.
     # The watch outlasts `closing(manager)`: a second SIGTERM while the last save commits
     # must not kill the process and lose that checkpoint.
-    with (PreemptionWatch() as preemption, contextlib.closing(manager),
+    with (preemption, contextlib.closing(manager),
           contextlib.closing(MetricWriter(workdir, start)) as writer):
         if start:
             finish_evaluations(config, evaluators, writer, start, lambda: state["params"],
@@ -241,8 +242,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             preempted = preemption.reached(step)
             # A saved step is logged (and so checked) first.
             due_save = step % config.checkpoint.every_steps == 0 or step == total or preempted
-            due_evals = ({n for n, e in config.evals.items() if step % e.every_steps == 0}
-                         if step < total else set(config.evals))
+            # Preempted, the grace period is the save's: the resumed run evaluates this step
+            # (`finish_evaluations`).
+            due_evals = (set() if preempted else set(config.evals) if step == total else
+                         {n for n, e in config.evals.items() if step % e.every_steps == 0})
             due_log = step % config.log_every_steps == 0 or due_save or due_evals
             if due_log:
                 values = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
@@ -251,22 +254,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 values.update(step_time_s=seconds,
                               images_per_s=config.data.global_batch_size / seconds)
                 metrics = {f"train/{k}": v for k, v in values.items()}
-                if due_save:  # before evaluating: an evaluation that fails costs no training
+                # The line is written out before its checkpoint can land, and evaluations add
+                # to it as they finish: a run stopped while evaluating (a failure, a kill)
+                # loses no training metrics, and its resume logs none of these steps again.
+                writer.write(step, metrics)
+                if due_save:
+                    writer.flush()
                     checkpoint.save(manager, step, state, data_iter)
-                try:
-                    for results in run_evaluators(evaluators, state["params"], step, due_evals):
-                        metrics.update(results)
-                finally:  # a failed evaluation leaves the training metrics, and those before
-                    writer.write(step, metrics)
-                    if due_save:
-                        writer.flush()  # the lines up to a checkpoint are never logged again
+                for results in run_evaluators(evaluators, state["params"], step, due_evals):
+                    metrics.update(results)
+                    writer.amend(step, results)
                 progress.set_postfix(loss=f"{values['loss']:.3f}", lr=f"{values['lr']:.2e}")
                 if progress.disable:  # no terminal: a log line instead of the bar
                     logging.info("step %d/%d loss %.4f lr %.2e %.1f images/s", step, total,
                                  values["loss"], values["lr"], values["images_per_s"])
                 # Evaluation, logging and saving stay out of the next interval's step time.
                 last_time, last_step = time.perf_counter(), step
-            if preempted and step < total:  # at the last step, the run is done anyway
+            if preempted:  # at the last step too: the resumed run evaluates it
                 preempted_at = step
                 break
     progress.close()
