@@ -170,6 +170,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
     check(config.loss != "sigmoid" or model.bias_init is not None, "model.bias_init",
           "the sigmoid loss needs a learnable bias: set it (SigLIP: -10.0, with "
           "model.temperature_init=10.0)")
+    # The clamp applies after each update: a larger start would train step 1 at a scale the
+    # clamp then cuts (and move a frozen temperature).
+    check(model.max_temperature is None or model.temperature_init <= model.max_temperature,
+          "model.temperature_init", f"{model.temperature_init} is above "
+          f"model.max_temperature={model.max_temperature}")
     check(config.loss_impl in LOSS_IMPLS, "loss_impl",
           f"{config.loss_impl!r} is not one of {LOSS_IMPLS}")
     accum = config.grad_accum_steps

@@ -41,6 +41,8 @@ from flipjax.train.workdir import load_workdir_config
     ("log_every_steps", 0, r"config\.log_every_steps: 0 must be positive"),
     ("checkpoint.every_steps", 0, r"config\.checkpoint\.every_steps: 0 must be positive"),
     ("checkpoint.keep", 0, r"config\.checkpoint\.keep: 0 must be positive"),
+    ("model.temperature_init", 200.0, r"config\.model\.temperature_init: 200\.0 is above "
+                                      r"model\.max_temperature=100\.0"),
     ("evals.retrieval.every_steps", 0, r"config\.evals\.retrieval\.every_steps: 0 must be"),
     ("optim.frozen_regex", "img/(", r"config\.optim\.frozen_regex: 'img/\(' is not a regular"),
     ("optim.lr_mults", [("txt/[", 0.1)], r"config\.optim\.lr_mults\[0\]: 'txt/\[' is not"),

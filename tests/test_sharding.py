@@ -11,6 +11,7 @@ from flipjax.train.sharding import (
     TENSOR_PARALLEL_RULES,
     explicit_spec,
     fsdp_spec,
+    infer_shardings,
     make_mesh,
     mesh_shape,
 )
@@ -122,6 +123,22 @@ def test_fsdp_spec_picks_largest_divisible_dim():
     assert fsdp_spec((16, 6), 4, 4, 0) == PartitionSpec("fsdp", None)
     assert fsdp_spec((6, 6), 4, 4, 0) == PartitionSpec()
     assert fsdp_spec((1024, 1024), 4, 4, 8) == PartitionSpec()  # 4 MiB < 8 MiB threshold
+
+
+def test_a_large_leaf_fsdp_cannot_split_is_named_in_a_warning(caplog):
+    """No dimension divisible by the fsdp axis: the leaf is replicated, which is correct but
+    can run a pod out of memory, so the log says which and how big."""
+    mesh = make_mesh([("data", 1), ("fsdp", -1)])
+    tree = {"big": jax.ShapeDtypeStruct((3, 1025, 1023), np.float32),
+            "even": jax.ShapeDtypeStruct((3, 1024, 1023), np.float32),
+            "small": jax.ShapeDtypeStruct((3, 5), np.float32)}
+    with caplog.at_level("WARNING"):
+        shardings = infer_shardings(tree, mesh, [(".*", "fsdp")], min_size_mb=1)
+    assert shardings["big"].spec == PartitionSpec() == shardings["small"].spec
+    assert shardings["even"].spec == PartitionSpec(None, "fsdp", None)
+    warned = [r.getMessage() for r in caplog.records if "replicated" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].startswith("big (3, 1025, 1023): no dimension "
+                                                     "divisible by fsdp=8"), warned
 
 
 @pytest.mark.parametrize("axes,expected", [([("data", -1), ("fsdp", 1)], (8, 1)),

@@ -29,6 +29,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from absl import logging
 from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
@@ -210,8 +211,14 @@ def infer_shardings(tree: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]],
             return replicated(mesh)
         if strategy == "fsdp":
             # Sized as float32 whatever the dtype, so a bf16 Adam moment shards as its param.
-            return NamedSharding(mesh, fsdp_spec(shape, axis_sizes.get("fsdp", 1), 4,
-                                                 min_size_mb))
+            fsdp = axis_sizes.get("fsdp", 1)
+            spec = fsdp_spec(shape, fsdp, 4, min_size_mb)
+            big = math.prod(shape) * 4 >= min_size_mb * 2**20
+            if spec == PartitionSpec() and fsdp > 1 and big:
+                logging.warning("%s %s: no dimension divisible by fsdp=%d, replicated on every "
+                                "device (%.0f MiB each)", name, shape, fsdp,
+                                math.prod(shape) * 4 / 2**20)
+            return NamedSharding(mesh, spec)
         return NamedSharding(mesh, explicit_spec(shape, strategy, axis_sizes))
 
     return jax.tree.map(sharding, leaf_names(tree), tree)
