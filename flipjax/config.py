@@ -119,9 +119,9 @@ def validate_evals(config: ml_collections.ConfigDict, shards: int) -> None:
         resize = eval_cfg.get("eval_resize")
         check(resize in (None, *EVAL_RESIZES), f"evals.{name}.eval_resize",
               f"{resize!r} is not one of {sorted(EVAL_RESIZES)}")
-        ebs = eval_cfg.get("batch_size", EVAL_BATCH_SIZE)
-        check(ebs % shards == 0, f"evals.{name}.batch_size",
-              f"{ebs} is not divisible by the {shards} batch shards")
+        ebs = eval_cfg.get("batch_size") or EVAL_BATCH_SIZE  # None: the default
+        check(ebs > 0 and ebs % shards == 0, f"evals.{name}.batch_size",
+              f"{ebs} is not a positive multiple of the {shards} batch shards")
         fields = evaluator_config(name, eval_cfg)
         if eval_cfg.type == "linear_probe" and fields.features == "layers":
             try:

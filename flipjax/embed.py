@@ -34,7 +34,8 @@ flags.DEFINE_string("images", None, "A directory (searched recursively) or a glo
 flags.DEFINE_string("texts", None, "A text file, one text per line.")
 flags.DEFINE_string("output", None, "The .npz to write ('.npz' is added if missing).")
 flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
-flags.DEFINE_integer("batch_size", 64, "Images per batch (rounded up to the device count).")
+flags.DEFINE_integer("batch_size", 64, "Images per batch (rounded up to the device count).",
+                     lower_bound=1)
 flags.DEFINE_enum("eval_resize", None, sorted(EVAL_RESIZES), "How images reach the model's "
                   "square input (default: the run's config.data.eval_resize).")
 flags.mark_flags_as_required(["workdir", "output"])
@@ -42,8 +43,8 @@ FLAGS = flags.FLAGS
 
 def list_images(pattern: str) -> list[str]:
     """Every file under a directory (recursively), or the files a glob matches, sorted."""
-    if os.path.isdir(pattern):
-        paths = glob.glob(os.path.join(pattern, "**", "*"), recursive=True)
+    if os.path.isdir(pattern):  # its name may hold glob characters ("photos[1]")
+        paths = glob.glob(os.path.join(glob.escape(pattern), "**", "*"), recursive=True)
     else:
         paths = glob.glob(pattern, recursive=True)
     return sorted(p for p in paths if os.path.isfile(p))
@@ -75,7 +76,9 @@ def embed_files(embedder: Embedder, params: dict, paths: list[str], size: int, r
             out.append(embedder.images(params, np.stack(batch)))
             kept += names
             batch, names = [], []
-    return (np.concatenate(out) if out else np.zeros((0, 0), np.float32)), kept
+    if not out:
+        raise app.UsageError(f"none of the {len(paths)} files could be read as an image")
+    return np.concatenate(out), kept
 
 
 def main(argv: list[str]) -> None:
@@ -97,8 +100,11 @@ def main(argv: list[str]) -> None:
         out.update(image_embeddings=emb, image_files=np.asarray(kept, dtype=str))
         logging.info("embedded %d of %d image files", len(kept), len(paths))
     if FLAGS.texts:
-        lines = storage_path(FLAGS.texts).read_text(encoding="utf-8").split("\n")
+        # utf-8-sig: a byte-order mark (as some Windows editors write) is not text.
+        lines = storage_path(FLAGS.texts).read_bytes().decode("utf-8-sig").split("\n")
         texts = [line.strip() for line in lines if line.strip()]  # strip() takes "\r" too
+        if not texts:
+            raise app.UsageError(f"--texts={FLAGS.texts} holds no text")
         out.update(text_embeddings=embedder.texts(params, tokenizer.encode_batch(texts)),
                    texts=np.asarray(texts, dtype=str))
     if jax.process_index() == 0:

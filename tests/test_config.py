@@ -44,6 +44,9 @@ from flipjax.train.workdir import load_workdir_config
     ("model.temperature_init", 200.0, r"config\.model\.temperature_init: 200\.0 is above "
                                       r"model\.max_temperature=100\.0"),
     ("evals.retrieval.every_steps", 0, r"config\.evals\.retrieval\.every_steps: 0 must be"),
+    ("evals.retrieval.batch_size", 12, r"config\.evals\.retrieval\.batch_size: 12 is not a "
+                                       r"positive multiple of the 8 batch shards"),
+    ("evals.retrieval.batch_size", -8, r"config\.evals\.retrieval\.batch_size: -8 is not"),
     ("optim.frozen_regex", "img/(", r"config\.optim\.frozen_regex: 'img/\(' is not a regular"),
     ("optim.lr_mults", [("txt/[", 0.1)], r"config\.optim\.lr_mults\[0\]: 'txt/\[' is not"),
     ("sharding_rules", [("*", "fsdp")], r"config\.sharding_rules\[0\]: '\*' is not a regular"),
@@ -119,6 +122,12 @@ def test_validation_names_a_linear_probes_kind():
     with pytest.raises(ConfigError,
                        match=r"config\.evals\.probe: linear probe kind 'multi' is not one"):
         validate(config)
+
+
+def test_an_evaluators_batch_size_none_is_the_default():
+    config = load_config()
+    config.evals.retrieval.batch_size = None
+    validate(config)
 
 
 def test_a_tensor_axis_splits_no_examples():

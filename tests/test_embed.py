@@ -63,21 +63,24 @@ def workdir(tiny_data, tmp_path_factory):
     return path
 
 
+def embed_cli(*args):
+    return subprocess.run([sys.executable, "-m", "flipjax.embed", *args], cwd=REPO,
+                          env=dict(os.environ, PYTHONPATH=REPO), capture_output=True, text=True,
+                          timeout=600)
+
+
 def test_cli_embeds_images_and_texts(workdir, tmp_path):
-    good = write_images(tmp_path / "images")
-    texts = tmp_path / "texts.txt"
-    texts.write_text("a man wearing glasses\n\n  a smiling woman  \n")
+    images = tmp_path / "images[1]"  # a folder name glob would read as a pattern
+    good = write_images(images)
+    texts = tmp_path / "texts.txt"  # with a byte-order mark, as some editors save UTF-8
+    texts.write_bytes("\ufeffa man wearing glasses\n\n  a smiling woman  \n".encode())
     out = tmp_path / "out" / "emb.npz"
-    proc = subprocess.run(
-        [sys.executable, "-m", "flipjax.embed", f"--workdir={workdir}",
-         f"--images={tmp_path / 'images'}", f"--texts={texts}", f"--output={out}",
-         "--batch_size=4"],
-        cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO), capture_output=True, text=True,
-        timeout=600)
+    proc = embed_cli(f"--workdir={workdir}", f"--images={images}", f"--texts={texts}",
+                     f"--output={out}", "--batch_size=4")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "broken.jpg" in proc.stderr and "empty.png" in proc.stderr
     with np.load(out) as f:
-        files = [os.path.relpath(p, tmp_path / "images") for p in f["image_files"]]
+        files = [os.path.relpath(p, images) for p in f["image_files"]]
         img, txt = f["image_embeddings"], f["text_embeddings"]
         assert list(f["texts"]) == ["a man wearing glasses", "a smiling woman"]
     assert files == good
@@ -86,3 +89,11 @@ def test_cli_embeds_images_and_texts(workdir, tmp_path):
     np.testing.assert_allclose(np.linalg.norm(txt, axis=1), 1.0, atol=1e-4)
     np.testing.assert_allclose(img[0], img[1], atol=1e-5)  # PNG and BMP of the same pixels
     assert not np.allclose(img[0], img[3], atol=1e-3)  # and a different image differs
+
+
+def test_cli_refuses_a_texts_file_without_text(workdir, tmp_path):
+    (tmp_path / "blank.txt").write_text("\n  \n")
+    proc = embed_cli(f"--workdir={workdir}", f"--texts={tmp_path / 'blank.txt'}",
+                     f"--output={tmp_path / 'out'}")
+    assert proc.returncode != 0 and "blank.txt holds no text" in proc.stderr, proc.stderr
+    assert not (tmp_path / "out.npz").exists()

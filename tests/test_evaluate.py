@@ -257,8 +257,16 @@ def test_carve_validation_by_group_keeps_each_person_on_one_side():
     tr, va = carve_validation(len(groups), 0.1, seed=0, groups=groups)
     assert not set(groups[tr]) & set(groups[va])
     assert sorted(np.concatenate([tr, va])) == list(range(len(groups)))
-    largest = 30
-    assert 0.1 * len(groups) <= len(va) < 0.1 * len(groups) + largest
+    largest = 30  # the closest count of whole groups is within half a group of 10%
+    assert abs(len(va) - 0.1 * len(groups)) <= largest / 2
+    # One big group and a small one: the small one alone is closest to 10%.
+    groups = np.array(["big"] * 95 + ["small"] * 5)
+    tr, va = carve_validation(100, 0.1, seed=0, groups=groups)
+    assert set(groups[va]) == {"small"} and len(tr) == 95
+    with pytest.raises(ValueError, match=r"leaves 100 to train on and 0 to validate on"):
+        carve_validation(100, 0.1, seed=0, groups=np.array(["one"] * 100))
+    with pytest.raises(ValueError, match=r"val_fraction 1.5 must be in \(0, 1\)"):
+        ProbeConfig(val_fraction=1.5)
     np.testing.assert_array_equal(carve_validation(len(groups), 0.1, 0, groups)[1], va)
 
 

@@ -260,6 +260,9 @@ def test_probe_on_flips_layer_features(saved_run, tmp_path):
                                   r"'synthetic_faces/tiny' .* has no such feature"),
     (dict(type="zeroshot_attributes", split="test", attributes=("Smiling", "Eyeglases")),
      r"config\.evals\.probe: attributes \['Eyeglases'\] are not attributes"),
+    (dict(type="zeroshot_attributes", split="test",
+          attribute_names=[f"trait_{i}" for i in range(19)]),
+     r"config\.evals\.probe: no zero-shot prompts for attribute 'trait_0'"),
     (dict(type="retrieval"), r"config\.evals\.probe\.split: required by a 'retrieval' "
                              r"evaluator, and not set"),
 ])
@@ -272,6 +275,19 @@ def test_evaluator_mistakes_stop_before_any_work(saved_run, change, message):
     config.evals = {"probe": {**probe, **change}}
     with pytest.raises(ValueError, match=message):
         make_evaluators(config, tokenizer, setup.graphdef, setup.mesh)
+
+
+def test_zeroshot_names_the_attributes_whose_prompts_the_text_length_cuts(saved_run, caplog):
+    """The tiny config's 16 tokens cut some prompts, which may then read like their
+    opposites: the evaluator says which attributes, when it is made."""
+    config, setup, tokenizer = saved_run[0], saved_run[2], saved_run[3]
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.evals = {"zs": dict(type="zeroshot_attributes", split="test", every_steps=1)}
+    with caplog.at_level("WARNING"):
+        make_evaluators(config, tokenizer, setup.graphdef, setup.mesh)
+    warned = [r.getMessage() for r in caplog.records if "longer than the text length 16" in
+              r.getMessage()]
+    assert len(warned) == 1 and "'Smiling'" in warned[0], warned
 
 
 def test_evaluator_config_has_one_default_per_field():

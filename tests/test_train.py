@@ -226,6 +226,18 @@ def test_a_steps_line_is_out_before_its_evaluations_and_a_preempted_step_is_not_
     assert "retrieval/t2i_R@1" in read_losses(workdir)[1][1]
 
 
+def test_cached_features_go_with_their_checkpoints(tiny_config, tmp_path):
+    """Evaluations cache a split's features per step; once a step's checkpoint is gone (keep=1)
+    its features are too."""
+    config = tiny_config
+    config.total_steps, config.checkpoint.every_steps, config.checkpoint.keep = 4, 2, 1
+    config.evals = {"zeroshot": {**config.evals.zeroshot, "every_steps": 2}}
+    config.model.image.depth = config.model.text.depth = 1
+    train_and_evaluate(config, str(tmp_path))
+    cached = sorted(p.name for p in (tmp_path / "features").iterdir())
+    assert len(cached) == 1 and "_step4_" in cached[0], cached
+
+
 @pytest.mark.parametrize("accum", [1, 2])
 def test_a_frozen_tower_is_left_as_is_and_out_of_the_backward_pass(tiny_config, accum):
     """LiT-style: with the image tower frozen it keeps its weights, its backward pass is not

@@ -103,7 +103,8 @@ def make_evaluators(config: ml_collections.ConfigDict, tokenizer: Tokenizer,
         for field, split, keys in evaluator_cls.reads(fields, data_cfg):
             data_source(data_cfg, split, f"{prefix}.{field}",
                         {f"{prefix}.{key_field}": key for key_field, key in keys.items()})
-        embedder = Embedder(graphdef, mesh, data_cfg, eval_cfg.get("batch_size", EVAL_BATCH_SIZE),
+        embedder = Embedder(graphdef, mesh, data_cfg,
+                            eval_cfg.get("batch_size") or EVAL_BATCH_SIZE,
                             fingerprint=model_fingerprint(config.model, data_cfg))
         try:
             out[name] = evaluator_cls(fields, data_cfg, tokenizer, embedder, cache_dir=cache_dir)

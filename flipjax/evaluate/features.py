@@ -11,7 +11,8 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-from collections.abc import Callable, Iterator
+import re
+from collections.abc import Callable, Collection, Iterator
 
 import grain
 import jax
@@ -177,6 +178,21 @@ def feature_cache_path(cache_dir: str, data_cfg: ml_collections.ConfigDict, spli
     key = hashlib.sha256(f"{fingerprint}|{source_identity(data_cfg, split)}".encode())
     return storage_path(cache_dir) / (f"{dataset}_{split_name}_{label_key}_step{step}_"
                                       f"{key.hexdigest()[:12]}.npz")
+
+
+_CACHE_STEP = re.compile(r"_step(\d+)_[0-9a-f]{12}\.npz$")
+
+
+def prune_feature_cache(cache_dir: str, keep_steps: Collection[int]) -> None:
+    """Deletes the cached features of checkpoint steps not in `keep_steps` (those whose
+    checkpoints are gone cannot be evaluated again): a CelebA probe caches ~0.6 GB a step."""
+    root = storage_path(cache_dir)
+    if not root.exists():
+        return
+    for path in root.iterdir():
+        match = _CACHE_STEP.search(path.name)
+        if match and int(match.group(1)) not in keep_steps:
+            path.unlink(missing_ok=True)
 
 
 def image_features(embedder: Embedder, params: dict, data_cfg: ml_collections.ConfigDict,

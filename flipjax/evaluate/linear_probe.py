@@ -78,6 +78,8 @@ class ProbeConfig:
                                       ("optimizer", self.optimizer, OPTIMIZERS)):
             if value not in allowed:
                 raise ValueError(f"linear probe {field} {value!r} is not one of {allowed}")
+        if not 0 < self.val_fraction < 1:
+            raise ValueError(f"linear probe val_fraction {self.val_fraction} must be in (0, 1)")
         if not self.l2_grid or not self.epochs_grid or min(self.epochs_grid) < 1:
             raise ValueError(f"linear probe l2_grid {self.l2_grid} and epochs_grid "
                              f"{self.epochs_grid} must be non-empty, with epochs >= 1")
@@ -257,21 +259,30 @@ def carve_validation(n: int, fraction: float, seed: int, groups: np.ndarray | No
     """Seeded (train, val) index split of a train set, for datasets without a validation split.
 
     With `groups` (e.g. each image's identity) whole groups go to validation, in a seeded
-    order, until it holds `fraction` of the records: a person's attributes mostly stay the
-    same across their photos, so a person on both sides would make validation an easy
-    memory test and favour the least regularised head.
+    order, each one that brings it closer to `fraction` of the records: a
+    person's attributes mostly stay the same across their photos, so a person on both sides
+    would make validation an easy memory test and favour the least regularised head. A split
+    that leaves either side empty is a ValueError.
     """
     rng = np.random.default_rng(seed)
     num_val = max(1, round(n * fraction))
     if groups is None:
         perm = rng.permutation(n)
-        return np.sort(perm[num_val:]), np.sort(perm[:num_val])
-    names, group_of = np.unique(groups, return_inverse=True)
-    sizes = np.bincount(group_of, minlength=len(names))
-    order = rng.permutation(len(names))
-    taken = order[: int(np.searchsorted(np.cumsum(sizes[order]), num_val)) + 1]
-    in_val = np.isin(group_of, taken)
-    return np.flatnonzero(~in_val), np.flatnonzero(in_val)
+        train, val = np.sort(perm[num_val:]), np.sort(perm[:num_val])
+    else:
+        names, group_of = np.unique(groups, return_inverse=True)
+        sizes = np.bincount(group_of, minlength=len(names))
+        taken, total = [], 0
+        for group in rng.permutation(len(names)):  # each one that brings it closer
+            if abs(total + sizes[group] - num_val) < abs(total - num_val):
+                taken.append(group)
+                total += sizes[group]
+        in_val = np.isin(group_of, taken)
+        train, val = np.flatnonzero(~in_val), np.flatnonzero(in_val)
+    if not len(train) or not len(val):
+        raise ValueError(f"carving {fraction:g} of {n} train records into validation leaves "
+                         f"{len(train)} to train on and {len(val)} to validate on")
+    return train, val
 
 
 def linear_probe(train: dict[str, np.ndarray], val: dict[str, np.ndarray],

@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 
 import ml_collections
 import numpy as np
+from absl import logging
 
 from flipjax.data.pipeline import data_source
 from flipjax.data.tokenizer import Tokenizer
@@ -81,6 +82,19 @@ class ZeroShotAttributesEvaluator:
         if unknown:
             raise ValueError(f"attributes {unknown} are not attributes of dataset "
                              f"{data_cfg.name!r}, which has {self.names}")
+        # Checked here, not at the first evaluation (which would stop a training run).
+        try:
+            prompts = {n: prompts_for(n) for n in self.names
+                       if not cfg.attributes or n in cfg.attributes}
+        except KeyError as e:
+            raise ValueError(e.args[0]) from None
+        # A prompt cut to max_len can lose the words that tell it from its opposite.
+        cut = sorted({n for n, sets in prompts.items() for p in sets[0] + sets[1]
+                      if len(tokenizer.sp.encode(p)) >= tokenizer.max_len})
+        if cut:
+            logging.warning("zero-shot prompts of %s are longer than the text length %d and "
+                            "are cut: their positive and negative prompts may read alike",
+                            cut, tokenizer.max_len)
 
     def run(self, params: dict, step: int | None = None) -> dict[str, float]:
         cfg = self.cfg

@@ -22,6 +22,7 @@ from flipjax.config import ConfigError, check, prepare, validate
 from flipjax.data.pipeline import make_train_dataset, to_global
 from flipjax.data.tokenizer import Tokenizer, same_tokenizer
 from flipjax.evaluate import make_evaluators, missing_evaluations, run_evaluators
+from flipjax.evaluate.features import prune_feature_cache
 from flipjax.export.hf_import import load_into_params
 from flipjax.storage import storage_path, write_bytes_whole
 from flipjax.train import checkpoint
@@ -264,6 +265,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 for results in run_evaluators(evaluators, state["params"], step, due_evals):
                     metrics.update(results)
                     writer.amend(step, results)
+                if due_save and jax.process_index() == 0:  # the steps Orbax keeps
+                    kept = sorted({step, *manager.all_steps()})[-config.checkpoint.keep:]
+                    prune_feature_cache(str(root / "features"), kept)
                 progress.set_postfix(loss=f"{values['loss']:.3f}", lr=f"{values['lr']:.2e}")
                 if progress.disable:  # no terminal: a log line instead of the bar
                     logging.info("step %d/%d loss %.4f lr %.2e %.1f images/s", step, total,
