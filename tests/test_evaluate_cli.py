@@ -83,6 +83,15 @@ def test_cli_names_a_wrong_workdir_or_step(saved_run, tmp_path, module):
         assert "Traceback" not in proc.stderr
 
 
+def evaluate_with_config_file(workdir, path, config) -> subprocess.CompletedProcess:
+    """`python -m flipjax.evaluate --config=path`, `path` a config file returning `config`."""
+    path.write_text("import ml_collections\n\n\ndef get_config():\n"
+                    f"    return ml_collections.ConfigDict({config.to_dict()!r})\n")
+    return subprocess.run([sys.executable, "-m", "flipjax.evaluate", f"--workdir={workdir}",
+                           f"--config={path}"], cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO),
+                          capture_output=True, text=True, timeout=600)
+
+
 def test_a_config_for_another_model_is_refused(saved_run, tmp_path):
     """`flipjax.evaluate --config` must describe the trained run: another GELU or input mean
     would restore and silently compute something else. Compute choices may differ, and sizes
@@ -115,13 +124,7 @@ def test_a_config_for_another_model_is_refused(saved_run, tmp_path):
             check_describes_run(changed(**fields), workdir)
 
     # As the command runs it: one line, exit 2, before anything is restored.
-    (tmp_path / "other.py").write_text(
-        "import ml_collections\n\n\ndef get_config():\n"
-        f"    return ml_collections.ConfigDict({changed(model__gelu='exact').to_dict()!r})\n")
-    proc = subprocess.run([sys.executable, "-m", "flipjax.evaluate", f"--workdir={workdir}",
-                           f"--config={tmp_path / 'other.py'}"], cwd=REPO,
-                          env=dict(os.environ, PYTHONPATH=REPO), capture_output=True, text=True,
-                          timeout=600)
+    proc = evaluate_with_config_file(workdir, tmp_path / "other.py", changed(model__gelu="exact"))
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "error: config.model.gelu: 'exact' differs from 'tanh'" in proc.stderr
 
@@ -132,13 +135,7 @@ def test_cli_checks_the_evaluators_fields_first(saved_run, tmp_path):
     config, workdir = saved_run[0], saved_run[1]
     bad = ml_collections.ConfigDict(config.to_dict())
     bad.evals.probe = dict(type="linear_probe", every_steps=1, features="layer")
-    (tmp_path / "bad.py").write_text(
-        "import ml_collections\n\n\ndef get_config():\n"
-        f"    return ml_collections.ConfigDict({bad.to_dict()!r})\n")
-    proc = subprocess.run([sys.executable, "-m", "flipjax.evaluate", f"--workdir={workdir}",
-                           f"--config={tmp_path / 'bad.py'}"], cwd=REPO,
-                          env=dict(os.environ, PYTHONPATH=REPO), capture_output=True, text=True,
-                          timeout=600)
+    proc = evaluate_with_config_file(workdir, tmp_path / "bad.py", bad)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "error: config.evals.probe: linear probe features 'layer'" in proc.stderr
 
