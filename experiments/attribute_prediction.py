@@ -11,9 +11,10 @@ with L2 x epochs chosen on the validation split (CelebA's official one; LFWA has
 seeded 10% of its train split, whole identities, as CelebA's splits keep people apart), test
 scored once. `flip_recipe` trains FLIP's head on the layer features with FLIP's own recipe,
 nothing chosen: AdamW, weight decay 0.05, lr cosine-decayed to 0 over 100 epochs, lr 0.3 at
-batch 64 (CelebA) or 3e-3 at batch 128 (LFWA). Images are resized whole to the model's square
-input (`--eval_resize=squash`, FLIP's `Resize((224, 224))`): a centre crop would cut the neck
-and the top of the head off CelebA's 178x218 portraits, where Wearing_Necktie, Wearing_Hat and
+batch 64 (CelebA) or 3e-3 at batch 128 (LFWA, on its train split less the carved validation,
+which then chooses nothing). Images are resized whole to the model's square input
+(`--eval_resize=squash`, FLIP's `Resize((224, 224))`): a centre crop would cut the neck and the
+top of the head off CelebA's 178x218 portraits, where Wearing_Necktie, Wearing_Hat and
 Receding_Hairline are seen. Unlike the official FLIP code, no choice ever sees test data and the
 LFWA head trains on LFWA train (FLIP's trained on 10% of test). Writes
 experiments/results/attribute_prediction.md.
