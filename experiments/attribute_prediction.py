@@ -25,17 +25,16 @@ from __future__ import annotations
 from experiments.common import benchmark_parser, evaluate, fmt, load_run, markdown_table, write
 from tfds_builders.builder_utils import CELEBA_ATTRIBUTE_NAMES
 
-# The probe fields of each `--probes` entry besides the splits.
-PROBES = {
-    "embedding": dict(features="embedding", l2_grid=(0.0, 1e-4, 1e-3, 1e-2),
-                      epochs_grid=(10, 30, 100), probe_batch_size=1024),
-    "layers": dict(features="layers", l2_grid=(0.0, 1e-4, 1e-3, 1e-2),
-                   epochs_grid=(10, 30, 100), probe_batch_size=1024),
-    "flip_recipe": dict(features="layers", optimizer="adamw", l2_grid=(0.05,),
-                        epochs_grid=(100,)),
-}
-FLIP_RECIPE = {"celeba": dict(lr=0.3, probe_batch_size=64),
-               "lfwa": dict(lr=3e-3, probe_batch_size=128)}
+# FLIP's attribute heads (fflip_celeba_recognition.py): layer features, AdamW, nothing
+# chosen; and each dataset's learning rate and batch.
+FLIP_RECIPE = dict(features="layers", optimizer="adamw", l2_grid=(0.05,), epochs_grid=(100,))
+FLIP_RECIPE_OF = {"celeba": dict(lr=0.3, probe_batch_size=64),
+                  "lfwa": dict(lr=3e-3, probe_batch_size=128)}
+# The probe fields of each `--probes` entry besides the splits (and FLIP_RECIPE_OF).
+_GRID = dict(l2_grid=(0.0, 1e-4, 1e-3, 1e-2), epochs_grid=(10, 30, 100), probe_batch_size=1024)
+PROBES = {"embedding": dict(features="embedding", **_GRID),
+          "layers": dict(features="layers", **_GRID),
+          "flip_recipe": FLIP_RECIPE}
 SPLITS = {"celeba": dict(train_split="train", val_split="validation", test_split="test"),
           "lfwa": dict(train_split="train", val_split=None, val_fraction=0.1, seed=0,
                        val_group_key="identity", test_split="test")}
@@ -59,7 +58,7 @@ def main() -> None:
         common = dict(dataset=name, builder_config=None, data_dir=args.data_dir,
                       eval_resize=args.eval_resize, every_steps=1, batch_size=args.batch_size)
         for probe in probes:
-            recipe = FLIP_RECIPE[name] if probe == "flip_recipe" else {}
+            recipe = FLIP_RECIPE_OF[name] if probe == "flip_recipe" else {}
             evals[f"{name}_probe_{probe}"] = dict(
                 type="linear_probe", label_key="attributes", kind="multilabel",
                 **PROBES[probe], **recipe, **SPLITS[name], **common)

@@ -19,6 +19,7 @@ import textwrap
 import matplotlib
 import numpy as np
 
+from experiments.attribute_prediction import FLIP_RECIPE, FLIP_RECIPE_OF
 from experiments.common import evaluate, fmt, load_run, markdown_table, write
 from flipjax.data.pipeline import data_source
 from flipjax.data.tokenizer import text_of
@@ -41,10 +42,7 @@ def eval_configs(probe_train_split: str, batch_size: int) -> dict:
     return {
         "probe": probe,
         "layer_probe": {**probe, "features": "layers"},
-        # FLIP's CelebA head recipe (fflip_celeba_recognition.py), nothing chosen.
-        "flip_recipe_probe": {**probe, "features": "layers", "optimizer": "adamw", "lr": 0.3,
-                              "l2_grid": (0.05,), "epochs_grid": (100,),
-                              "probe_batch_size": 64},
+        "flip_recipe_probe": {**probe, **FLIP_RECIPE, **FLIP_RECIPE_OF["celeba"]},
         "zeroshot": dict(type="zeroshot_attributes", split="test", **common),
         "retrieval": dict(type="retrieval", split="test", **common),
     }

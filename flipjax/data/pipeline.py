@@ -161,8 +161,8 @@ class ProcessSlice(grain.MapDataset):
                  local_batch: int):
         super().__init__(parent)
         self._epoch_length, self._index, self._count = epoch_length, index, count
-        self._local_batch = local_batch
-        self._batches_per_epoch = epoch_length // (count * local_batch)
+        self._local_batch, self._global_batch = local_batch, count * local_batch
+        self._batches_per_epoch = epoch_length // self._global_batch
         epochs = len(parent) // epoch_length
         self._length = epochs * self._batches_per_epoch * local_batch
 
@@ -174,8 +174,7 @@ class ProcessSlice(grain.MapDataset):
             return self.slice(index)
         batch, row = divmod(index, self._local_batch)
         epoch, batch_in_epoch = divmod(batch, self._batches_per_epoch)
-        global_batch = self._count * self._local_batch
-        return self._parent[epoch * self._epoch_length + batch_in_epoch * global_batch
+        return self._parent[epoch * self._epoch_length + batch_in_epoch * self._global_batch
                             + self._index * self._local_batch + row]
 
     def __str__(self) -> str:

@@ -137,6 +137,10 @@ class Tokenizer:
     def __setstate__(self, state: dict) -> None:
         self.__init__(state["model_path"], state["max_len"])
 
+    def fits(self, text: str) -> bool:
+        """Whether `encode` keeps every piece of `text` (it keeps max_len - 1, then EOS)."""
+        return len(self.sp.encode(text)) < self.max_len
+
     def encode(self, text: str) -> np.ndarray:
         pieces = self.sp.encode(text)[: self.max_len - 1]
         ids = np.full((self.max_len,), EOS_ID, np.int32)

@@ -21,7 +21,7 @@ from flipjax.config import exit_on_config_error, parse_flags, validate_evals
 from flipjax.evaluate import make_evaluators, run_evaluators
 from flipjax.storage import storage_path, write_bytes_whole
 from flipjax.train.sharding import batch_shards, make_mesh
-from flipjax.train.workdir import check_describes_run, load_workdir_config, restore_params
+from flipjax.train.workdir import load_workdir_config, restore_params
 
 config_flags.DEFINE_config_file("config", None, "Config file (default WORKDIR/config.json).")
 flags.DEFINE_string("workdir", None, "The training run's workdir.")
@@ -34,7 +34,6 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
                         step: int | None = None) -> tuple[int, dict[str, float]]:
     """Runs every evaluator on a checkpoint; returns (step, {"NAME/metric": value})."""
     validate_evals(config, batch_shards(make_mesh(config.mesh)))  # before any restoring
-    check_describes_run(config, workdir)
     params, step, setup, tokenizer = restore_params(config, workdir, step)
     evaluators = make_evaluators(config, tokenizer, setup.graphdef, setup.mesh,
                                  cache_dir=str(storage_path(workdir) / "features"))

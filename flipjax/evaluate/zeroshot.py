@@ -90,7 +90,7 @@ class ZeroShotAttributesEvaluator:
             raise ValueError(e.args[0]) from None
         # A prompt cut to max_len can lose the words that tell it from its opposite.
         cut = sorted({n for n, sets in prompts.items() for p in sets[0] + sets[1]
-                      if len(tokenizer.sp.encode(p)) >= tokenizer.max_len})
+                      if not tokenizer.fits(p)})
         if cut:
             logging.warning("zero-shot prompts of %s are longer than the text length %d and "
                             "are cut: their positive and negative prompts may read alike",

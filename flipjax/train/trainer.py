@@ -151,9 +151,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     prepare(config)
     root = storage_path(workdir)
     root.mkdir(parents=True, exist_ok=True)
-    manager = checkpoint.make_manager(workdir, config.checkpoint)
-    start, total = manager.latest_step() or 0, config.total_steps
-    preemption = PreemptionWatch(start)
 
     # Mesh, model, optimizer, shardings.
     mesh = make_mesh(config.mesh)
@@ -164,6 +161,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     # Input pipeline, and resume.
     data_iter = iter(make_train_dataset(config.data, tokenizer, seed=config.seed))
+    manager = checkpoint.make_manager(workdir, config.checkpoint)
+    start, total = manager.latest_step() or 0, config.total_steps
+    preemption = PreemptionWatch(start)  # before the restore and the resumed evaluations
     if start >= total:
         # e.g. a finished job restarted by its scheduler, or a reused --workdir: nothing to
         # train, and the config.json that describes the checkpoint stays.

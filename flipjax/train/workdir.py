@@ -110,7 +110,9 @@ def tokenizer_path(config: ml_collections.ConfigDict, workdir: str) -> str:
 def restore_params(config: ml_collections.ConfigDict, workdir: str, step: int | None
                    ) -> tuple[dict, int, TrainSetup, Tokenizer]:
     """(params, step, setup, tokenizer) of the checkpoint at `step` (None: latest), restored
-    onto the shardings training used; the optimizer state comes along but isn't needed."""
+    onto the shardings training used; the optimizer state comes along but isn't needed.
+    `config` must describe the run's model (`check_describes_run`)."""
+    check_describes_run(config, workdir)
     mesh = make_mesh(config.mesh)
     tokenizer = Tokenizer(tokenizer_path(config, workdir), config.tokenizer.max_len)
     setup = TrainSetup(config, tokenizer.vocab_size, mesh)
