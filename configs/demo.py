@@ -1,8 +1,8 @@
 """Demo: tiny towers on procedurally rendered faces, on a laptop CPU in a few minutes.
 
-Builds `synthetic_faces` and trains its tokenizer under ./data if they're missing, then trains
-with the same code path as `configs/base.py`, of which this is a copy with the fields below
-changed (run from the repository root, which holds `configs/`):
+Builds `synthetic_faces` and trains its tokenizer under ./data (of the directory it runs in)
+if they're missing, then trains with the same code path as `configs/base.py`, of which this is
+a copy with the fields below changed:
 
     python -m flipjax.main --config=configs/demo.py --workdir=workdirs/demo
 
@@ -14,14 +14,25 @@ images' mean and std, and probes at the end.
 smoke runs: `--config=configs/demo.py:tiny`.
 """
 
+import importlib.util
+import pathlib
+
 import ml_collections
 from ml_collections.config_dict import placeholder
 
-from configs import base
+
+def base_config(arg: str) -> ml_collections.ConfigDict:
+    """`configs/base.py`'s config, read from beside this file, so that this one also loads
+    from outside the repository root (`--config=/path/to/configs/demo.py`)."""
+    spec = importlib.util.spec_from_file_location(
+        "flipjax_base_config", pathlib.Path(__file__).with_name("base.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    c = base.get_config("batch=128")
+    c = base_config("batch=128")
     c.total_steps = 700
     c.log_every_steps = 50
 

@@ -10,7 +10,8 @@
 # carry=[".whl", ".devdata/tfds_n800_s0_w2"]). Logs go to $OUT (the tool's folder that comes
 # back), or to /tmp/gpu_session without it. Each measurement has its own `timeout`, so a slow
 # compile costs that row, not the call. `run` takes ~8 minutes on an H100: 40-60 s of compile
-# per batch size, 2 rounds of 10 steps, then a 3-step profile.
+# per row (XLA's dot merger as is and off, at each batch size), 2 rounds of 10 steps a row,
+# then a 3-step profile.
 #
 # The machines lent so far (sessions 7 and 13) had Python 3.12 with jax and optax installed
 # and lacked flipjax's other dependencies: `fetch` downloads those as Python-$PYVER wheels

@@ -264,3 +264,16 @@ def test_main_prints_one_line_and_exits_2(tmp_path, override, error):
     assert result.returncode == 2, result.stderr[-2000:]
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert errors == [error]
+
+
+def test_demo_config_loads_outside_the_repository(tmp_path):
+    """`configs/demo.py` reads `base.py` from beside itself: named by an absolute path from
+    another directory (no `configs` package importable), it is the same config."""
+    script = ("from absl import flags; from ml_collections import config_flags; "
+              "config_flags.DEFINE_config_file('config'); "
+              f"flags.FLAGS(['x', '--config={REPO}/configs/demo.py:tiny']); "
+              "print(flags.FLAGS.config.to_json())")
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=120, env={"PATH": "/usr/bin:/bin"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads(result.stdout) == json.loads(load_config().to_json())
