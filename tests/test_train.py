@@ -226,6 +226,29 @@ def test_a_steps_line_is_out_before_its_evaluations_and_a_preempted_step_is_not_
     assert "retrieval/t2i_R@1" in read_losses(workdir)[1][1]
 
 
+def test_a_preempted_step_off_the_logging_interval_leaves_the_lines_of_an_uninterrupted_run(
+        tiny_config, tmp_path, monkeypatch):
+    """Preempted at step 3 of 4 (lines every 2 steps), the run saves step 3 without a line of
+    its own, and resumed it logs the lines and losses of a run never stopped."""
+    from flipjax.train.preemption import PreemptedError, PreemptionWatch
+
+    config = tiny_config
+    config.total_steps, config.log_every_steps, config.checkpoint.every_steps = 4, 2, 4
+    config.evals = {}
+    config.model.image.depth = config.model.text.depth = 1
+    stopped, whole = str(tmp_path / "stopped"), str(tmp_path / "whole")
+    monkeypatch.setattr(PreemptionWatch, "reached", lambda self, step: step == 3)
+    with pytest.raises(PreemptedError, match="saved a checkpoint at step 3"):
+        train_and_evaluate(config, stopped)
+    assert list(read_losses(stopped)[0]) == [2]
+    monkeypatch.undo()
+    train_and_evaluate(config, stopped)
+    train_and_evaluate(config, whole)
+    (losses, rows), (expected, expected_rows) = read_losses(stopped), read_losses(whole)
+    assert [r["step"] for r in rows] == [r["step"] for r in expected_rows] == [2, 4]
+    np.testing.assert_allclose(list(losses.values()), list(expected.values()), rtol=1e-6)
+
+
 def test_cached_features_go_with_their_checkpoints(tiny_config, tmp_path):
     """Evaluations cache a split's features per step; once a step's checkpoint is gone (keep=1)
     its features are too."""

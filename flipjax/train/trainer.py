@@ -241,14 +241,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             prev_nonfinite = step_metrics["nonfinite_steps"]
             progress.update(1)
             preempted = preemption.reached(step)
-            # A saved step is logged (and so checked) first.
-            due_save = step % config.checkpoint.every_steps == 0 or step == total or preempted
+            scheduled_save = step % config.checkpoint.every_steps == 0 or step == total
+            scheduled_evals = (set(config.evals) if step == total else
+                               {n for n, e in config.evals.items() if step % e.every_steps == 0})
+            # The steps an uninterrupted run logs; a preempted step is checked and saved but
+            # logged only if one of them, so a resumed run's metrics.jsonl has the same lines.
+            scheduled_log = (step % config.log_every_steps == 0 or scheduled_save
+                             or bool(scheduled_evals))
+            # A saved step is checked (and logged, if scheduled) first.
+            due_save = scheduled_save or preempted
             # Preempted, the grace period is the save's: the resumed run evaluates this step
             # (`finish_evaluations`).
-            due_evals = (set() if preempted else set(config.evals) if step == total else
-                         {n for n, e in config.evals.items() if step % e.every_steps == 0})
-            due_log = step % config.log_every_steps == 0 or due_save or due_evals
-            if due_log:
+            due_evals = set() if preempted else scheduled_evals
+            if scheduled_log or preempted:
                 values = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
                 stop_if_nonfinite(values["nonfinite_steps"], step)
                 seconds = (time.perf_counter() - last_time) / (step - last_step)
@@ -258,7 +263,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 # The line is written out before its checkpoint can land, and evaluations add
                 # to it as they finish: a run stopped while evaluating (a failure, a kill)
                 # loses no training metrics, and its resume logs none of these steps again.
-                writer.write(step, metrics)
+                if scheduled_log:
+                    writer.write(step, metrics)
                 if due_save:
                     writer.flush()
                     checkpoint.save(manager, step, state, data_iter)
