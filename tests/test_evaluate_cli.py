@@ -4,9 +4,11 @@ cache, and a probe whose choices provably ignore the test split."""
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
+import jax
 import ml_collections
 import numpy as np
 import pytest
@@ -17,9 +19,9 @@ from flipjax.data.pipeline import make_train_dataset
 from flipjax.data.tokenizer import Tokenizer
 from flipjax.evaluate import make_evaluators
 from flipjax.train import checkpoint
-from flipjax.train.sharding import make_mesh
+from flipjax.train.sharding import fit_mesh, make_mesh
 from flipjax.train.step import TrainSetup
-from flipjax.train.workdir import check_describes_run
+from flipjax.train.workdir import check_describes_run, load_workdir_config, restore_params
 
 
 def save_initial_run(config, workdir):
@@ -81,6 +83,24 @@ def test_cli_names_a_wrong_workdir_or_step(saved_run, tmp_path, module):
         assert proc.returncode == 2, proc.stderr[-3000:]
         assert re.search(f"^error: {message}", proc.stderr, re.MULTILINE), proc.stderr[-3000:]
         assert "Traceback" not in proc.stderr
+
+
+def test_a_run_trained_on_more_devices_restores_here(saved_run, tmp_path, caplog):
+    """A pod run's mesh (16 slots here, on 8 devices) does not fit: evaluation, embedding and
+    export restore its parameters onto the same axis names over this machine's devices."""
+    workdir, params = saved_run[1], saved_run[4]
+    copy = tmp_path / "pod_run"
+    shutil.copytree(workdir, copy)
+    saved = json.loads((copy / "config.json").read_text())
+    saved["mesh"] = [["data", 4], ["fsdp", 4]]
+    (copy / "config.json").write_text(json.dumps(saved))
+    assert fit_mesh(saved["mesh"], 8) == [("data", -1), ("fsdp", 1)]
+    assert fit_mesh([["data", -1], ["fsdp", 4]], 8) == [["data", -1], ["fsdp", 4]]
+    restored, step, setup, _ = restore_params(load_workdir_config(str(copy)), str(copy), None)
+    assert step == 1 and dict(setup.mesh.shape) == {"data": 8, "fsdp": 1}
+    assert "does not fit this machine's 8 devices" in caplog.text
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(restored), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def evaluate_with_config_file(workdir, path, config) -> subprocess.CompletedProcess:

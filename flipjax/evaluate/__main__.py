@@ -20,7 +20,7 @@ from ml_collections import config_flags
 from flipjax.config import exit_on_config_error, parse_flags, validate_evals
 from flipjax.evaluate import make_evaluators, run_evaluators
 from flipjax.storage import storage_path, write_bytes_whole
-from flipjax.train.sharding import batch_shards, make_mesh
+from flipjax.train.sharding import batch_shards, fit_mesh, make_mesh
 from flipjax.train.workdir import load_workdir_config, restore_params
 
 config_flags.DEFINE_config_file("config", None, "Config file (default WORKDIR/config.json).")
@@ -33,7 +33,8 @@ FLAGS = flags.FLAGS
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
                         step: int | None = None) -> tuple[int, dict[str, float]]:
     """Runs every evaluator on a checkpoint; returns (step, {"NAME/metric": value})."""
-    validate_evals(config, batch_shards(make_mesh(config.mesh)))  # before any restoring
+    # Before any restoring; on the mesh `restore_params` restores onto.
+    validate_evals(config, batch_shards(make_mesh(fit_mesh(config.mesh, jax.device_count()))))
     params, step, setup, tokenizer = restore_params(config, workdir, step)
     evaluators = make_evaluators(config, tokenizer, setup.graphdef, setup.mesh,
                                  cache_dir=str(storage_path(workdir) / "features"))

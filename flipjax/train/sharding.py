@@ -69,6 +69,18 @@ def mesh_shape(axes: Sequence[tuple[str, int]], num_devices: int) -> tuple[int, 
     return tuple(sizes)
 
 
+def fit_mesh(axes: Sequence[tuple[str, int]], num_devices: int) -> list[tuple[str, int]]:
+    """The mesh a saved run's parameters are restored onto on this machine (evaluation,
+    embedding, export): `axes` as trained where they fit `num_devices`, else (a run trained on
+    a pod, read on a laptop) the same axis names, so every sharding rule still names a mesh
+    axis, with all devices on the first and 1 on the others. Training keeps its mesh exact."""
+    try:
+        mesh_shape(axes, num_devices)
+        return list(axes)
+    except ValueError:
+        return [(name, -1 if i == 0 else 1) for i, (name, _) in enumerate(axes)]
+
+
 def make_mesh(axes: Sequence[tuple[str, int]], devices: Sequence[jax.Device] | None = None
               ) -> Mesh:
     """A mesh with Auto axis types, so XLA propagates shardings through plain code."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 
+import jax
 import ml_collections
 from absl import logging
 
@@ -17,7 +18,7 @@ from flipjax.data.tokenizer import Tokenizer
 from flipjax.models.two_towers import SIZE_FIELDS, tower_size
 from flipjax.storage import storage_path
 from flipjax.train import checkpoint
-from flipjax.train.sharding import make_mesh
+from flipjax.train.sharding import fit_mesh, make_mesh
 from flipjax.train.step import TrainSetup
 
 # The run's SentencePiece model, copied into the workdir when training starts.
@@ -113,7 +114,11 @@ def restore_params(config: ml_collections.ConfigDict, workdir: str, step: int | 
     onto the shardings training used; the optimizer state comes along but isn't needed.
     `config` must describe the run's model (`check_describes_run`)."""
     check_describes_run(config, workdir)
-    mesh = make_mesh(config.mesh)
+    axes = fit_mesh(config.mesh, jax.device_count())
+    if axes != list(config.mesh):
+        logging.warning("config.mesh %s does not fit this machine's %d devices: restoring onto "
+                        "%s", list(config.mesh), jax.device_count(), axes)
+    mesh = make_mesh(axes)
     tokenizer = Tokenizer(tokenizer_path(config, workdir), config.tokenizer.max_len)
     setup = TrainSetup(config, tokenizer.vocab_size, mesh)
     manager = checkpoint.make_manager(workdir, config.checkpoint)
