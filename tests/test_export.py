@@ -47,12 +47,14 @@ from flipjax.export.hf_export import (
     save_processor,
 )
 from flipjax.export.hf_import import (
+    bias_in_sincos_posemb,
     check_same_tokenizer,
     load_into_params,
     model_config_from_hf,
 )
 from flipjax.export.mapping import flatten
 from flipjax.models import make_model
+from flipjax.models.vit import sincos2d_posemb
 from flipjax.train import checkpoint
 from flipjax.train.sharding import make_mesh
 from flipjax.train.step import TrainSetup
@@ -77,10 +79,14 @@ def tiny_model_cfg(kind: str):
     elif kind == "siglip_sincos":  # Fixed 2-D position embeddings, exact GELU, no text head.
         cfg.image.posemb = "sincos2d"
         cfg.gelu = "exact"
-    elif kind == "clip":  # Class token + pre-LN, causal text pooled at EOS, bias-free heads.
+    elif kind.startswith("clip"):  # Class token + pre-LN, causal text pooled at EOS,
+        # bias-free heads; "clip_sincos": fixed position embeddings, into which export folds
+        # the patch bias, and from which import takes it back.
         cfg.image.update(pool="tok", pre_norm=True, proj_dim=48, proj_bias=False)
         cfg.text.update(pool="eos", causal=True, proj_dim=48, proj_bias=False)
         cfg.update(gelu="quick", ln_eps=1e-5)
+        if kind == "clip_sincos":
+            cfg.image.posemb = "sincos2d"
     return cfg
 
 
@@ -130,7 +136,8 @@ def assert_close(ours, theirs):
 @pytest.mark.parametrize("kind,model_cls", [("siglip", SiglipModel),
                                             ("siglip_scan", SiglipModel),
                                             ("siglip_sincos", SiglipModel),
-                                            ("clip", CLIPModel)])
+                                            ("clip", CLIPModel),
+                                            ("clip_sincos", CLIPModel)])
 def test_export_matches_flipjax_and_imports_back(kind, model_cls, tmp_path):
     cfg = tiny_model_cfg(kind)
     params = random_params(cfg, seed=1)
@@ -153,6 +160,14 @@ def test_export_matches_flipjax_and_imports_back(kind, model_cls, tmp_path):
         want["img/patch_embed/bias"] = np.zeros_like(want["img/patch_embed/bias"])
     for name in want:
         np.testing.assert_allclose(got[name], want[name], atol=1e-6, err_msg=name)
+
+
+def test_patch_bias_comes_back_only_from_a_sincos_position_embedding():
+    rng = np.random.default_rng(0)
+    bias = rng.normal(size=32).astype(np.float32)
+    folded = np.concatenate([rng.normal(size=(1, 32)), sincos2d_posemb(4, 4, 32)[0] + bias])
+    np.testing.assert_allclose(bias_in_sincos_posemb(folded, 32), bias, atol=1e-6)
+    assert bias_in_sincos_posemb(rng.normal(size=(17, 32)), 32) is None  # a learned one
 
 
 def random_hf_model(kind: str, path):

@@ -25,6 +25,7 @@ from flipjax.data.tokenizer import same_tokenizer
 from flipjax.export.mapping import CLIP, FLIP_GELU, SIGLIP, flatten, rename_table, unflatten_into
 from flipjax.models.layers import has_stacked_layers, stack_layers, unstack_layers
 from flipjax.models.two_towers import tower_size
+from flipjax.models.vit import sincos2d_posemb
 from flipjax.storage import storage_path
 
 PICKLE_SUFFIXES = (".bin", ".pth", ".pt", ".ckpt", ".pkl", ".pickle")
@@ -189,6 +190,25 @@ def check_same_tokenizer(path: str, tokenizer_path: str) -> None:
                          "image tower only: config.init_from.towers=('img',)")
 
 
+# Where CLIP keeps its image position embedding: (1 + patches, width), class position first.
+POSEMB_KEY = "vision_model.embeddings.position_embedding.weight"
+
+
+def bias_in_sincos_posemb(posemb: np.ndarray, width: int) -> np.ndarray | None:
+    """The patch bias a flipjax `posemb="sincos2d"` run's CLIP export folded into the position
+    embedding: the patch positions' embedding less the fixed sin-cos values, where that is
+    one vector at every position; None otherwise (a learned embedding, e.g. OpenAI's CLIP)."""
+    patches = np.asarray(posemb, np.float64)[1:]
+    grid = math.isqrt(len(patches))
+    if grid * grid != len(patches) or width % 4 or patches.shape[-1] != width:
+        return None
+    residual = patches - sincos2d_posemb(grid, grid, width)[0]
+    bias = residual.mean(axis=0)
+    if np.abs(residual - bias).max() > 1e-5 * max(1.0, float(np.abs(patches).max())):
+        return None
+    return bias
+
+
 def load_into_params(params: dict, path: str, towers: Sequence[str],
                      model_cfg: ml_collections.ConfigDict, tokenizer_path: str | None = None
                      ) -> tuple[dict, ImportReport]:
@@ -251,10 +271,19 @@ def load_into_params(params: dict, path: str, towers: Sequence[str],
             report.loaded.append(rule.flip)
         updates[rule.flip] = np.asarray(value, target.dtype)
     if arch == CLIP and "img/patch_embed/kernel" in updates and "img/patch_embed/bias" in flat:
-        # CLIP's patch conv has no bias (it lives in the position embedding): zero ours.
+        # CLIP's patch conv has no bias (it lives in the position embedding): zero ours, or,
+        # where that embedding is dropped (posemb="sincos2d"), take the bias out of it.
         bias = flat["img/patch_embed/bias"]
-        updates["img/patch_embed/bias"] = np.zeros(bias.shape, bias.dtype)
-        report.reshaped["img/patch_embed/bias"] = "set to zeros (CLIP has no patch bias)"
+        recovered = None
+        if "img/pos_embedding" not in flat and POSEMB_KEY in tensors:
+            recovered = bias_in_sincos_posemb(tensors[POSEMB_KEY], bias.shape[-1])
+        if recovered is not None:
+            updates["img/patch_embed/bias"] = recovered.astype(bias.dtype)
+            report.reshaped["img/patch_embed/bias"] = (
+                "from the position embedding (a flipjax sincos2d export folds it in there)")
+        else:
+            updates["img/patch_embed/bias"] = np.zeros(bias.shape, bias.dtype)
+            report.reshaped["img/patch_embed/bias"] = "set to zeros (CLIP has no patch bias)"
     cap = model_cfg.get("max_temperature")
     if "t" in updates and cap and float(np.exp(updates["t"]).max()) > cap * (1 + 1e-6):
         # Training clamps t after each step, the first included: the imported scale, and the
