@@ -482,6 +482,8 @@ def test_cli_exports_a_workdir(tiny_config, tmp_path):
     card = (out / "README.md").read_text()
     assert "| retrieval/i2t_R@1 | 12.5000 |" in card and "training step 10" in card
     assert "99.0" not in card
+    # The tokenizer's real piece count (training asks for a ceiling), the processor's framing.
+    assert f"SentencePiece ({tok.vocab_size} pieces" in card and "(`center_crop`)" in card
 
     pixels, _ = inputs(config.model, tok.vocab_size)
     # As the README and the model card call it: the processor's whole output goes to the
@@ -503,6 +505,8 @@ def test_cli_exports_a_workdir(tiny_config, tmp_path):
                         "--eval_resize=squash"]) == 0
     squashing = AutoProcessor.from_pretrained(str(out)).image_processor
     assert not squashing.do_center_crop and squashing.size["height"] == config.data.image_size
+    card = (out / "README.md").read_text()  # the framing chosen, the run's config as trained
+    assert "(`squash`)" in card and '"eval_resize": "center_crop"' in card
     # A step not saved, or a directory that holds no run: one line, exit 2.
     assert export_main([f"--workdir={workdir}", "--step=99", f"--output={out}",
                         "--overwrite"]) == 2

@@ -25,7 +25,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--output", required=True, help="directory to write")
     parser.add_argument("--tokenizer", default=None, help="SentencePiece .model, for a "
                         "workdir without tokenizer.model whose config's tokenizer.path does "
-                        "not resolve from here")
+                        "not resolve from here (a workdir's own tokenizer.model is always "
+                        "used)")
     parser.add_argument("--overwrite", action="store_true", help="write into a non-empty "
                         "--output, replacing files of the same names")
     parser.add_argument("--eval_resize", choices=sorted(EVAL_RESIZES), default=None,

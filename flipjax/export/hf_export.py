@@ -20,6 +20,7 @@ import numpy as np
 import sentencepiece as spm
 import torch
 import transformers
+from absl import logging
 from PIL import Image
 from tokenizers import processors
 from transformers import (
@@ -42,7 +43,7 @@ from flipjax.models.layers import unstack_layers
 from flipjax.models.two_towers import embedding_dims, tower_size
 from flipjax.models.vit import sincos2d_posemb
 from flipjax.storage import storage_path
-from flipjax.train.workdir import load_workdir_config, restore_params
+from flipjax.train.workdir import TOKENIZER_FILE, load_workdir_config, restore_params
 
 
 class ExportError(ConfigError):
@@ -79,8 +80,6 @@ def choose_architecture(model_cfg: ml_collections.ConfigDict) -> str:
     _require(txt.causal, "text.causal", "CLIPModel's text tower is causal; set it to True")
     _require(not (txt.proj_dim and txt.proj_bias), "text.proj_bias",
              "CLIPModel's text_projection has no bias; set it to False")
-    _require(txt.eos_id != 2, "text.eos_id", "HF CLIP treats eos_token_id=2 as 'argmax of the "
-             "ids' (legacy), not the first EOS")
     _require(model_cfg.bias_init is None, "bias_init", "CLIPModel has no logit bias")
     return CLIP
 
@@ -240,6 +239,11 @@ def check_tokenizer(tokenizer: PreTrainedTokenizerFast, spm_model: bytes) -> Non
                 "python -m flipjax.embed")
 
 
+# How the processor frames an image for each `data.eval_resize`, as the card says it.
+FRAMING = {"center_crop": "resizes the short side and crops the centre",
+           "squash": "resizes the whole image, not keeping its aspect ratio,"}
+
+
 def make_processor(arch: str, spm_model: bytes, max_len: int, image_size: int,
                    mean: tuple[float, ...], std: tuple[float, ...], eval_resize: str
                    ) -> SiglipProcessor | CLIPProcessor:
@@ -282,7 +286,10 @@ def _eval_lines(workdir: str, step: int) -> list[str]:
 
 
 def write_model_card(output: str, config: ml_collections.ConfigDict, workdir: str,
-                     step: int, arch: str) -> None:
+                     step: int, arch: str, vocab_size: int, eval_resize: str) -> None:
+    """README.md of the export: usage, what training saw, the step's retrieval results and
+    the run's config (as trained: `vocab_size` is the tokenizer's real piece count, and
+    `eval_resize` the processor's framing, which the export may have chosen otherwise)."""
     model_cls = "SiglipModel" if arch == SIGLIP else "CLIPModel"
     m, data = config.model, config.data
     evals = _eval_lines(workdir, step)
@@ -307,7 +314,8 @@ logits_per_image = model(**inputs).logits_per_image
 ```
 Always pass `padding="max_length", truncation=True`: captions were padded with EOS to
 {m.text.max_len} tokens in training, and the text tower reads the
-{"last" if arch == SIGLIP else "first EOS"} token. Images were resized with PIL: with
+{"last" if arch == SIGLIP else "first EOS"} token. The processor {FRAMING[eval_resize]} to
+{m.image.image_size} px (`{eval_resize}`). Images were resized with PIL: with
 transformers 5 and torchvision installed, load the processor with `backend="pil"` for the same
 pixels (torchvision's resize moves a few by one grey level).
 
@@ -316,7 +324,7 @@ Dataset `{data.name}` (builder config `{data.builder_config}`, split `{data.trai
 at {data.image_size} px (random resized crop {tuple(data.augment.crop_scale)}, flip
 {data.augment.flip}), normalised with mean {tuple(data.mean)}, std {tuple(data.std)}.
 Loss `{config.loss}`, {config.total_steps} steps at global batch {data.global_batch_size}.
-Tokenizer: SentencePiece ({config.tokenizer.vocab_size} pieces, case-folded), `spiece.model`.
+Tokenizer: SentencePiece ({vocab_size} pieces, case-folded), `spiece.model`.
 
 ## Evaluation
 {eval_text}
@@ -342,10 +350,12 @@ def export_workdir(workdir: str, output: str, step: int | None = None,
     the run's `data.eval_resize` (an evaluator may have used the other, e.g. FLIP's squashed
     CelebA portraits)."""
     config = load_workdir_config(workdir)
-    if tokenizer_path:
+    if tokenizer_path and (storage_path(workdir) / TOKENIZER_FILE).exists():
+        logging.warning("--tokenizer %s is not used: %s holds the run's own %s", tokenizer_path,
+                        workdir, TOKENIZER_FILE)
+    elif tokenizer_path:
         config.tokenizer.path = tokenizer_path
-    if eval_resize:
-        config.data.eval_resize = eval_resize
+    eval_resize = eval_resize or config.data.eval_resize
     arch = choose_architecture(config.model)  # refuse before loading or writing anything
     if not overwrite and os.path.isdir(output) and os.listdir(output):
         raise ExportError(f"{output} is not empty; export into a new directory, or pass "
@@ -357,9 +367,9 @@ def export_workdir(workdir: str, output: str, step: int | None = None,
     # half-written output behind.
     processor = make_processor(arch, spm_model, config.model.text.max_len,
                                config.model.image.image_size, tuple(config.data.mean),
-                               tuple(config.data.std), config.data.eval_resize)
+                               tuple(config.data.std), eval_resize)
     os.makedirs(output, exist_ok=True)
     export_model(params, config.model, output)
     save_processor(processor, spm_model, output)
-    write_model_card(output, config, workdir, step, arch)
+    write_model_card(output, config, workdir, step, arch, tokenizer.vocab_size, eval_resize)
     return "SiglipModel" if arch == SIGLIP else "CLIPModel"
