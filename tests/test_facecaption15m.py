@@ -224,11 +224,33 @@ def test_an_unreadable_row_group_of_the_captions_is_named(tmp_path: Path) -> Non
 
 
 def test_empty_split_fails_clearly(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"fractions > 0 summing to 1"):  # before any build
+        FaceCaption15MConfig(name="zero", split_fractions=(("train", 1.0), ("test", 0.0)))
     fixture = _manual_dir_with(tmp_path)
     cfg = FaceCaption15MConfig(name="tiny", resolution=RESOLUTION, min_face_size=16,
-                               split_fractions=(("train", 1.0), ("test", 0.0)))
+                               split_fractions=(("train", 1 - 1e-12), ("test", 1e-12)))
     with pytest.raises(EmptySplitError, match=r"Split 'test' .*no usable records"):
         build(fixture, tmp_path / "data", cfg)
+
+
+def test_a_file_that_does_not_read_is_counted_not_fatal(tmp_path: Path) -> None:
+    """An image that is there but fails to read (here a symlink loop; also permissions or an
+    I/O error) is a skipped record, and a sidecar link to nothing a bad sidecar: neither may
+    end a build over millions of files."""
+    loop = tmp_path / "loop.jpg"
+    os.symlink(loop, loop)
+    with pytest.raises(face_crop.Skip) as skipped:
+        face_crop.read_file(str(loop))
+    assert skipped.value.reason == face_crop.UNREADABLE_FILE
+    shard = tmp_path / "00000"
+    shard.mkdir()
+    (shard / "000000001.json").write_text(json.dumps({"_id": "a", "status": "success"}))
+    Image.new("RGB", (8, 8)).save(shard / "000000001.jpg")
+    os.symlink(tmp_path / "gone.json", shard / "000000002.json")
+    Image.new("RGB", (8, 8)).save(shard / "000000002.jpg")
+    index = layouts.index_shard(str(shard), layouts.FILES)
+    assert [sample_id for sample_id, _ in index.entries] == ["a"]
+    assert +index.ignored == {layouts.BAD_SIDECAR: 1}
 
 
 def test_split_assignment_is_stable_and_proportional() -> None:

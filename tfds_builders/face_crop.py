@@ -51,6 +51,8 @@ DUPLICATE_ID = "duplicate_id"
 BAD_ANNOTATION = "bad_annotation"  # An annotation line or value that cannot be parsed.
 MISSING_ANNOTATION = "missing_annotation"  # An image listed in a split without its labels.
 TRAIN_TEST_OVERLAP = "train_test_overlap"  # Listed in train and test: kept in test only.
+# A file that is there but does not read (permissions, an I/O error, a symlink loop).
+UNREADABLE_FILE = "unreadable_file"
 # An image img2dataset may have resized whose sidecar does not say its original size, so the
 # box (original pixels) cannot be placed on it.
 UNKNOWN_ORIGINAL_SIZE = "unknown_original_size"
@@ -372,11 +374,14 @@ def normalize_image(data: bytes, max_short_side: int | None, max_pixels: int = D
 
 def read_file(path: str) -> bytes:
     """Reads an image file, local or at a URL such as gs:// (through etils.epath, as the rest of
-    the conversion reads manual_dir); Skip(MISSING_IMAGE) when it is absent or not a file."""
+    the conversion reads manual_dir); Skip(MISSING_IMAGE) when it is absent or not a file,
+    Skip(UNREADABLE_FILE) when reading it fails: one file must not end a build."""
     try:
         return epath.Path(path).read_bytes()
     except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as e:
         raise Skip(MISSING_IMAGE, str(e)) from None
+    except OSError as e:
+        raise Skip(UNREADABLE_FILE, str(e)) from None
 
 
 def image_example(task: tuple[str, str, dict, int | None, int]) -> tuple[str, dict]:

@@ -57,9 +57,12 @@ class FaceCaption15MConfig(tfds.core.BuilderConfig):
             raise ValueError(f"img2dataset_resize_mode must be one of {layouts.RESIZE_MODES}")
         names = [name for name, _ in self.split_fractions]
         fractions = [fraction for _, fraction in self.split_fractions]
-        if len(set(names)) != len(names) or min(fractions) < 0 or abs(sum(fractions) - 1) > 1e-9:
-            raise ValueError(f"split_fractions must name distinct splits with fractions >= 0 "
-                             f"summing to 1, got {self.split_fractions}")
+        # A split of fraction 0 could get no record, and the build would fail on it only
+        # after writing the splits before it (train: hours at 15M rows).
+        if len(set(names)) != len(names) or min(fractions) <= 0 or abs(sum(fractions) - 1) > 1e-9:
+            raise ValueError(f"split_fractions must name distinct splits with fractions > 0 "
+                             f"summing to 1 (leave an unwanted split out), got "
+                             f"{self.split_fractions}")
 
     @property
     def crop_spec(self) -> face_crop.CropSpec:

@@ -40,6 +40,7 @@ from tfds_builders.face_crop import (
     CORRUPT_IMAGE,
     MISSING_IMAGE,
     TRUNCATED_IMAGE,
+    UNREADABLE_FILE,
     Box,
     Skip,
     read_file,
@@ -110,7 +111,8 @@ class ImageRef:
         return self.path, self.offset, self.length
 
     def read(self) -> bytes:
-        """Returns the encoded image; Skip(MISSING_IMAGE) / Skip(TRUNCATED_IMAGE) on failure."""
+        """Returns the encoded image; Skip(MISSING_IMAGE / TRUNCATED_IMAGE / UNREADABLE_FILE)
+        on failure."""
         if self.column is not None:
             return self._read_parquet_row()
         if self.offset < 0:
@@ -121,6 +123,8 @@ class ImageRef:
                 data = f.read(self.length)
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as e:
             raise Skip(MISSING_IMAGE, str(e)) from None
+        except OSError as e:
+            raise Skip(UNREADABLE_FILE, str(e)) from None
         if len(data) != self.length:
             raise Skip(TRUNCATED_IMAGE, f"tar member at {self.path}:{self.offset} is cut off")
         return data
@@ -349,8 +353,11 @@ def _index_files_shard(shard: str) -> ShardIndex:
             images[path.stem] = path
     for key in sorted(sidecars):
         image = images.get(key)
-        _add_entry(index, _parse_sidecar(sidecars[key].read_bytes()),
-                   ImageRef(str(image)) if image else None)
+        try:
+            meta = _parse_sidecar(sidecars[key].read_bytes())
+        except OSError:  # e.g. a dangling link: counted as a bad sidecar, as a broken one
+            meta = None
+        _add_entry(index, meta, ImageRef(str(image)) if image else None)
     index.ignored[IMAGE_WITHOUT_SIDECAR] += len(images.keys() - sidecars.keys())
     return index
 
