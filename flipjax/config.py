@@ -236,6 +236,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
                          # Orbax's max_to_keep=0 deletes each checkpoint as soon as it lands.
                          ("checkpoint.keep", config.checkpoint.keep)):
         check(value > 0, field, f"{value} must be positive")
+    # Seeds the model's init and, through numpy's SeedSequence, the data order.
+    check(config.seed >= 0, "seed", f"{config.seed} must be 0 or more")
     for name, eval_cfg in config.evals.items():
         check("every_steps" in eval_cfg, f"evals.{name}.every_steps",
               "missing: the evaluator's interval in steps")

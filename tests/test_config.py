@@ -33,6 +33,7 @@ from flipjax.train.workdir import load_workdir_config
     ("mesh", [("data", 3), ("fsdp", -1)], r"config\.mesh"),
     ("model.remat", "some", r"config\.model\.remat: 'some' is not one of"),
     ("model.attention", "flash", r"config\.model\.attention: 'flash' is not 'auto' or"),
+    ("seed", -1, r"config\.seed: -1 must be 0 or more"),
     ("model.attention", "cudnn", r"config\.model\.attention: 'cudnn' needs JAX's default device"),
     ("optim.mu_dtype", "float16", r"config\.optim\.mu_dtype: 'float16'"),
     ("sharding_rules", [(".*", "shard")], r"config\.sharding_rules: unknown strategy 'shard'"),

@@ -105,6 +105,21 @@ def test_epochs_cover_the_split_and_reshuffle(tiny_config):
         assert epoch.total() == 504 and not epoch - expected, epoch - expected
 
 
+def test_consecutive_seeds_give_unrelated_record_orders(tiny_config):
+    """Grain shuffles epoch e with its seed + e: run seeds are mixed before they reach it, or
+    seed 1's first epoch would be seed 0's second (one caption per record: the texts show
+    the order)."""
+    tok = tokenizer_of(tiny_config)
+    per_epoch = 512 // 16
+
+    def epoch_texts(seed: int, epoch: int) -> list[tuple[int, ...]]:
+        it = iter(make_train_dataset(tiny_config.data, tok, seed=seed))
+        batches = [next(it)["text"] for _ in range(per_epoch * (epoch + 1))][-per_epoch:]
+        return [tuple(t) for batch in batches for t in batch]
+
+    assert epoch_texts(1, 0) != epoch_texts(0, 1)
+
+
 def test_no_batch_spans_two_epochs_and_processes_split_each_batch():
     """10 records, global batch 4 over 2 processes: each epoch is 2 whole batches of distinct
     records and drops 2 others (different ones each epoch); the processes' rows put side by

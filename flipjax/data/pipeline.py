@@ -195,10 +195,13 @@ def make_train_dataset(cfg: ml_collections.ConfigDict, tokenizer: Tokenizer,
         raise ConfigError(f"config.data.global_batch_size: {cfg.global_batch_size} is more "
                           f"than the {len(source)} records of config.data.train_split="
                           f"{cfg.train_split!r}; an epoch must fill one batch")
-    ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat()
+    # Two unrelated seeds: Grain shuffles epoch e with seed + e, so `seed` itself would give
+    # runs of seeds s and s + 1 one record order, an epoch apart.
+    shuffle_seed, augment_seed = map(int, np.random.SeedSequence(seed).generate_state(2))
+    ds = grain.MapDataset.source(source).shuffle(seed=shuffle_seed).repeat()
     # Augmentation seeds come from the global index (MapDataset is lazy: each process still
     # decodes only its own records), so the batches don't depend on the number of processes.
-    ds = ds.random_map(TrainPreprocess(cfg, tokenizer), seed=seed + 1)
+    ds = ds.random_map(TrainPreprocess(cfg, tokenizer), seed=augment_seed)
     ds = ProcessSlice(ds, len(source), jax.process_index(), num_processes, local_batch)
     ds = ds.batch(local_batch, drop_remainder=True)
     # Batched first, so that a worker's slice (mp_prefetch) is whole batches and the batches
