@@ -165,6 +165,23 @@ def test_a_record_with_several_captions_trains_on_each_of_them(tiny_config):
         text_of(record["captions"])
 
 
+def test_a_record_that_does_not_decode_is_named(tiny_config):
+    """A dataset from other tools than tfds_builders may hold a broken record: the error
+    names the split, the record's id and the field, in training and in evaluation."""
+    good = data_source(tiny_config.data, "train")[0]
+    train = TrainPreprocess(tiny_config.data, tokenizer_of(tiny_config))
+    rng = np.random.default_rng(0)
+    where = r"synthetic_faces/tiny split 'train', record id='r7'"
+    with pytest.raises(ValueError, match=rf"{where}, field 'image': cannot identify image"):
+        train.random_map({**good, "image": b"<html>", "id": b"r7"}, rng)
+    with pytest.raises(ValueError, match=rf"{where}, field 'caption': holds no caption"):
+        train.random_map({**good, "caption": [], "id": b"r7"}, rng)
+    with pytest.raises(ValueError, match=rf"{where}, field 'caption': 'utf-8' codec"):
+        train.random_map({**good, "caption": b"\xff", "id": b"r7"}, rng)
+    with pytest.raises(ValueError, match=r"^test split, record id='r7', field 'image'"):
+        EvalPreprocess(32, "image", "center_crop", "test split").map({"image": b"", "id": "r7"})
+
+
 def test_crops():
     rng = np.random.default_rng(0)
     image = Image.fromarray(rng.integers(0, 256, (60, 90, 3), dtype=np.uint8))
@@ -187,7 +204,8 @@ def test_eval_preprocess_any_mode(mode, want):
     image = Image.new("RGBA", (50, 40), (200, 10, 10, 128) if mode == "RGBA" else
                       (200, 10, 10, 255)).convert(mode)
     image.save(buf, format="PNG" if mode != "CMYK" else "JPEG")
-    out = EvalPreprocess(32, "image", "center_crop").map({"image": buf.getvalue(), "id": b"x"})
+    out = EvalPreprocess(32, "image", "center_crop", "test").map({"image": buf.getvalue(),
+                                                                  "id": b"x"})
     assert out["image"].shape == (32, 32, 3) and out["id"] == b"x"
     np.testing.assert_allclose(out["image"].reshape(-1, 3).mean(0), want, atol=4)
 
@@ -225,8 +243,8 @@ def test_squash_keeps_what_a_centre_crop_cuts_off():
     buf = io.BytesIO()
     image.save(buf, format="PNG")
     record = {"image": buf.getvalue()}
-    squashed = EvalPreprocess(64, "image", "squash").map(record)["image"]
-    cropped = EvalPreprocess(64, "image", "center_crop").map(record)["image"]
+    squashed = EvalPreprocess(64, "image", "squash", "test").map(record)["image"]
+    cropped = EvalPreprocess(64, "image", "center_crop", "test").map(record)["image"]
     assert squashed.shape == cropped.shape == (64, 64, 3)
     np.testing.assert_array_equal(squashed[0, 32], (255, 0, 0))
     np.testing.assert_array_equal(squashed[-1, 32], (0, 0, 255))

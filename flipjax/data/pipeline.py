@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import io
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar
 
 import grain
 import jax
@@ -30,6 +31,7 @@ from flipjax.data.tokenizer import Tokenizer, captions_of
 from tfds_builders.face_crop import to_rgb
 
 Batch = dict[str, np.ndarray]
+T = TypeVar("T")
 
 
 def decode_rgb(data: bytes) -> Image.Image:
@@ -63,23 +65,48 @@ def center_crop(image: Image.Image, size: int) -> Image.Image:
     return image.resize((size, size), Image.BICUBIC, box=(x0, y0, x0 + s, y0 + s))
 
 
+def read_field(record: dict, key: str, parse: Callable[[Any], T], where: str) -> T:
+    """`parse(record[key])`, a failure re-raised naming the split (`where`), the record's `id`
+    and the field: a record that does not decode (a dataset built by other tools than
+    tfds_builders, whose conversion checks each one) stops the run saying which it is."""
+    try:
+        return parse(record[key])
+    except (OSError, ValueError, TypeError) as e:  # PIL's UnidentifiedImageError: an OSError
+        record_id = record.get("id")
+        if isinstance(record_id, bytes):
+            record_id = record_id.decode("utf-8", "replace")
+        raise ValueError(f"{where}, record id={record_id!r}, field {key!r}: {e}") from e
+
+
+def some_captions(value: bytes | str | Sequence[bytes | str]) -> list[str]:
+    """`captions_of`, refusing a field that holds none."""
+    captions = captions_of(value)
+    if not captions:
+        raise ValueError("holds no caption")
+    return captions
+
+
+def split_name(cfg: ml_collections.ConfigDict, split: str) -> str:
+    """How errors about a split's records name it."""
+    return f"{dataset_name(cfg.name, cfg.builder_config)} split {split!r}"
+
+
 class TrainPreprocess(grain.transforms.RandomMap):
     def __init__(self, cfg: ml_collections.ConfigDict, tokenizer: Tokenizer):
         self.size, self.tokenizer = cfg.image_size, tokenizer
         self.image_key, self.text_key = cfg.image_key, cfg.text_key
         self.scale, self.ratio = tuple(cfg.augment.crop_scale), tuple(cfg.augment.crop_ratio)
         self.flip = cfg.augment.flip
+        self.where = split_name(cfg, cfg.train_split)
 
     def random_map(self, record: dict, rng: np.random.Generator) -> Batch:
-        image = random_resized_crop(decode_rgb(record[self.image_key]), self.size, self.scale,
-                                    self.ratio, rng)
+        image = read_field(record, self.image_key, decode_rgb, self.where)
+        image = random_resized_crop(image, self.size, self.scale, self.ratio, rng)
         if self.flip and rng.random() < 0.5:
             image = image.transpose(Image.FLIP_LEFT_RIGHT)
         # A record with several captions trains on one of them, drawn anew each epoch; one
         # caption draws nothing, so single-caption datasets keep their augmentation stream.
-        captions = captions_of(record[self.text_key])
-        if not captions:
-            raise ValueError(f"a record's {self.text_key!r} holds no caption")
+        captions = read_field(record, self.text_key, some_captions, self.where)
         caption = captions[rng.integers(len(captions))] if len(captions) > 1 else captions[0]
         return {"image": np.asarray(image, np.uint8), "text": self.tokenizer.encode(caption)}
 
@@ -95,15 +122,17 @@ EVAL_RESIZES = {"center_crop": center_crop, "squash": squash}
 
 
 class EvalPreprocess(grain.transforms.Map):
-    """Deterministic resize (`EVAL_RESIZES`); keeps every other field for the evaluators."""
+    """Deterministic resize (`EVAL_RESIZES`); keeps every other field for the evaluators.
+    `where` names the split in errors (`split_name`)."""
 
-    def __init__(self, image_size: int, image_key: str, resize: str):
+    def __init__(self, image_size: int, image_key: str, resize: str, where: str):
         self.size, self.image_key, self.resize = image_size, image_key, EVAL_RESIZES[resize]
+        self.where = where
 
     def map(self, record: dict) -> dict:
         out = dict(record)
-        out["image"] = np.asarray(self.resize(decode_rgb(record[self.image_key]), self.size),
-                                  np.uint8)
+        image = read_field(record, self.image_key, decode_rgb, self.where)
+        out["image"] = np.asarray(self.resize(image, self.size), np.uint8)
         return out
 
 

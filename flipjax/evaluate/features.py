@@ -24,7 +24,7 @@ from etils import epath
 from flax import nnx
 from tqdm import tqdm
 
-from flipjax.data.pipeline import EvalPreprocess, data_source, normalize_images
+from flipjax.data.pipeline import EvalPreprocess, data_source, normalize_images, split_name
 from flipjax.data.tokenizer import Tokenizer, captions_of, text_of
 from flipjax.models import TwoTowers
 from flipjax.storage import storage_path, write_npz_whole
@@ -114,7 +114,8 @@ class Embedder:
 def eval_records(data_cfg: ml_collections.ConfigDict, split: str) -> grain.MapDataset:
     """A split's records, eval-preprocessed when read (by index, in split order)."""
     return grain.MapDataset.source(data_source(data_cfg, split)).map(
-        EvalPreprocess(data_cfg.image_size, data_cfg.image_key, data_cfg.eval_resize))
+        EvalPreprocess(data_cfg.image_size, data_cfg.image_key, data_cfg.eval_resize,
+                       split_name(data_cfg, split)))
 
 
 def in_batches(records: grain.MapDataset, batch_size: int, desc: str) -> Iterator[list[dict]]:
