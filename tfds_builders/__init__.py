@@ -42,18 +42,36 @@ _TFDS_CONFIG_FIELDS = frozenset({"version", "release_notes", "supported_versions
                                  "description", "tags"})
 
 
-def _literal(text: str) -> object:
-    """A Python literal ("0.3", "('a', 1)"), or the text itself ("center_crop")."""
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
+def _field_value(config: tfds.core.BuilderConfig, field: str, text: str) -> object:
+    """`text` as a value of `config`'s `field`, typed as the field's current value is: a
+    string field takes the text as it is ("2024" stays a name), another field a Python
+    literal ("0.3", "('a', 1)", "None") of that type, an int standing for a float and a list
+    for a tuple; any other type is a ValueError naming the field."""
+    current = getattr(config, field)
+    if isinstance(current, str):
         return text
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        value = text
+    if current is None or value is None:  # optional fields: the config's checks judge it
+        return value
+    if isinstance(current, float) and type(value) is int:
+        value = float(value)
+    if isinstance(current, tuple) and isinstance(value, list):
+        value = tuple(value)
+    if type(value) is not type(current):
+        kind = type(current).__name__
+        raise ValueError(f"{field}={text!r} is {type(value).__name__} {value!r}; the field "
+                         f"holds {'an' if kind[0] in 'aeiou' else 'a'} {kind}, e.g. {current!r}")
+    return value
 
 
 def configured(name: str, config: str | None, overrides: dict[str, str]
                ) -> tfds.core.BuilderConfig:
-    """Builder `name`'s config `config` (default: its first) with `overrides` (field -> text, a
-    Python literal or a plain string) set. The config's own checks run on the new values.
+    """Builder `name`'s config `config` (default: its first) with `overrides` (field -> text,
+    read as the field's type: `_field_value`) set. The config's own checks run on the new
+    values.
 
     `overrides` must give the result a `name` of its own: TFDS keeps one config per name, and
     the dataset is written and read under it (`NAME/CONFIG_NAME`, flipjax's
@@ -73,7 +91,7 @@ def configured(name: str, config: str | None, overrides: dict[str, str]
     if new_name is None or new_name in by_name:
         raise ValueError(f"set a new config name with name=NAME too (not one of "
                          f"{', '.join(by_name)}): the dataset is written and read under it")
-    values = {k: v if k == "name" else _literal(v) for k, v in overrides.items()}
+    values = {k: _field_value(base, k, v) for k, v in overrides.items()}
     changed = ", ".join(f"{k}={v!r}" for k, v in values.items() if k != "name")
     return dataclasses.replace(base, description=f"{base.description} With {changed}.",
                                **values)

@@ -23,8 +23,9 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--num_workers", type=int, default=1, help="parallel worker processes")
     build.add_argument("--config", default=None, help="builder config name (default: the first)")
     build.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                       help="set a field of that config (repeatable; VALUE a Python literal or "
-                       "text) and name the result, e.g. --set name=center_crop "
+                       help="set a field of that config (repeatable; VALUE read as the field's "
+                       "type: text for a text field, else a Python literal) and name the "
+                       "result, e.g. --set name=center_crop "
                        "--set img2dataset_resize_mode=center_crop")
     build.add_argument("--beam_pipeline_options", default=None,
                        help="build with Apache Beam, e.g. 'runner=DirectRunner'"
