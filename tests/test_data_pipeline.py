@@ -188,10 +188,14 @@ def test_crops():
     assert center_crop(image, 32).size == (32, 32)
     for _ in range(20):
         assert random_resized_crop(image, 24, (0.5, 1.0), (0.75, 1.33), rng).size == (24, 24)
-    # An impossible crop request falls back to the centre crop.
+    # An impossible crop request falls back as torchvision's does: the whole image cut to the
+    # nearest allowed aspect (the centre square where only 1 is allowed).
     np.testing.assert_array_equal(
         np.asarray(random_resized_crop(image, 24, (5.0, 6.0), (1.0, 1.0), rng)),
         np.asarray(center_crop(image, 24)))
+    np.testing.assert_array_equal(  # 90 x 60 is wider than 4:3: 80 x 60 of it
+        np.asarray(random_resized_crop(image, 24, (5.0, 6.0), (0.75, 4 / 3), rng)),
+        np.asarray(image.resize((24, 24), Image.BICUBIC, box=(5, 0, 85, 60))))
 
 
 @pytest.mark.parametrize("mode,want", [

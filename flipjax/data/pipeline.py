@@ -54,7 +54,14 @@ def random_resized_crop(image: Image.Image, size: int, scale: tuple[float, float
         if 0 < cw <= w and 0 < ch <= h:
             x0, y0 = rng.integers(0, w - cw + 1), rng.integers(0, h - ch + 1)
             return image.resize((size, size), Image.BICUBIC, box=(x0, y0, x0 + cw, y0 + ch))
-    return center_crop(image, size)
+    # As torchvision after 10 misses: the whole image, cut to the nearest allowed aspect.
+    cw, ch = w, h
+    if w / h < ratio[0]:
+        ch = round(w / ratio[0])
+    elif w / h > ratio[1]:
+        cw = round(h * ratio[1])
+    x0, y0 = (w - cw) // 2, (h - ch) // 2
+    return image.resize((size, size), Image.BICUBIC, box=(x0, y0, x0 + cw, y0 + ch))
 
 
 def center_crop(image: Image.Image, size: int) -> Image.Image:
