@@ -174,6 +174,9 @@ def test_a_record_that_does_not_decode_is_named(tiny_config):
     where = r"synthetic_faces/tiny split 'train', record id='r7'"
     with pytest.raises(ValueError, match=rf"{where}, field 'image': cannot identify image"):
         train.random_map({**good, "image": b"<html>", "id": b"r7"}, rng)
+    cut = good["image"][: len(good["image"]) * 2 // 3]  # the header whole, the pixels not
+    with pytest.raises(ValueError, match=rf"{where}, field 'image': image file is truncated"):
+        train.random_map({**good, "image": cut, "id": b"r7"}, rng)
     with pytest.raises(ValueError, match=rf"{where}, field 'caption': holds no caption"):
         train.random_map({**good, "caption": [], "id": b"r7"}, rng)
     with pytest.raises(ValueError, match=rf"{where}, field 'caption': 'utf-8' codec"):

@@ -242,6 +242,14 @@ def test_a_file_that_does_not_read_is_counted_not_fatal(tmp_path: Path) -> None:
     with pytest.raises(face_crop.Skip) as skipped:
         face_crop.read_file(str(loop))
     assert skipped.value.reason == face_crop.UNREADABLE_FILE
+    # A storage that fails (a gs:// build losing its network) ends the build instead.
+    def no_network(self):
+        raise ConnectionResetError("connection reset by peer")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(face_crop.epath.Path, "read_bytes", no_network)
+        with pytest.raises(ConnectionResetError):
+            face_crop.read_file(str(tmp_path / "any.jpg"))
     shard = tmp_path / "00000"
     shard.mkdir()
     (shard / "000000001.json").write_text(json.dumps({"_id": "a", "status": "success"}))

@@ -53,6 +53,9 @@ MISSING_ANNOTATION = "missing_annotation"  # An image listed in a split without 
 TRAIN_TEST_OVERLAP = "train_test_overlap"  # Listed in train and test: kept in test only.
 # A file that is there but does not read (permissions, an I/O error, a symlink loop).
 UNREADABLE_FILE = "unreadable_file"
+# Errors that say the storage, not the file, failed (a gs:// build losing its network): they
+# end the build, since skipping would count every later record as unreadable.
+STORAGE_ERRORS = (ConnectionError, TimeoutError)
 # An image img2dataset may have resized whose sidecar does not say its original size, so the
 # box (original pixels) cannot be placed on it.
 UNKNOWN_ORIGINAL_SIZE = "unknown_original_size"
@@ -380,6 +383,8 @@ def read_file(path: str) -> bytes:
         return epath.Path(path).read_bytes()
     except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as e:
         raise Skip(MISSING_IMAGE, str(e)) from None
+    except STORAGE_ERRORS:
+        raise
     except OSError as e:
         raise Skip(UNREADABLE_FILE, str(e)) from None
 

@@ -21,6 +21,7 @@ from tfds_builders.face_crop import (
     EMPTY_CAPTION,
     INVALID_UTF8,
     MISSING_ANNOTATION,
+    STORAGE_ERRORS,
     TRAIN_TEST_OVERLAP,
     UNREADABLE_FILE,
     Skip,
@@ -59,6 +60,8 @@ def read_captions(path: epath.Path) -> list[str]:
         text = path.read_bytes().decode("utf-8")
     except UnicodeDecodeError as e:
         raise Skip(INVALID_UTF8, f"{path}: {e}") from None
+    except STORAGE_ERRORS:
+        raise
     except OSError as e:
         raise Skip(UNREADABLE_FILE, f"{path}: {e}") from None
     captions = [line.strip() for line in text.splitlines() if line.strip()]

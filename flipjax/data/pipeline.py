@@ -38,8 +38,11 @@ def decode_rgb(data: bytes) -> Image.Image:
     """Encoded image bytes as 8-bit RGB, converted as the dataset builders and
     `flipjax.embed` convert (`face_crop.to_rgb`: transparency over white, 16-bit grey scaled).
     No EXIF orientation is applied: the builders apply it before they encode a record, so
-    records carry none (`flipjax.embed`, reading users' files, applies it first)."""
-    return to_rgb(Image.open(io.BytesIO(data)))
+    records carry none (`flipjax.embed`, reading users' files, applies it first). Decoded
+    here, not when first used, so that a truncated file fails inside `read_field`."""
+    image = Image.open(io.BytesIO(data))
+    image.load()
+    return to_rgb(image)
 
 
 def random_resized_crop(image: Image.Image, size: int, scale: tuple[float, float],
@@ -78,7 +81,7 @@ def read_field(record: dict, key: str, parse: Callable[[Any], T], where: str) ->
     tfds_builders, whose conversion checks each one) stops the run saying which it is."""
     try:
         return parse(record[key])
-    except (OSError, ValueError, TypeError) as e:  # PIL's UnidentifiedImageError: an OSError
+    except Exception as e:  # noqa: BLE001 - whatever it was (PIL's errors, a Skip), named
         record_id = record.get("id")
         if isinstance(record_id, bytes):
             record_id = record_id.decode("utf-8", "replace")

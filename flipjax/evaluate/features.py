@@ -24,7 +24,13 @@ from etils import epath
 from flax import nnx
 from tqdm import tqdm
 
-from flipjax.data.pipeline import EvalPreprocess, data_source, normalize_images, split_name
+from flipjax.data.pipeline import (
+    EvalPreprocess,
+    data_source,
+    normalize_images,
+    read_field,
+    split_name,
+)
 from flipjax.data.tokenizer import Tokenizer, captions_of, text_of
 from flipjax.models import TwoTowers
 from flipjax.storage import storage_path, write_npz_whole
@@ -141,7 +147,7 @@ def embed_split(embedder: Embedder, params: dict, data_cfg: ml_collections.Confi
         images.append(embedder.images(params, np.stack([r["image"] for r in recs])))
         if text_key is not None:
             for i, r in enumerate(recs):
-                texts = captions_of(r[text_key])
+                texts = read_field(r, text_key, captions_of, split_name(data_cfg, split))
                 captions += texts
                 owners += [num_images + i] * len(texts)
         num_images += len(recs)

@@ -39,6 +39,7 @@ from etils import epath
 from tfds_builders.face_crop import (
     CORRUPT_IMAGE,
     MISSING_IMAGE,
+    STORAGE_ERRORS,
     TRUNCATED_IMAGE,
     UNREADABLE_FILE,
     Box,
@@ -123,6 +124,8 @@ class ImageRef:
                 data = f.read(self.length)
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as e:
             raise Skip(MISSING_IMAGE, str(e)) from None
+        except STORAGE_ERRORS:
+            raise
         except OSError as e:
             raise Skip(UNREADABLE_FILE, str(e)) from None
         if len(data) != self.length:
@@ -355,6 +358,8 @@ def _index_files_shard(shard: str) -> ShardIndex:
         image = images.get(key)
         try:
             meta = _parse_sidecar(sidecars[key].read_bytes())
+        except STORAGE_ERRORS:
+            raise
         except OSError:  # e.g. a dangling link: counted as a bad sidecar, as a broken one
             meta = None
         _add_entry(index, meta, ImageRef(str(image)) if image else None)
