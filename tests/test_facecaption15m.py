@@ -362,12 +362,14 @@ def test_cli_refuses_unknown_fields_and_unnamed_configs(tmp_path: Path) -> None:
     # A value is read as its field's type: a folder named 2024 stays a name, a fraction of
     # a pixel is refused, a list stands for a tuple and an int for a float.
     cfg = tfds_builders.configured("facecaption15m", None, {
-        "name": "x", "images_subdir": "2024", "margin": "1",
-        "split_fractions": "[('train', 0.5), ('test', 0.5)]"})
-    assert (cfg.images_subdir, cfg.margin) == ("2024", 1.0) and type(cfg.margin) is float
-    assert cfg.split_fractions == (("train", 0.5), ("test", 0.5))
-    with pytest.raises(SystemExit, match=r"resolution='256.5' is float 256.5; the field holds "
-                                         r"an int, e.g. 256"):
+        "name": "x", "images_subdir": "2024", "parquet_file": "2024", "margin": "1",
+        "split_fractions": "[['train', 0.5], ['test', 0.5]]"})
+    assert (cfg.images_subdir, cfg.parquet_file, cfg.margin) == ("2024", "2024", 1.0)
+    assert type(cfg.margin) is float and cfg.split_fractions == (("train", 0.5), ("test", 0.5))
+    assert tfds_builders.configured("celeba", None, {"name": "whole", "max_short_side": "None"}
+                                    ).max_short_side is None
+    with pytest.raises(SystemExit, match=r"resolution='256.5' is float 256.5; the field is "
+                                         r"declared int"):
         main([*build, "resolution=256.5", "--set", "name=r"])
 
 

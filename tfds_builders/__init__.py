@@ -42,28 +42,39 @@ _TFDS_CONFIG_FIELDS = frozenset({"version", "release_notes", "supported_versions
                                  "description", "tags"})
 
 
+# The annotations builder configs use (as strings: their modules postpone annotations).
+_ANNOTATED_TYPES = {"str": str, "int": int, "float": float, "bool": bool, "None": type(None)}
+
+
+def _tuples(value: object) -> object:
+    """Lists, nested ones too, as tuples: what `ast.literal_eval` gives for [...]."""
+    return tuple(_tuples(v) for v in value) if isinstance(value, list | tuple) else value
+
+
 def _field_value(config: tfds.core.BuilderConfig, field: str, text: str) -> object:
-    """`text` as a value of `config`'s `field`, typed as the field's current value is: a
-    string field takes the text as it is ("2024" stays a name), another field a Python
-    literal ("0.3", "('a', 1)", "None") of that type, an int standing for a float and a list
-    for a tuple; any other type is a ValueError naming the field."""
-    current = getattr(config, field)
-    if isinstance(current, str):
+    """`text` as a value of `config`'s `field`, read as its declared type: a field that may
+    be text takes the text as it is ("2024" stays a folder name; "None" is None where the
+    field may be None), another field a Python literal ("0.3", "(('a', 1.0),)") of its type,
+    an int standing for a float and a list for a tuple; any other type is a ValueError
+    naming the field. A field of an annotation not listed here takes any literal."""
+    declared = next(f.type for f in dataclasses.fields(config) if f.name == field)
+    kinds = [kind.strip() for kind in str(declared).split("|")]
+    known = all(k in _ANNOTATED_TYPES or k.startswith("tuple[") for k in kinds)
+    types = tuple(tuple if k.startswith("tuple[") else _ANNOTATED_TYPES[k] for k in kinds
+                  ) if known else ()
+    if str in types and not (text == "None" and type(None) in types):
         return text
     try:
         value = ast.literal_eval(text)
     except (ValueError, SyntaxError):
         value = text
-    if current is None or value is None:  # optional fields: the config's checks judge it
-        return value
-    if isinstance(current, float) and type(value) is int:
+    if float in types and type(value) is int:
         value = float(value)
-    if isinstance(current, tuple) and isinstance(value, list):
-        value = tuple(value)
-    if type(value) is not type(current):
-        kind = type(current).__name__
+    if tuple in types and isinstance(value, list):
+        value = _tuples(value)
+    if types and (not isinstance(value, types) or (type(value) is bool and bool not in types)):
         raise ValueError(f"{field}={text!r} is {type(value).__name__} {value!r}; the field "
-                         f"holds {'an' if kind[0] in 'aeiou' else 'a'} {kind}, e.g. {current!r}")
+                         f"is declared {declared}")
     return value
 
 
