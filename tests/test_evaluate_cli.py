@@ -94,10 +94,12 @@ def test_a_run_trained_on_more_devices_restores_here(saved_run, tmp_path, caplog
     saved = json.loads((copy / "config.json").read_text())
     saved["mesh"] = [["data", 4], ["fsdp", 4]]
     (copy / "config.json").write_text(json.dumps(saved))
-    assert fit_mesh(saved["mesh"], 8) == [("data", -1), ("fsdp", 1)]
+    # All devices on fsdp (the state stays sharded), else on the first batch axis.
+    assert fit_mesh(saved["mesh"], 8) == [("data", 1), ("fsdp", -1)]
     assert fit_mesh([["data", -1], ["fsdp", 4]], 8) == [["data", -1], ["fsdp", 4]]
+    assert fit_mesh([("tensor", 2), ("data", 4)], 3) == [("tensor", 1), ("data", -1)]
     restored, step, setup, _ = restore_params(load_workdir_config(str(copy)), str(copy), None)
-    assert step == 1 and dict(setup.mesh.shape) == {"data": 8, "fsdp": 1}
+    assert step == 1 and dict(setup.mesh.shape) == {"data": 1, "fsdp": 8}
     assert "does not fit this machine's 8 devices" in caplog.text
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(restored), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -72,13 +72,18 @@ def mesh_shape(axes: Sequence[tuple[str, int]], num_devices: int) -> tuple[int, 
 def fit_mesh(axes: Sequence[tuple[str, int]], num_devices: int) -> list[tuple[str, int]]:
     """The mesh a saved run's parameters are restored onto on this machine (evaluation,
     embedding, export): `axes` as trained where they fit `num_devices`, else (a run trained on
-    a pod, read on a laptop) the same axis names, so every sharding rule still names a mesh
-    axis, with all devices on the first and 1 on the others. Training keeps its mesh exact."""
+    a pod, read on one host) the same axis names, so every sharding rule still names a mesh
+    axis, with all devices on `fsdp` if there is one (the parameters and optimizer state stay
+    sharded: a model that needed FSDP may not fit one device), else on the first batch axis,
+    and 1 on the others. Training keeps its mesh exact."""
     try:
         mesh_shape(axes, num_devices)
         return list(axes)
     except ValueError:
-        return [(name, -1 if i == 0 else 1) for i, (name, _) in enumerate(axes)]
+        names = [name for name, _ in axes]
+        batch_names = [name for name in names if name != TENSOR] or names
+        widest = "fsdp" if "fsdp" in names else batch_names[0]
+        return [(name, -1 if name == widest else 1) for name in names]
 
 
 def make_mesh(axes: Sequence[tuple[str, int]], devices: Sequence[jax.Device] | None = None
