@@ -167,6 +167,8 @@ def test_patch_bias_comes_back_only_from_a_sincos_position_embedding():
     bias = rng.normal(size=32).astype(np.float32)
     folded = np.concatenate([rng.normal(size=(1, 32)), sincos2d_posemb(4, 4, 32)[0] + bias])
     np.testing.assert_allclose(bias_in_sincos_posemb(folded, 32), bias, atol=1e-6)
+    halved = torch.from_numpy(folded).bfloat16().float().numpy()  # saved again in bf16
+    np.testing.assert_allclose(bias_in_sincos_posemb(halved, 32), bias, atol=1e-2)
     assert bias_in_sincos_posemb(rng.normal(size=(17, 32)), 32) is None  # a learned one
 
 

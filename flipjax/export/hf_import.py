@@ -197,14 +197,16 @@ POSEMB_KEY = "vision_model.embeddings.position_embedding.weight"
 def bias_in_sincos_posemb(posemb: np.ndarray, width: int) -> np.ndarray | None:
     """The patch bias a flipjax `posemb="sincos2d"` run's CLIP export folded into the position
     embedding: the patch positions' embedding less the fixed sin-cos values, where that is
-    one vector at every position; None otherwise (a learned embedding, e.g. OpenAI's CLIP)."""
+    one vector at every position, up to bfloat16's rounding (an export saved again in half
+    precision); None otherwise (a learned embedding, e.g. OpenAI's CLIP, differs from sin-cos
+    plus a constant by far more)."""
     patches = np.asarray(posemb, np.float64)[1:]
     grid = math.isqrt(len(patches))
-    if grid * grid != len(patches) or width % 4 or patches.shape[-1] != width:
+    if grid < 2 or grid * grid != len(patches) or width % 4 or patches.shape[-1] != width:
         return None
     residual = patches - sincos2d_posemb(grid, grid, width)[0]
     bias = residual.mean(axis=0)
-    if np.abs(residual - bias).max() > 1e-5 * max(1.0, float(np.abs(patches).max())):
+    if np.abs(residual - bias).max() > 2**-7 * max(1.0, float(np.abs(patches).max())):
         return None
     return bias
 
@@ -283,7 +285,9 @@ def load_into_params(params: dict, path: str, towers: Sequence[str],
                 "from the position embedding (a flipjax sincos2d export folds it in there)")
         else:
             updates["img/patch_embed/bias"] = np.zeros(bias.shape, bias.dtype)
-            report.reshaped["img/patch_embed/bias"] = "set to zeros (CLIP has no patch bias)"
+            report.reshaped["img/patch_embed/bias"] = "set to zeros (CLIP has no patch bias)" + (
+                "; a bias the dropped position embedding holds is lost"
+                if "img/pos_embedding" not in flat else "")
     cap = model_cfg.get("max_temperature")
     if "t" in updates and cap and float(np.exp(updates["t"]).max()) > cap * (1 + 1e-6):
         # Training clamps t after each step, the first included: the imported scale, and the
