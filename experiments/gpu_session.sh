@@ -1,17 +1,20 @@
 #!/usr/bin/env bash
-# Issue 6's GPU checks as one prepared call of a lent GPU machine (which reaches no network and
-# has a small, shared time budget), so the next session with a GPU spends its minutes measuring.
+# Issue 6's GPU checks prepared for a lent GPU machine (which reaches no network and has a
+# small time budget), so the next session with a GPU spends its minutes measuring.
 #
 #   bash experiments/gpu_session.sh fetch   # here, with PyPI: wheels -> .whl/, data -> .devdata/
 #   bash experiments/gpu_session.sh run     # on the GPU machine: B/16 bf16 throughput + profile
 #   bash experiments/gpu_session.sh input   # on the GPU machine: the input-pipeline benchmark
 #
-# With the `device` tool: run(command="bash experiments/gpu_session.sh run", timeout_s=590,
-# carry=[".whl", ".devdata/tfds_n800_s0_w2"]). Logs go to $OUT (the tool's folder that comes
-# back), or to /tmp/gpu_session without it. Each measurement has its own `timeout`, so a slow
-# compile costs that row, not the call. `run` takes ~8 minutes on an H100: 40-60 s of compile
-# per row (XLA's dot merger as is and off, at each batch size), 2 rounds of 10 steps a row,
-# then a 3-step profile.
+# With the `device` tool, two calls: run(command="bash experiments/gpu_session.sh run",
+# timeout_s=590, carry=[".whl"]), then the same with `input` and carry=[".whl",
+# ".devdata/tfds_n800_s0_w2"], timeout_s=300. Logs go to $OUT (the tool's folder that comes
+# back), or to /tmp/gpu_session without it. Each batch size and the profile have their own
+# `timeout`, so a slow compile costs those rows (whatever printed stays in its log), not the
+# call. `run` takes ~8 minutes on an H100: 40-60 s of compile per row (XLA's dot merger as is
+# and off, at each batch size), 2 rounds of 10 steps a row, then a 3-step profile; `input`
+# about a minute (14 workers over 51,200 images). With the machine's start that is most of a
+# session's 15 device minutes: run `input` only if `run` left 4 or more.
 #
 # The machines lent so far (sessions 7 and 13) had Python 3.12 with jax and optax installed
 # and lacked flipjax's other dependencies: `fetch` downloads those as Python-$PYVER wheels
@@ -20,6 +23,7 @@
 # Environment: PYVER (default 3.12), BATCHES (default "512 768"), PEAK_GFLOPS (default 989000,
 # H100/H200 dense bf16), JAX_PLATFORMS (default cuda,cpu).
 set -uo pipefail
+script="$(realpath "$0")"
 cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/gpu_session}"
 DATA=.devdata/tfds_n800_s0_w2
@@ -62,7 +66,7 @@ case "${1:-}" in
       timeout 200 python3 experiments/throughput.py "${flags[@]}" --batch="$batch" \
         --compile_options= --compile_options=xla_gpu_dot_merger_threshold_mb=0 \
         --output="$OUT/throughput_b$batch.md" 2>&1 | tail -n 40 > "$OUT/throughput_b$batch.log"
-      cat "$OUT/throughput_b$batch.md" 2> /dev/null || tail -n 5 "$OUT/throughput_b$batch.log"
+      cat "$OUT/throughput_b$batch.md" 2> /dev/null || tail -n 15 "$OUT/throughput_b$batch.log"
     done
     timeout 150 python3 experiments/profile_step.py "${flags[@]/--steps=10/--steps=3}" \
       --batch="${batches%% *}" --compile_options=xla_gpu_dot_merger_threshold_mb=0 --top=20 \
@@ -73,13 +77,14 @@ case "${1:-}" in
   input)
     mkdir -p "$OUT"
     install_wheels
-    timeout 500 python3 -m experiments.input_pipeline_benchmark --data_dir="$DATA" \
+    timeout 240 python3 -m experiments.input_pipeline_benchmark --data_dir="$DATA" \
       --batch=256 --warmup=20 --batches=200 --repeats=1 --workers=14 --grain_threads=0 \
       --output="$OUT/input_pipeline.md" > "$OUT/input.log" 2>&1
     cat "$OUT/input_pipeline.md" 2> /dev/null || tail -n 20 "$OUT/input.log"
     ;;
   *)
-    sed -n 2,19p "$0"
+    sed -n '2,/^set -uo/p' "$script" | sed '$d'
+
     exit 2
     ;;
 esac
