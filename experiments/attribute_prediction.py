@@ -6,7 +6,9 @@
 Needs `celeba` / `lfwa` built under TFDS_DIR (`python -m tfds_builders build ...`). Protocol:
 towers frozen, one linear layer (40 independent sigmoid outputs, BCE), on the image embeddings
 (`embedding`) or on FLIP's features (`layers`: class token, patch mean and max after blocks 4,
-6, 8 and the last, one shared LayerNorm and learned weights, as FLIP's attribute head); Adam
+6, 8 and the last of FLIP's 12-block class-token tower, the same fractions of another depth,
+no class token for other poolings: the report says which; one shared LayerNorm and learned
+weights, as FLIP's attribute head); Adam
 with L2 x epochs chosen on the validation split (CelebA's official one; LFWA has none, so a
 seeded 10% of its train split, whole identities, as CelebA's splits keep people apart), test
 scored once. `flip_recipe` trains FLIP's head on the layer features with FLIP's own recipe,
@@ -22,7 +24,12 @@ experiments/results/attribute_prediction.md.
 
 from __future__ import annotations
 
+import ml_collections
+
 from experiments.common import benchmark_parser, evaluate, fmt, load_run, markdown_table, write
+from flipjax.config import exit_on_config_error
+from flipjax.models.two_towers import tower_size
+from flipjax.models.vit import probe_blocks
 from tfds_builders.builder_utils import CELEBA_ATTRIBUTE_NAMES
 
 # FLIP's attribute heads (fflip_celeba_recognition.py): layer features, AdamW, nothing
@@ -40,6 +47,18 @@ SPLITS = {"celeba": dict(train_split="train", val_split="validation", test_split
                        val_group_key="identity", test_split="test")}
 
 
+def layer_features_text(image_cfg: ml_collections.ConfigDict) -> str:
+    """What the `layers` probes read from this run's image tower (`ViT.layer_features`)."""
+    depth = tower_size(image_cfg, with_patch=True)[0].depth
+    blocks = probe_blocks(None, depth)
+    tok = image_cfg.pool == "tok"
+    summary = "class token, patch mean and max" if tok else (
+        f"patch mean and max (`pool={image_cfg.pool!r}`: no class token)")
+    count = (3 if tok else 2) * (len(blocks) + 1)
+    return (f"{summary} of blocks {', '.join(map(str, blocks))} and the last, block "
+            f"{depth} ({count} vectors)")
+
+
 def main() -> None:
     parser = benchmark_parser(__doc__, datasets="celeba,lfwa",
                               out="experiments/results/attribute_prediction.md")
@@ -48,14 +67,13 @@ def main() -> None:
                         help=f"comma-separated probes, of {', '.join(PROBES)}")
     args = parser.parse_args()
 
-    run = load_run(args.workdir, args.step)
     datasets, probes = args.datasets.split(","), args.probes.split(",")
     unknown = set(probes) - set(PROBES)
     if unknown:
         parser.error(f"--probes: {sorted(unknown)} not among {list(PROBES)}")
     evals = {}
     for name in datasets:
-        common = dict(dataset=name, builder_config=None, data_dir=args.data_dir,
+        common = dict(dataset=name, builder_config=args.builder_config, data_dir=args.data_dir,
                       eval_resize=args.eval_resize, every_steps=1, batch_size=args.batch_size)
         for probe in probes:
             recipe = FLIP_RECIPE_OF[name] if probe == "flip_recipe" else {}
@@ -64,7 +82,9 @@ def main() -> None:
                 **PROBES[probe], **recipe, **SPLITS[name], **common)
         evals[f"{name}_zeroshot"] = dict(type="zeroshot_attributes", split="test",
                                          label_key="attributes", **common)
-    results = evaluate(run, evals)
+    with exit_on_config_error():  # a dataset not built, a run not found: one line
+        run = load_run(args.workdir, args.step)
+        results = evaluate(run, evals)
 
     rows, attr_rows = [], []
     for name in datasets:
@@ -86,7 +106,7 @@ def main() -> None:
         f"# Attribute prediction: `{args.workdir}` (step {run.step}), images "
         f"`{args.eval_resize}`\n\n"
         "Linear probes on the frozen image tower: on its embeddings, or on FLIP's layer features "
-        "(class token, patch mean and max of blocks 4, 6, 8 and the last, through a shared "
+        f"({layer_features_text(run.config.model.image)}, through a shared "
         "LayerNorm and learned weights). mAcc = mean over the 40 attributes of test accuracy, "
         "%, at sigmoid > 0.5; hyperparameters chosen on validation only (`flip_recipe`: "
         "FLIP's fixed AdamW recipe on the layer features, nothing chosen). Majority: each "

@@ -30,11 +30,15 @@ class Run:
 
 def benchmark_parser(doc: str, *, datasets: str, out: str) -> argparse.ArgumentParser:
     """The flags every paper-benchmark script takes: the run (workdir, step), where its
-    datasets are built and which, the feature batch size and the output file."""
+    datasets are built, which and in which builder config, the feature batch size and the
+    output file."""
     parser = argparse.ArgumentParser(description=doc.split("\n")[0])
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--data_dir", required=True, help="Where the datasets are built.")
     parser.add_argument("--datasets", default=datasets)
+    parser.add_argument("--builder_config", default=None, help="The datasets' builder config "
+                        "(`tfds_builders build NAME --config=...`), e.g. full; default: the "
+                        "default one.")
     parser.add_argument("--step", type=int, default=None)
     parser.add_argument("--batch_size", type=int, default=256)
     parser.add_argument("--out", default=out)

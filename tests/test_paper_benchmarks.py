@@ -4,12 +4,15 @@ sets built from their miniature fixtures, and write their tables."""
 
 from __future__ import annotations
 
+import functools
 import os
+import re
 import subprocess
 import sys
 
 import face_fixtures as ff
 import pytest
+import tensorflow_datasets as tfds
 from conftest import REPO, load_config
 from test_eval_builders import build
 from test_evaluate_cli import save_initial_run
@@ -44,22 +47,52 @@ def run_script(module: str, workdir: str, data_dir: str, out) -> str:
     return out.read_text()
 
 
+def split_size(name: str, split: str, data_dir: str) -> int:
+    return len(tfds.data_source(name, split=split, data_dir=data_dir))
+
+
+def row(text: str, *first_cells: str) -> list[str]:
+    """The cells of the table row of `text` that starts with `first_cells`."""
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in text.splitlines()
+            if line.startswith("| " + " | ".join(first_cells) + " |")]
+    assert len(rows) == 1, (first_cells, text)
+    return rows[0]
+
+
 def test_attribute_prediction_script(run_and_data):
     workdir, data_dir, root = run_and_data
     text = run_script("experiments.attribute_prediction", workdir, data_dir, root / "attr.md")
     assert "images `squash`" in text
-    lines = text.splitlines()
-    for dataset, validation in (("celeba", "official"), ("lfwa", "carved from train")):
-        for method in ("probe embedding", "probe layers", "probe flip_recipe"):
-            assert any(line.startswith(f"| {dataset} | {method} |")
-                       and f"| {validation} |" in line for line in lines), (dataset, method)
-        assert any(line.startswith(f"| {dataset} | zero-shot |") for line in lines)
+    # The features of this run's tower (the tiny config's: 2 blocks, MAP pooling).
+    assert "patch mean and max (`pool='map'`: no class token) of blocks 1 and the last" in text
+    size = functools.partial(split_size, data_dir=data_dir)
+    for method in ("probe embedding", "probe layers", "probe flip_recipe"):
+        # CelebA's official splits; LFWA's validation carved from its train split.
+        celeba, lfwa = row(text, "celeba", method), row(text, "lfwa", method)
+        assert celeba[6] == "official" and lfwa[6] == "carved from train"
+        assert celeba[7] == "/".join(str(size("celeba", s))
+                                     for s in ("train", "validation", "test"))
+        train, val, test = map(int, lfwa[7].split("/"))
+        assert (train + val, test) == (size("lfwa", "train"), size("lfwa", "test")) and val
+    assert row(text, "celeba", "zero-shot") and row(text, "lfwa", "zero-shot")
     assert "| Wearing_Necktie |" in text and "celeba_probe_layers" in text
-    assert "| celeba | probe flip_recipe |" in text and "| 0.05 / 100 |" in text
+    assert row(text, "celeba", "probe flip_recipe")[5] == "0.05 / 100"
 
 
 def test_retrieval_benchmarks_script(run_and_data):
     workdir, data_dir, root = run_and_data
     text = run_script("experiments.retrieval_benchmarks", workdir, data_dir, root / "ret.md")
-    assert any(line.startswith("| mm_celeba_hq |") for line in text.splitlines())
-    assert any(line.startswith("| celeba_dialog |") for line in text.splitlines())
+    for name in ("mm_celeba_hq", "celeba_dialog"):  # the gallery: the test split's images
+        assert int(row(text, name)[-2]) == split_size(name, "test", data_dir)
+
+
+def test_a_dataset_not_built_is_one_line(run_and_data, tmp_path):
+    workdir, data_dir, _ = run_and_data
+    proc = subprocess.run(
+        [sys.executable, "-m", "experiments.retrieval_benchmarks", f"--workdir={workdir}",
+         f"--data_dir={data_dir}", "--builder_config=full", f"--out={tmp_path / 'ret.md'}"],
+        cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO), capture_output=True, text=True,
+        timeout=600)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert re.match(r"error: config\.evals\.\w+\.split='test' \(dataset '\w+/full' in ",
+                    proc.stderr), proc.stderr
