@@ -184,6 +184,18 @@ def test_linear_probe_learns_separable_attributes():
     assert set(out) >= {"chosen_l2", "chosen_epochs", "balanced_acc", "acc/attr_4"}
 
 
+def test_a_grid_of_one_head_needs_no_validation():
+    """FLIP's recipe (one l2, one epoch count) chooses nothing: it trains without validation
+    records; a grid to choose from refuses to."""
+    empty = {k: v[:0] for k, v in separable(1, 1).items()}
+    one = dataclasses.replace(PROBE, l2_grid=(0.0,), epochs_grid=(20,))
+    out = linear_probe(separable(1000, 0), empty, separable(500, 2), one)
+    assert out["mean_acc"] > 90.0 and out["num_val"] == 0 and "val_score" not in out
+    assert (out["chosen_l2"], out["chosen_epochs"]) == (0.0, 20.0)
+    with pytest.raises(ValueError, match="needs validation records"):
+        linear_probe(separable(1000, 0), empty, separable(500, 2), PROBE)
+
+
 def layer_data(n, seed):
     """Layer features (N, F=5, D): the labels live in vector 2, the others are noise at
     another scale (as block outputs are)."""

@@ -228,7 +228,7 @@ def test_probe_carves_validation_by_group(saved_run):
     config, _, setup, tokenizer, params = saved_run
     config = ml_collections.ConfigDict(config.to_dict())
     config.evals = {"probe": dict(type="linear_probe", train_split="train", val_split=None,
-                                  val_group_key="id", l2_grid=(0.0,), epochs_grid=(1,),
+                                  val_group_key="id", l2_grid=(0.0, 0.1), epochs_grid=(1,),
                                   probe_batch_size=64, batch_size=32)}
     probe = make_evaluators(config, tokenizer, setup.graphdef, setup.mesh)["probe"]
     out = probe.run(params)

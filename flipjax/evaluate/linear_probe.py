@@ -19,7 +19,8 @@ Hyperparameters (L2 penalty or weight decay x epochs) are chosen on the validati
 is where the official FLIP code went wrong (it kept the checkpoint with the best *test*
 accuracy, and its LFWA head trained on test images), so the separation is structural here and
 tested. A dataset with no validation split (LFWA) gets a seeded subset carved out of train,
-reported as `val_carved`.
+reported as `val_carved`, unless the grid holds one head (FLIP's recipe): nothing is chosen, so
+it trains on the whole train split (`num_val` 0).
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ class ProbeConfig:
 
     train_split: str = "train"
     # None: validate on `val_fraction` of train carved out with `seed`, whole groups of
-    # `val_group_key` (e.g. "identity") if set.
+    # `val_group_key` (e.g. "identity") if set; a grid of one head needs none.
     val_split: str | None = None
     val_fraction: float = 0.1
     val_group_key: str | None = None
@@ -228,7 +229,10 @@ def fit(xs: jax.Array, y: np.ndarray, probe: ProbeConfig, l2: float, num_outputs
 def select(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y: np.ndarray,
            probe: ProbeConfig) -> tuple[Head, dict[str, float]]:
     """Fits every (l2, epochs) in the grid on train and keeps the best on validation (the first
-    in grid order on ties). Takes no test data, by construction."""
+    in grid order on ties); a grid of one head needs no validation (`val_y` may be empty).
+    Takes no test data, by construction."""
+    if not len(val_y) and len(probe.l2_grid) * len(probe.epochs_grid) > 1:
+        raise ValueError("choosing among the grid's heads needs validation records")
     if train_x.ndim == 2:
         mean, std = train_x.mean(0), train_x.std(0) + 1e-6
         xs = jnp.asarray((train_x - mean) / std, jnp.float32)
@@ -246,6 +250,8 @@ def select(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y: n
     for l2 in probe.l2_grid:
         for epochs, params in fit(xs, train_y, probe, l2, num_outputs).items():
             head = Head(params, mean, std, classes)
+            if not len(val_y):  # the grid's one head: nothing to choose
+                return head, {"chosen_l2": float(l2), "chosen_epochs": float(epochs)}
             val_score = score(head, val_x, val_y, probe.kind)
             logging.info("linear probe l2=%g epochs=%d val=%.4f", l2, epochs, val_score)
             if val_score > best_score:
@@ -343,6 +349,8 @@ class LinearProbeEvaluator:
         if probe.val_split:
             val = self.features(params, probe.val_split, step)
             carved = 0.0
+        elif len(probe.l2_grid) * len(probe.epochs_grid) == 1:  # nothing to choose
+            val, carved = {k: v[:0] for k, v in train.items()}, 0.0
         else:
             groups = None
             if probe.val_group_key:
