@@ -249,6 +249,22 @@ def test_a_preempted_step_off_the_logging_interval_leaves_the_lines_of_an_uninte
     np.testing.assert_allclose(list(losses.values()), list(expected.values()), rtol=1e-6)
 
 
+def test_a_resume_that_lowers_the_temperature_cap_holds_it_from_its_first_step(
+        tiny_config, tmp_path):
+    """The cap is clamped after each update; a resume with a lower one (a field a resume may
+    change) clamps the restored temperature before its first step too."""
+    config = tiny_config
+    config.total_steps, config.checkpoint.every_steps, config.evals = 2, 2, {}
+    config.model.image.depth = config.model.text.depth = 1
+    config.model.temperature_init = 10.0
+    train_and_evaluate(config, str(tmp_path))
+    config.total_steps, config.model.max_temperature = 3, 5.0
+    config.model.temperature_init = 5.0  # what a fresh run would start from under the cap
+    train_and_evaluate(config, str(tmp_path))
+    rows = read_losses(tmp_path)[1]
+    assert rows[1]["train/temperature"] > 9.9 and rows[2]["train/temperature"] <= 5.0 + 1e-5
+
+
 def test_cached_features_go_with_their_checkpoints(tiny_config, tmp_path):
     """Evaluations cache a split's features per step; once a step's checkpoint is gone (keep=1)
     its features are too."""

@@ -10,10 +10,12 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import math
 import time
 from collections.abc import Callable
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 from absl import logging
 from tqdm import tqdm
@@ -189,6 +191,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         abstract = checkpoint.abstract_with_shardings(setup.abstract_state,
                                                       setup.state_shardings)
         state = checkpoint.restore(manager, start, abstract, data_iter)
+        if config.model.max_temperature:  # a resume may lower the cap: it holds from here on
+            state["params"]["t"] = jnp.minimum(state["params"]["t"],
+                                               math.log(config.model.max_temperature))
         logging.info("resumed from step %d", start)
     else:
         keep_tokenizer(config, workdir, resumed=False)
