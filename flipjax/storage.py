@@ -35,11 +35,22 @@ def storage_path(path: str | os.PathLike) -> epath.Path:
 def write_bytes_whole(path: epath.Path, data: bytes) -> None:
     """Writes `data` to a temporary file beside `path` (named uniquely, so that two writers of
     the same file don't collide), then moves it over `path`: a reader, or a crash, never sees a
-    partly written file."""
+    partly written file. A local file reaches the disk before the move (a power cut leaves the
+    old file or the new one); a failed write leaves no temporary file behind."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.tmp-{uuid.uuid4().hex[:12]}")
-    tmp.write_bytes(data)
-    tmp.replace(path)
+    try:
+        if is_url(path):
+            tmp.write_bytes(data)
+        else:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def write_npz_whole(path: epath.Path, **arrays: np.ndarray) -> None:

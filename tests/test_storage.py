@@ -91,6 +91,43 @@ def test_metrics_lines_are_strict_json_and_a_resumed_step_is_amended_in_place(
                     {"step": 3, "train/loss": 0.125}]
 
 
+def test_amending_a_line_is_one_whole_rewrite(tmp_path, monkeypatch):
+    """Evaluation results join their step's line in one rewrite of the local file: a process
+    killed on the way (here as it reopens the file to append) leaves the step's training
+    metrics and results, not a file without the step."""
+    writer = metrics.MetricWriter(str(tmp_path), resumed_step=0)
+    writer.write(1, {"train/loss": 1.0})
+    writer.write(2, {"train/loss": 0.5})
+
+    path_type = type(writer.jsonl_path)
+    open_path = path_type.open
+
+    def killed_at_append(self, mode="r", *args, **kwargs):
+        if "a" in mode:
+            raise KeyboardInterrupt
+        return open_path(self, mode, *args, **kwargs)
+
+    monkeypatch.setattr(path_type, "open", killed_at_append)
+    with pytest.raises(KeyboardInterrupt):
+        writer.amend(2, {"probe/acc": 90.0})
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1] == {"step": 2, "train/loss": 0.5, "probe/acc": 90.0}
+
+
+def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path, monkeypatch):
+    path = storage_path(tmp_path / "config.json")
+    write_bytes_whole(path, b"old")
+
+    def full_disk(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("flipjax.storage.os.fsync", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        write_bytes_whole(path, b"new")
+    assert path.read_bytes() == b"old" and [p.name for p in path.parent.iterdir()] == [
+        "config.json"]
+
+
 def test_a_resume_skips_a_cut_short_metrics_line_and_names_a_corrupt_one(tmp_path):
     """A crash mid-append leaves a line without its newline, which a resume drops; a complete
     line that is not a metrics record stops the resume with the file and line number."""

@@ -265,6 +265,30 @@ def test_a_resume_that_lowers_the_temperature_cap_holds_it_from_its_first_step(
     assert rows[1]["train/temperature"] > 9.9 and rows[2]["train/temperature"] <= 5.0 + 1e-5
 
 
+def test_a_resume_that_would_compute_another_model_is_refused(tiny_config, tmp_path):
+    """Another GELU (or eps, or input mean) restores into the same shapes: the resume is
+    refused naming the field, and the run's config.json still describes its checkpoints."""
+    config = tiny_config
+    config.total_steps, config.checkpoint.every_steps, config.evals = 1, 1, {}
+    config.model.image.depth = config.model.text.depth = 1
+    train_and_evaluate(config, str(tmp_path))
+    saved = (tmp_path / "config.json").read_text()
+    config.total_steps, config.model.gelu = 2, "quick"
+    with pytest.raises(ConfigError, match=r"^config\.model\.gelu: 'quick' differs from 'tanh'"):
+        train_and_evaluate(config, str(tmp_path))
+    assert (tmp_path / "config.json").read_text() == saved
+
+    # A workdir from before runs kept their tokenizer takes the resume's, once its
+    # checkpoint has restored: one that does not fit it (another vocabulary) keeps none.
+    config.model.gelu = "tanh"
+    (tmp_path / "tokenizer.model").unlink()
+    config.tokenizer.path = train_sentencepiece(
+        [f"a face number {i} with words" for i in range(300)], str(tmp_path / "o.model"), 60)
+    with pytest.raises(Exception):  # noqa: B017 - Orbax's, about the embedding's shape
+        train_and_evaluate(config, str(tmp_path))
+    assert not (tmp_path / "tokenizer.model").exists()
+
+
 def test_cached_features_go_with_their_checkpoints(tiny_config, tmp_path):
     """Evaluations cache a split's features per step; once a step's checkpoint is gone (keep=1)
     its features are too."""

@@ -85,14 +85,14 @@ class MetricWriter:
         if not self.enabled:
             return
         logged = self.last_line.get("step") == step
-        if self.jsonl is None:  # the lines held for the next rewrite, this step's dropped
-            self.lines = self.lines[:-1] if logged else self.lines
-        else:  # the rewrite replaces the file: append to the new one
-            self._rewrite(lines_up_to(self.jsonl_path, step - 1))
+        previous = {k: v for k, v in self.last_line.items() if k != "step"} if logged else {}
+        line = self._line(step, {**previous, **metrics}, scalars=metrics)
+        if self.jsonl is None:  # the lines held for the next rewrite, this step's replaced
+            self.lines = (self.lines[:-1] if logged else self.lines) + [line]
+        else:  # one whole rewrite: a kill leaves the old line or the new one, never neither
+            self._rewrite(lines_up_to(self.jsonl_path, step - 1) + [line])
             self.jsonl.close()
             self.jsonl = self.jsonl_path.open("a")
-        previous = {k: v for k, v in self.last_line.items() if k != "step"} if logged else {}
-        self.write(step, {**previous, **metrics}, scalars=metrics)
         self.flush()
 
     def write(self, step: int, metrics: Mapping[str, float | None],
@@ -103,12 +103,7 @@ class MetricWriter:
         left out of TensorBoard."""
         if not self.enabled:
             return
-        values = {k: _finite_or_none(v) for k, v in metrics.items()}
-        for name in values if scalars is None else scalars:
-            if values[name] is not None:
-                self.tensorboard.add_scalar(name, values[name], step)
-        self.last_line = {"step": step, **values}
-        line = json.dumps(self.last_line, allow_nan=False) + "\n"
+        line = self._line(step, metrics, scalars)
         if self.jsonl is not None:
             self.jsonl.write(line)
             self.jsonl.flush()
@@ -116,6 +111,16 @@ class MetricWriter:
             self.lines.append(line)
             if time.monotonic() - self.rewritten_at >= URL_REWRITE_SECONDS:
                 self._rewrite(self.lines)
+
+    def _line(self, step: int, metrics: Mapping[str, float | None],
+              scalars: Collection[str] | None) -> str:
+        """The JSON line of `step` (now `last_line`), its `scalars` sent to TensorBoard."""
+        values = {k: _finite_or_none(v) for k, v in metrics.items()}
+        for name in values if scalars is None else scalars:
+            if values[name] is not None:
+                self.tensorboard.add_scalar(name, values[name], step)
+        self.last_line = {"step": step, **values}
+        return json.dumps(self.last_line, allow_nan=False) + "\n"
 
     def flush(self) -> None:
         """Writes out every line and TensorBoard event so far (a URL's lines are otherwise held

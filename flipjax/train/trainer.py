@@ -33,7 +33,7 @@ from flipjax.train.optimizer import make_schedule
 from flipjax.train.preemption import PreemptedError, PreemptionWatch
 from flipjax.train.sharding import make_mesh, process0_flag
 from flipjax.train.step import TrainSetup
-from flipjax.train.workdir import TOKENIZER_FILE, load_workdir_config
+from flipjax.train.workdir import TOKENIZER_FILE, check_describes_run, load_workdir_config
 
 # The fields a resume must keep for the checkpointed data position to hold, and why: it counts
 # global batches over the seeded shuffle of one split, in one Grain state per worker process.
@@ -186,11 +186,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         if (root / "config.json").exists():  # a checkpoint without one: nothing to compare
             saved = load_workdir_config(workdir)
             check_same_data_position(config, saved, workdir)
+            # Another GELU, eps or mean restores into the same shapes and trains on silently,
+            # and the config.json written below would then misdescribe the earlier steps.
+            check_describes_run(config, workdir)
             warn_if_schedule_changes(config, saved, start)
-        keep_tokenizer(config, workdir, resumed=True)
         abstract = checkpoint.abstract_with_shardings(setup.abstract_state,
                                                       setup.state_shardings)
         state = checkpoint.restore(manager, start, abstract, data_iter)
+        # Once the checkpoint has restored: a resume that fails keeps no tokenizer copy
+        # (a workdir from before runs kept one takes this config's).
+        keep_tokenizer(config, workdir, resumed=True)
         if config.model.max_temperature:  # a resume may lower the cap: it holds from here on
             state["params"]["t"] = jnp.minimum(state["params"]["t"],
                                                math.log(config.model.max_temperature))
