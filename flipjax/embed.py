@@ -1,13 +1,16 @@
 """Embeds image files and text lines with a trained model:
 
     python -m flipjax.embed --workdir=DIR --images=DIR_OR_GLOB [--texts=FILE] --output=OUT.npz
+        [--overwrite]
 
-Reads WORKDIR/config.json and the latest checkpoint (or `--step`). OUT.npz holds L2-normalised
-`image_embeddings` (N, D) with `image_files`, and with `--texts` `text_embeddings` (M, D) with
-`texts` (the file's non-blank lines). Images are local files, anything Pillow opens, any size or
-mode; they get the eval preprocessing (RGB, short side resized, centre crop). A file Pillow
-can't read is reported and skipped, so one broken file doesn't lose a large run. `--texts` and
-`--output` may be URLs (gs://...), as a workdir may.
+Reads WORKDIR/config.json and the latest checkpoint (or `--step`). OUT.npz holds the `step`,
+L2-normalised `image_embeddings` (N, D) with `image_files`, and with `--texts`
+`text_embeddings` (M, D) with `texts` (the file's non-blank lines; those longer than the text
+tower's tokens are cut, with a warning). Images are local files, anything Pillow opens, any size
+or mode; they get the eval preprocessing (RGB, then the run's `data.eval_resize` or
+`--eval_resize`). A file Pillow can't read is reported and skipped, so one broken file doesn't
+lose a large run. An existing OUT.npz is replaced only with `--overwrite`, and is checked for
+before anything is embedded. `--texts` and `--output` may be URLs (gs://...), as a workdir may.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ flags.DEFINE_integer("batch_size", 64, "Images per batch (rounded up to the devi
                      lower_bound=1)
 flags.DEFINE_enum("eval_resize", None, sorted(EVAL_RESIZES), "How images reach the model's "
                   "square input (default: the run's config.data.eval_resize).")
+flags.DEFINE_bool("overwrite", False, "Replace an existing --output.")
 flags.mark_flags_as_required(["workdir", "output"])
 FLAGS = flags.FLAGS
 
@@ -85,6 +89,9 @@ def main(argv: list[str]) -> None:
     del argv
     if not FLAGS.images and not FLAGS.texts:
         raise app.UsageError("give --images and/or --texts")
+    output = FLAGS.output if FLAGS.output.endswith(".npz") else f"{FLAGS.output}.npz"
+    if storage_path(output).exists() and not FLAGS.overwrite:  # before a long embedding
+        raise app.UsageError(f"{output} exists; pass --overwrite to replace it")
     with exit_on_config_error():
         config = load_workdir_config(FLAGS.workdir)
         params, step, setup, tokenizer = restore_params(config, FLAGS.workdir, FLAGS.step)
@@ -105,10 +112,14 @@ def main(argv: list[str]) -> None:
         texts = [line.strip() for line in lines if line.strip()]  # strip() takes "\r" too
         if not texts:
             raise app.UsageError(f"--texts={FLAGS.texts} holds no text")
+        cut = [text for text in texts if not tokenizer.fits(text)]
+        if cut:
+            logging.warning("%d of %d texts are longer than the text tower's %d tokens and are "
+                            "cut to them, e.g. %r", len(cut), len(texts), tokenizer.max_len,
+                            cut[0][:80])
         out.update(text_embeddings=embedder.texts(params, tokenizer.encode_batch(texts)),
                    texts=np.asarray(texts, dtype=str))
     if jax.process_index() == 0:
-        output = FLAGS.output if FLAGS.output.endswith(".npz") else f"{FLAGS.output}.npz"
         write_npz_whole(storage_path(output), **out)
         print(f"wrote {output}: " + ", ".join(f"{k} {v.shape}" for k, v in out.items()))
 

@@ -49,6 +49,19 @@ def test_tokenizer_sticky_eos_and_truncation(tiny_config):
     assert long[-1] == EOS_ID and np.all(long[:-1] != EOS_ID)
 
 
+def test_a_tokenizer_with_other_special_ids_is_refused_saying_which(tmp_path):
+    """SentencePiece's defaults (unk 0, bos 1, eos 2, no pad) would pool the text towers at
+    the wrong token: one line with the ids found and how to make a fitting one."""
+    import sentencepiece as spm
+
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter([f"a face {i}" for i in range(200)]),
+                                   model_writer=model, vocab_size=30, minloglevel=2)
+    (tmp_path / "default.model").write_bytes(model.getvalue())
+    with pytest.raises(ConfigError, match=r"has pad=-1, eos=2; flipjax's have pad=0, eos=1"):
+        Tokenizer(str(tmp_path / "default.model"), 16)
+
+
 def test_tokenizer_command_trains_on_a_built_dataset(tiny_config, tmp_path, capsys):
     """`python -m flipjax.data.tokenizer`, as the README and the missing-tokenizer error give
     it: reads the built dataset's captions and writes a model of the asked size that has

@@ -73,22 +73,32 @@ def test_cli_embeds_images_and_texts(workdir, tmp_path):
     images = tmp_path / "images[1]"  # a folder name glob would read as a pattern
     good = write_images(images)
     texts = tmp_path / "texts.txt"  # with a byte-order mark, as some editors save UTF-8
-    texts.write_bytes("\ufeffa man wearing glasses\n\n  a smiling woman  \n".encode())
+    long = " ".join(["a smiling young woman with long dark hair"] * 8)  # past 16 tokens
+    texts.write_bytes(f"\ufeffa man wearing glasses\n\n  a smiling woman  \n{long}\n".encode())
     out = tmp_path / "out" / "emb.npz"
     proc = embed_cli(f"--workdir={workdir}", f"--images={images}", f"--texts={texts}",
                      f"--output={out}", "--batch_size=4")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "broken.jpg" in proc.stderr and "empty.png" in proc.stderr
+    assert "1 of 3 texts are longer than the text tower's 16 tokens" in proc.stderr
     with np.load(out) as f:
         files = [os.path.relpath(p, images) for p in f["image_files"]]
         img, txt = f["image_embeddings"], f["text_embeddings"]
-        assert list(f["texts"]) == ["a man wearing glasses", "a smiling woman"]
+        assert list(f["texts"]) == ["a man wearing glasses", "a smiling woman", long]
     assert files == good
-    assert img.shape[0] == len(good) and txt.shape == (2, img.shape[1])
+    assert img.shape[0] == len(good) and txt.shape == (3, img.shape[1])
     np.testing.assert_allclose(np.linalg.norm(img, axis=1), 1.0, atol=1e-4)
     np.testing.assert_allclose(np.linalg.norm(txt, axis=1), 1.0, atol=1e-4)
     np.testing.assert_allclose(img[0], img[1], atol=1e-5)  # PNG and BMP of the same pixels
     assert not np.allclose(img[0], img[3], atol=1e-3)  # and a different image differs
+    # Again into the same file: refused before anything is embedded, unless told.
+    again = embed_cli(f"--workdir={workdir}", f"--texts={texts}", f"--output={out}")
+    assert again.returncode != 0 and "emb.npz exists; pass --overwrite" in again.stderr
+    again = embed_cli(f"--workdir={workdir}", f"--texts={texts}", f"--output={out}",
+                      "--overwrite")
+    assert again.returncode == 0, again.stderr[-3000:]
+    with np.load(out) as f:
+        assert "image_embeddings" not in f and f["text_embeddings"].shape == txt.shape
 
 
 def test_cli_refuses_a_texts_file_without_text(workdir, tmp_path):

@@ -124,7 +124,12 @@ class Tokenizer:
         self.model_path, self.max_len = model_path, max_len
         self.sp = spm.SentencePieceProcessor(model_proto=path.read_bytes())
         if self.sp.eos_id() != EOS_ID or self.sp.pad_id() != PAD_ID:
-            raise ValueError(f"tokenizer {model_path!r} must have pad={PAD_ID}, eos={EOS_ID}")
+            from flipjax.config import ConfigError  # flipjax.config imports this module
+
+            raise ConfigError(f"tokenizer {model_path!r} has pad={self.sp.pad_id()}, "
+                              f"eos={self.sp.eos_id()}; flipjax's have pad={PAD_ID}, "
+                              f"eos={EOS_ID} (the text towers pool at EOS): train one with "
+                              "`python -m flipjax.data.tokenizer`")
 
     @property
     def vocab_size(self) -> int:
