@@ -29,7 +29,7 @@ from flipjax.models.vit import POOLS as IMAGE_POOLS
 from flipjax.models.vit import POSEMBS, probe_blocks
 from flipjax.storage import storage_path
 from flipjax.train.losses import LOSSES
-from flipjax.train.optimizer import param_groups
+from flipjax.train.optimizer import decay_mask, param_groups
 from flipjax.train.sharding import (
     batch_shards,
     check_strategy,
@@ -250,6 +250,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"config.model: {e}") from None
     try:
         param_groups(abstract_params, optim)
+        decay_mask(abstract_params, optim)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     if not data.build_if_missing:

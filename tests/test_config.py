@@ -34,6 +34,8 @@ from flipjax.train.workdir import load_workdir_config
     ("model.remat", "some", r"config\.model\.remat: 'some' is not one of"),
     ("model.attention", "flash", r"config\.model\.attention: 'flash' is not 'auto' or"),
     ("seed", -1, r"config\.seed: -1 must be 0 or more"),
+    ("optim.decay_regex", "kernel$", r"config\.optim\.decay_regex='kernel\$' matches no "
+                                     r"parameter, so config\.optim\.weight_decay=.* decays"),
     ("model.attention", "cudnn", r"config\.model\.attention: 'cudnn' needs JAX's default device"),
     ("optim.mu_dtype", "float16", r"config\.optim\.mu_dtype: 'float16'"),
     ("sharding_rules", [(".*", "shard")], r"config\.sharding_rules: unknown strategy 'shard'"),

@@ -52,6 +52,24 @@ def test_sharded_loss_matches_global(name, batch, axes):
     assert got_g[0].sharding.is_equivalent_to(sharded, 2)
 
 
+@pytest.mark.parametrize("name", ["softmax", "sigmoid"])
+def test_duplicate_pairs_tie_as_in_the_global_metrics(name):
+    """A pair repeated on another device (templated captions make duplicates likely) ties in
+    the top-1 search: the sharded metrics break the tie as the global `argmax` does."""
+    mesh = make_mesh([("data", -1)])
+    rng = np.random.default_rng(0)
+    zimg, ztxt = unit_rows(rng, 16, 16), unit_rows(rng, 16, 16)
+    zimg[12], ztxt[12] = zimg[1], ztxt[1]  # on device 6; the original on device 0
+    sharded = NamedSharding(mesh, P(mesh.axis_names))
+    args = (jnp.float32(10.0), jnp.float32(-3.0))
+    _, want = LOSSES[name](zimg, ztxt, *args)
+    _, got = jax.jit(make_sharded_loss(name, mesh))(
+        jax.device_put(zimg, sharded), jax.device_put(ztxt, sharded), *args)
+    assert want["i2t_top1"] < 1
+    for k in want:
+        np.testing.assert_allclose(got[k], want[k], err_msg=k)
+
+
 def test_sharded_loss_rejects_indivisible_batch():
     with pytest.raises(ValueError, match="not divisible"):
         make_sharded_loss("softmax", make_mesh([("data", -1)]))(

@@ -58,18 +58,32 @@ def param_groups(params: Any, cfg: ml_collections.ConfigDict) -> Any:
     return labels
 
 
+def decay_mask(params: Any, cfg: ml_collections.ConfigDict) -> Any:
+    """Whether each parameter gets weight decay: `optim.decay_regex` matches its whole name.
+    With `weight_decay` above 0, a regex that matches none is an error: written as a search
+    (`kernel$`, as sharding rules are) it would silently train without decay."""
+    decay_rx = re.compile(cfg.decay_regex)
+    names = leaf_names(params)
+    mask = jax.tree.map(lambda name: bool(decay_rx.fullmatch(name)), names)
+    if cfg.weight_decay and not any(jax.tree.leaves(mask)):
+        examples = ", ".join(jax.tree.leaves(names)[:4])
+        raise ValueError(f"config.optim.decay_regex={cfg.decay_regex!r} matches no parameter, "
+                         f"so config.optim.weight_decay={cfg.weight_decay} decays nothing. It "
+                         f"matches whole names such as {examples}; e.g. '.*/kernel'")
+    return mask
+
+
 def make_optimizer(cfg: ml_collections.ConfigDict, params: Any,
                    total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """The optimizer for `params` (a pure dict) and the base learning-rate schedule."""
     schedule = make_schedule(cfg, total_steps)
     labels = param_groups(params, cfg)
-    decay_rx = re.compile(cfg.decay_regex)
-    decay_mask = jax.tree.map(lambda name: bool(decay_rx.fullmatch(name)), leaf_names(params))
+    decayed = decay_mask(params, cfg)
 
     def adamw(mult: float) -> optax.GradientTransformation:
         lr = schedule if mult == 1.0 else (lambda step: mult * schedule(step))
         return optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
-                           mask=decay_mask, mu_dtype=cfg.mu_dtype)
+                           mask=decayed, mu_dtype=cfg.mu_dtype)
 
     groups = {FROZEN: optax.set_to_zero(), "default": adamw(1.0)}
     groups.update({f"lr_mult_{i}": adamw(float(m)) for i, (_, m) in enumerate(cfg.lr_mults)})

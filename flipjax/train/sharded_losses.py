@@ -64,7 +64,10 @@ def _sigmoid_local(zimg, ztxt, scale, bias, *, axes, num_devices, global_batch):
     txt_best = (jnp.max(own_logits, axis=0), rows[jnp.argmax(own_logits, axis=0)])
 
     def better(best, val, idx):
-        return jnp.where(val > best[0], val, best[0]), jnp.where(val > best[0], idx, best[1])
+        """The higher score; on a tie (a duplicate caption or image in the batch) the lower
+        global index, as `argmax` over the whole row takes."""
+        take = (val > best[0]) | ((val == best[0]) & (idx < best[1]))
+        return jnp.where(take, val, best[0]), jnp.where(take, idx, best[1])
 
     # Remat each step so the backward pass keeps only the (b, d) blocks, not the (b, b) logits.
     @jax.checkpoint
