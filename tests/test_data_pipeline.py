@@ -1,4 +1,5 @@
 import io
+import re
 import subprocess
 import sys
 from collections import Counter
@@ -82,8 +83,18 @@ def test_tokenizer_command_trains_on_a_built_dataset(tiny_config, tmp_path, caps
     with pytest.raises(SystemExit):  # a run's config may name it: replaced only when told
         tokenizer_main(args)
     assert "exists; pass --overwrite" in capsys.readouterr().err
-    with pytest.raises(ValueError, match=r"--text_key='captions': .* has no such feature"):
-        tokenizer_main([*args, "--overwrite", "--text_key=captions"])
+    # Flags the dataset does not fit: one line naming the flag, exit 2.
+    for flag, message in (("--text_key=captions", r"--text_key='captions': .* has no such "
+                                                  r"feature"),
+                          ("--text_key=attributes", r"--text_key='attributes' is not a text "
+                                                    r"feature"),
+                          ("--split=dev", r"--split='dev'")):
+        with pytest.raises(SystemExit) as exit_:
+            tokenizer_main([*args, "--overwrite", flag])
+        assert exit_.value.code == 2 and re.search(message, capsys.readouterr().err), flag
+    with pytest.raises(SystemExit):
+        tokenizer_main([*args[:-1], f"--output={tmp_path / 'spm'}"])
+    assert "must end in .model" in capsys.readouterr().err
 
 
 def test_train_batches_shapes_and_determinism(tiny_config):

@@ -169,11 +169,16 @@ def dataset_texts(name: str, data_dir: str, split: str, text_key: str,
     its trainer."""
     import ml_collections
 
+    from flipjax.config import ConfigError
     from flipjax.data.pipeline import data_source
 
     source = data_source(ml_collections.ConfigDict(
         {"name": name, "builder_config": builder_config, "data_dir": data_dir}), split,
         fields[0], {fields[1]: text_key})
+    try:  # a feature that holds no text (e.g. `attributes`)
+        captions_of(source[0][text_key])
+    except (TypeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{fields[1]}={text_key!r} is not a text feature: {e}") from None
     return (c for i in range(len(source)) for c in captions_of(source[i][text_key]))
 
 
@@ -192,13 +197,20 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an existing --output")
     args = parser.parse_args(argv)
+    if not args.output.endswith(".model"):
+        parser.error(f"--output={args.output} must end in .model")
     if storage_path(args.output).exists() and not args.overwrite:
         # Runs keep a copy of their tokenizer, but configs that name this path would silently
         # pair new ids with embeddings trained on the old ones.
         parser.error(f"{args.output} exists; pass --overwrite to replace it")
-    path = train_sentencepiece(dataset_texts(args.dataset, args.data_dir, args.split,
-                                             args.text_key, args.builder_config),
-                               args.output, args.vocab_size, args.model_type)
+    from flipjax.config import ConfigError
+
+    try:
+        texts = dataset_texts(args.dataset, args.data_dir, args.split, args.text_key,
+                              args.builder_config)
+    except ConfigError as e:  # a split or feature the dataset lacks: one line, exit 2
+        parser.error(str(e))
+    path = train_sentencepiece(texts, args.output, args.vocab_size, args.model_type)
     print(f"wrote {path} ({Tokenizer(path, max_len=1).vocab_size} pieces)")
 
 
