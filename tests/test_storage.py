@@ -134,6 +134,7 @@ def test_a_resume_skips_a_cut_short_metrics_line_and_names_a_corrupt_one(tmp_pat
     jsonl = storage_path(tmp_path / "metrics.jsonl")
     jsonl.write_text('{"step": 1}\n{"step": 2}\n{"step": 3, "tra')
     assert metrics.lines_up_to(jsonl, 2) == ['{"step": 1}\n', '{"step": 2}\n']
-    jsonl.write_text('{"step": 1}\nnot json\n')
-    with pytest.raises(ValueError, match=r"metrics\.jsonl:2: not a metrics line"):
-        metrics.lines_up_to(jsonl, 2)
+    for bad in ('not json', '{"step": null}', '[1, 2]'):
+        jsonl.write_text(f'{{"step": 1}}\n{bad}\n')
+        with pytest.raises(ValueError, match=r"metrics\.jsonl:2: not a metrics line"):
+            metrics.lines_up_to(jsonl, 2)

@@ -29,6 +29,8 @@ def lines_up_to(path: epath.Path, last_step: int) -> list[str]:
             continue
         try:
             step = json.loads(line)["step"]
+            if not isinstance(step, int):
+                raise TypeError(f"step {step!r} is not an integer")
         except (ValueError, KeyError, TypeError) as e:
             raise ValueError(f"{path}:{number}: not a metrics line with a step ({e!r}); fix or "
                              "delete that line to resume") from None
