@@ -34,7 +34,7 @@ from flipjax.train.workdir import load_workdir_config
     ("model.remat", "some", r"config\.model\.remat: 'some' is not one of"),
     ("model.attention", "flash", r"config\.model\.attention: 'flash' is not 'auto' or"),
     ("seed", -1, r"config\.seed: -1 must be 0 or more"),
-    ("optim.decay_regex", "kernel$", r"config\.optim\.decay_regex='kernel\$' matches no "
+    ("optim.decay_regex", "kernel$", r"config\.optim\.decay_regex: 'kernel\$' matches no "
                                      r"parameter, so config\.optim\.weight_decay=.* decays"),
     ("model.attention", "cudnn", r"config\.model\.attention: 'cudnn' needs JAX's default device"),
     ("optim.mu_dtype", "float16", r"config\.optim\.mu_dtype: 'float16'"),
@@ -280,3 +280,12 @@ def test_demo_config_loads_outside_the_repository(tmp_path):
                             text=True, timeout=120, env={"PATH": "/usr/bin:/bin"})
     assert result.returncode == 0, result.stderr[-2000:]
     assert json.loads(result.stdout) == json.loads(load_config().to_json())
+
+
+def test_a_saved_run_whose_decay_regex_matches_nothing_still_restores(tiny_config):
+    """`validate` refuses such a decay_regex before training; a run saved before that check
+    must still build its train state, which evaluation, embedding and export restore into."""
+    tiny_config.optim.decay_regex = "kernel$"
+    with pytest.raises(ConfigError, match=r"config\.optim\.decay_regex: 'kernel\$'"):
+        validate(tiny_config)
+    TrainSetup(tiny_config, tiny_config.tokenizer.vocab_size, make_mesh(tiny_config.mesh))

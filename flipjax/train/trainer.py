@@ -73,18 +73,21 @@ def warn_if_schedule_changes(config: ml_collections.ConfigDict,
                         config.total_steps, step, before, after)
 
 
-def keep_tokenizer(config: ml_collections.ConfigDict, workdir: str, resumed: bool) -> None:
-    """Keeps the run's tokenizer as WORKDIR/tokenizer.model (what evaluation and export read);
-    a resume must use the same one: other ids would feed the trained embeddings other pieces.
-    """
+def check_kept_tokenizer(config: ml_collections.ConfigDict, workdir: str) -> None:
+    """Raises ConfigError when a resume's tokenizer is not the one the run keeps: other ids
+    would feed the trained embeddings other pieces."""
     kept = storage_path(workdir) / TOKENIZER_FILE
-    matches = is_kept_tokenizer(config, workdir)
-    if resumed and matches is not None:
-        check(matches, "tokenizer.path",
-              f"{config.tokenizer.path!r} is not the tokenizer this run trained with ({kept}); "
-              f"resume with tokenizer.path={str(kept)!r}, or use a new workdir")
-    elif jax.process_index() == 0:
-        write_bytes_whole(kept, storage_path(config.tokenizer.path).read_bytes())
+    check(is_kept_tokenizer(config, workdir) is not False, "tokenizer.path",
+          f"{config.tokenizer.path!r} is not the tokenizer this run trained with ({kept}); "
+          f"resume with tokenizer.path={str(kept)!r}, or use a new workdir")
+
+
+def keep_tokenizer(config: ml_collections.ConfigDict, workdir: str) -> None:
+    """Keeps the run's tokenizer as WORKDIR/tokenizer.model, what evaluation and export read
+    (process 0 writes it)."""
+    if jax.process_index() == 0:
+        write_bytes_whole(storage_path(workdir) / TOKENIZER_FILE,
+                          storage_path(config.tokenizer.path).read_bytes())
 
 
 def is_same_run(config: ml_collections.ConfigDict, workdir: str) -> bool:
@@ -190,18 +193,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             # and the config.json written below would then misdescribe the earlier steps.
             check_describes_run(config, workdir)
             warn_if_schedule_changes(config, saved, start)
+        check_kept_tokenizer(config, workdir)
         abstract = checkpoint.abstract_with_shardings(setup.abstract_state,
                                                       setup.state_shardings)
         state = checkpoint.restore(manager, start, abstract, data_iter)
         # Once the checkpoint has restored: a resume that fails keeps no tokenizer copy
         # (a workdir from before runs kept one takes this config's).
-        keep_tokenizer(config, workdir, resumed=True)
+        keep_tokenizer(config, workdir)
         if config.model.max_temperature:  # a resume may lower the cap: it holds from here on
             state["params"]["t"] = jnp.minimum(state["params"]["t"],
                                                math.log(config.model.max_temperature))
         logging.info("resumed from step %d", start)
     else:
-        keep_tokenizer(config, workdir, resumed=False)
+        keep_tokenizer(config, workdir)
         state = setup.init()
         if config.init_from.path:  # pretrained HF weights, on a fresh run only
             try:
