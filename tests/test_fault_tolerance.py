@@ -172,8 +172,9 @@ def test_raise_resumes_past_nonfinite_steps_its_checkpoint_counts(tiny_config, t
 
 
 def test_resume_with_another_layer_layout_fails_clearly_and_keeps_config(tiny_config, tmp_path):
-    """A checkpoint of unrolled layers does not fit a scanned model: the error says which
-    fields to check, and config.json still describes the checkpoint."""
+    """A checkpoint of unrolled layers does not fit a scanned model: the resume is refused
+    naming the field before anything restores, and config.json still describes the
+    checkpoint."""
     config = tiny_config
     config.total_steps = 1
     config.evals = {}
@@ -181,6 +182,7 @@ def test_resume_with_another_layer_layout_fails_clearly_and_keeps_config(tiny_co
     saved = (tmp_path / "config.json").read_text()
     config.total_steps = 2
     config.model.scan_layers = True
-    with pytest.raises(ConfigError, match="does not fit this config's train state.*scan_layers"):
+    with pytest.raises(ConfigError, match=r"^config\.model\.scan_layers: True differs from "
+                                          r"False in .*config\.json"):
         train_and_evaluate(config, str(tmp_path))
     assert (tmp_path / "config.json").read_text() == saved
