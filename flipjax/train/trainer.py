@@ -73,13 +73,16 @@ def warn_if_schedule_changes(config: ml_collections.ConfigDict,
                         config.total_steps, step, before, after)
 
 
-def check_kept_tokenizer(config: ml_collections.ConfigDict, workdir: str) -> None:
-    """Raises ConfigError when a resume's tokenizer is not the one the run keeps: other ids
-    would feed the trained embeddings other pieces."""
+def check_kept_tokenizer(config: ml_collections.ConfigDict, workdir: str) -> bool:
+    """Whether the workdir keeps a copy of the run's tokenizer; raises ConfigError when a
+    resume's tokenizer is not that copy: other ids would feed the trained embeddings other
+    pieces."""
     kept = storage_path(workdir) / TOKENIZER_FILE
-    check(is_kept_tokenizer(config, workdir) is not False, "tokenizer.path",
+    matches = is_kept_tokenizer(config, workdir)
+    check(matches is not False, "tokenizer.path",
           f"{config.tokenizer.path!r} is not the tokenizer this run trained with ({kept}); "
           f"resume with tokenizer.path={str(kept)!r}, or use a new workdir")
+    return bool(matches)
 
 
 def keep_tokenizer(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -193,13 +196,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             # and the config.json written below would then misdescribe the earlier steps.
             check_describes_run(config, workdir)
             warn_if_schedule_changes(config, saved, start)
-        check_kept_tokenizer(config, workdir)
+        tokenizer_kept = check_kept_tokenizer(config, workdir)
         abstract = checkpoint.abstract_with_shardings(setup.abstract_state,
                                                       setup.state_shardings)
         state = checkpoint.restore(manager, start, abstract, data_iter)
-        # Once the checkpoint has restored: a resume that fails keeps no tokenizer copy
-        # (a workdir from before runs kept one takes this config's).
-        keep_tokenizer(config, workdir)
+        # A workdir from before runs kept their tokenizer takes this one, once the checkpoint
+        # has restored: a resume that fails keeps none.
+        if not tokenizer_kept:
+            keep_tokenizer(config, workdir)
         if config.model.max_temperature:  # a resume may lower the cap: it holds from here on
             state["params"]["t"] = jnp.minimum(state["params"]["t"],
                                                math.log(config.model.max_temperature))
