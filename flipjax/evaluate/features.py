@@ -141,13 +141,13 @@ def embed_split(embedder: Embedder, params: dict, data_cfg: ml_collections.Confi
     index of the image that caption j describes.
     """
     images, captions, owners = [], [], []
-    num_images = 0
+    num_images, where = 0, split_name(data_cfg, split)
     for recs in in_batches(eval_records(data_cfg, split), embedder.batch_size,
                            f"embed {split}"):
         images.append(embedder.images(params, np.stack([r["image"] for r in recs])))
         if text_key is not None:
             for i, r in enumerate(recs):
-                texts = read_field(r, text_key, captions_of, split_name(data_cfg, split))
+                texts = read_field(r, text_key, captions_of, where)
                 captions += texts
                 owners += [num_images + i] * len(texts)
         num_images += len(recs)

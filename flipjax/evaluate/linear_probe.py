@@ -85,6 +85,11 @@ class ProbeConfig:
             raise ValueError(f"linear probe l2_grid {self.l2_grid} and epochs_grid "
                              f"{self.epochs_grid} must be non-empty, with epochs >= 1")
 
+    @property
+    def chooses(self) -> bool:
+        """Whether the grid holds more than one head, to choose among on validation."""
+        return len(self.l2_grid) * len(self.epochs_grid) > 1
+
 
 def head_logits(params: dict, x: jax.Array) -> jax.Array:
     """Logits of a head on standardised embeddings (N, D), or on layer features (N, F, D):
@@ -231,7 +236,7 @@ def select(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y: n
     """Fits every (l2, epochs) in the grid on train and keeps the best on validation (the first
     in grid order on ties); a grid of one head needs no validation (`val_y` may be empty).
     Takes no test data, by construction."""
-    if not len(val_y) and len(probe.l2_grid) * len(probe.epochs_grid) > 1:
+    if not len(val_y) and probe.chooses:
         raise ValueError("choosing among the grid's heads needs validation records")
     if train_x.ndim == 2:
         mean, std = train_x.mean(0), train_x.std(0) + 1e-6
@@ -349,7 +354,7 @@ class LinearProbeEvaluator:
         if probe.val_split:
             val = self.features(params, probe.val_split, step)
             carved = 0.0
-        elif len(probe.l2_grid) * len(probe.epochs_grid) == 1:  # nothing to choose
+        elif not probe.chooses:  # one head: no validation to carve
             val, carved = {k: v[:0] for k, v in train.items()}, 0.0
         else:
             groups = None

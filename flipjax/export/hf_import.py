@@ -275,9 +275,9 @@ def load_into_params(params: dict, path: str, towers: Sequence[str],
     if arch == CLIP and "img/patch_embed/kernel" in updates and "img/patch_embed/bias" in flat:
         # CLIP's patch conv has no bias (it lives in the position embedding): zero ours, or,
         # where that embedding is dropped (posemb="sincos2d"), take the bias out of it.
-        bias = flat["img/patch_embed/bias"]
+        bias, sincos = flat["img/patch_embed/bias"], "img/pos_embedding" not in flat
         recovered = None
-        if "img/pos_embedding" not in flat and POSEMB_KEY in tensors:
+        if sincos and POSEMB_KEY in tensors:
             recovered = bias_in_sincos_posemb(tensors[POSEMB_KEY], bias.shape[-1])
         if recovered is not None:
             updates["img/patch_embed/bias"] = recovered.astype(bias.dtype)
@@ -286,8 +286,7 @@ def load_into_params(params: dict, path: str, towers: Sequence[str],
         else:
             updates["img/patch_embed/bias"] = np.zeros(bias.shape, bias.dtype)
             report.reshaped["img/patch_embed/bias"] = "set to zeros (CLIP has no patch bias)" + (
-                "; a bias the dropped position embedding holds is lost"
-                if "img/pos_embedding" not in flat else "")
+                "; a bias the dropped position embedding holds is lost" if sincos else "")
     cap = model_cfg.get("max_temperature")
     if "t" in updates and cap and float(np.exp(updates["t"]).max()) > cap * (1 + 1e-6):
         # Training clamps t after each step, the first included: the imported scale, and the
