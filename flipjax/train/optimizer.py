@@ -51,18 +51,30 @@ def param_groups(params: Any, cfg: ml_collections.ConfigDict) -> Any:
                   for i, (pattern, _) in enumerate(cfg.lr_mults)})
     unused = [rule for group, rule in rules.items() if group not in used]
     if unused:
-        examples = ", ".join(jax.tree.leaves(names)[:4])
         raise ValueError(f"{', '.join(unused)} matches no parameter (or only ones an "
-                         f"earlier rule took). Rules match whole names such as {examples}; "
-                         "e.g. 'img/.*' for the image tower")
+                         f"earlier rule took). {_whole_names(names)}; e.g. 'img/.*' for the "
+                         "image tower")
     return labels
 
 
+def _whole_names(names: Any) -> str:
+    return f"Rules match whole names such as {', '.join(jax.tree.leaves(names)[:4])}"
+
+
 def decay_mask(params: Any, cfg: ml_collections.ConfigDict) -> Any:
-    """Whether each parameter gets weight decay: `optim.decay_regex` matches its whole name
-    (`validate` refuses one that matches none while `weight_decay` is above 0)."""
+    """Whether each parameter gets weight decay: `optim.decay_regex` matches its whole name."""
     decay_rx = re.compile(cfg.decay_regex)
     return jax.tree.map(lambda name: bool(decay_rx.fullmatch(name)), leaf_names(params))
+
+
+def check_decay_regex(params: Any, cfg: ml_collections.ConfigDict) -> None:
+    """Raises ValueError when `weight_decay` is above 0 and `decay_regex` matches no
+    parameter: written as a search (`kernel$`, as sharding rules are) it would decay nothing,
+    silently. Checked by `validate` before training; a run saved before still restores."""
+    if cfg.weight_decay and not any(jax.tree.leaves(decay_mask(params, cfg))):
+        raise ValueError(f"config.optim.decay_regex: {cfg.decay_regex!r} matches no parameter, "
+                         f"so config.optim.weight_decay={cfg.weight_decay} decays nothing. "
+                         f"{_whole_names(leaf_names(params))}; e.g. '.*/kernel'")
 
 
 def make_optimizer(cfg: ml_collections.ConfigDict, params: Any,
