@@ -21,12 +21,13 @@ Conventions:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import json
 import math
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TypeVar
 
 import numpy as np
@@ -375,18 +376,26 @@ def normalize_image(data: bytes, max_short_side: int | None, max_pixels: int = D
     return encode_jpeg(img, jpeg_quality)
 
 
-def read_file(path: str) -> bytes:
-    """Reads an image file, local or at a URL such as gs:// (through etils.epath, as the rest of
-    the conversion reads manual_dir); Skip(MISSING_IMAGE) when it is absent or not a file,
-    Skip(UNREADABLE_FILE) when reading it fails: one file must not end a build."""
+@contextlib.contextmanager
+def skips_unreadable(missing: str = MISSING_IMAGE) -> Iterator[None]:
+    """Around reading one input file: one absent or not a file is Skip(`missing`), one that
+    does not read Skip(UNREADABLE_FILE), since one file must not end a build; a failing
+    storage (`STORAGE_ERRORS`) still does."""
     try:
-        return epath.Path(path).read_bytes()
-    except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as e:
-        raise Skip(MISSING_IMAGE, str(e)) from None
+        yield
     except STORAGE_ERRORS:
         raise
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as e:
+        raise Skip(missing, str(e)) from None
     except OSError as e:
         raise Skip(UNREADABLE_FILE, str(e)) from None
+
+
+def read_file(path: str) -> bytes:
+    """Reads an image file, local or at a URL such as gs:// (through etils.epath, as the rest of
+    the conversion reads manual_dir), skipping it as `skips_unreadable` says."""
+    with skips_unreadable():
+        return epath.Path(path).read_bytes()
 
 
 def image_example(task: tuple[str, str, dict, int | None, int]) -> tuple[str, dict]:

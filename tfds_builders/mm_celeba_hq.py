@@ -21,10 +21,9 @@ from tfds_builders.face_crop import (
     EMPTY_CAPTION,
     INVALID_UTF8,
     MISSING_ANNOTATION,
-    STORAGE_ERRORS,
     TRAIN_TEST_OVERLAP,
-    UNREADABLE_FILE,
     Skip,
+    skips_unreadable,
 )
 
 
@@ -54,16 +53,12 @@ def read_split_file(path: epath.Path) -> list[str]:
 def read_captions(path: epath.Path) -> list[str]:
     """The non-blank lines of a caption file; Skip for a missing, unreadable, empty or
     non-UTF-8 file."""
-    if not path.is_file():
-        raise Skip(MISSING_ANNOTATION, f"no caption file {path}")
+    with skips_unreadable(missing=MISSING_ANNOTATION):
+        data = path.read_bytes()
     try:
-        text = path.read_bytes().decode("utf-8")
+        text = data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise Skip(INVALID_UTF8, f"{path}: {e}") from None
-    except STORAGE_ERRORS:
-        raise
-    except OSError as e:
-        raise Skip(UNREADABLE_FILE, f"{path}: {e}") from None
     captions = [line.strip() for line in text.splitlines() if line.strip()]
     if not captions:
         raise Skip(EMPTY_CAPTION, str(path))

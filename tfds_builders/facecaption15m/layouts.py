@@ -41,10 +41,10 @@ from tfds_builders.face_crop import (
     MISSING_IMAGE,
     STORAGE_ERRORS,
     TRUNCATED_IMAGE,
-    UNREADABLE_FILE,
     Box,
     Skip,
     read_file,
+    skips_unreadable,
 )
 
 FILES = "files"
@@ -118,16 +118,9 @@ class ImageRef:
             return self._read_parquet_row()
         if self.offset < 0:
             return read_file(self.path)
-        try:
-            with epath.Path(self.path).open("rb") as f:
-                f.seek(self.offset)
-                data = f.read(self.length)
-        except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as e:
-            raise Skip(MISSING_IMAGE, str(e)) from None
-        except STORAGE_ERRORS:
-            raise
-        except OSError as e:
-            raise Skip(UNREADABLE_FILE, str(e)) from None
+        with skips_unreadable(), epath.Path(self.path).open("rb") as f:
+            f.seek(self.offset)
+            data = f.read(self.length)
         if len(data) != self.length:
             raise Skip(TRUNCATED_IMAGE, f"tar member at {self.path}:{self.offset} is cut off")
         return data
