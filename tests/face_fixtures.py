@@ -490,13 +490,14 @@ def _write(path: Path, data: bytes | None) -> None:
 def make_celeba(root: Path) -> EvalFixture:
     """The official CelebA archive layout (Img/, Anno/, Eval/; the attribute file with CRLF line
     ends), with a shuffled attribute column order, a grey image, broken images and bad
-    annotation lines (image 18's line repeated with other values, 19's repeated as it is)."""
+    annotation lines (image 18's line repeated with other values, 19's repeated as it is, a
+    byte that is not UTF-8 among 20's values)."""
     manual = root / "manual"
     names = [f"{i:06d}.jpg" for i in range(1, 22)]
     split_of = {n: (i - 1) // 7 for i, n in enumerate(names, 1)}  # 7 train, 7 val, 7 test
     bad_images = dict(zip((5, 10, 15, 16), _bad_images().values(), strict=True))
     bad_attributes = {11: "bad_annotation", 17: "bad_annotation", 12: "missing_annotation",
-                      18: "bad_annotation"}
+                      18: "bad_annotation", 20: "bad_annotation"}
     column_order = list(np.random.default_rng(0).permutation(40))
     attr_lines, identity, bbox, landmarks = [], [], [], []
     splits: dict[str, dict[str, dict]] = {"train": {}, "validation": {}, "test": {}}
@@ -508,6 +509,8 @@ def make_celeba(root: Path) -> EvalFixture:
             values = values[:39]  # Wrong number of columns.
         if i == 17:
             values[5] = "0"  # Not -1/1.
+        if i == 20:
+            values[2] += "\udcff"  # The byte 0xff, written through surrogateescape.
         if i != 12:  # No attributes at all.
             attr_lines.append(f"{name} " + "  ".join(values))
         if i == 18:  # Two lines that disagree.
@@ -534,7 +537,8 @@ def make_celeba(root: Path) -> EvalFixture:
     anno.mkdir(parents=True)
     # As distributed: CRLF line ends, and the header line ends with a space.
     (anno / "list_attr_celeba.txt").write_bytes(
-        f"{len(names)}\r\n{header} \r\n".encode() + "\r\n".join(attr_lines).encode())
+        f"{len(names)}\r\n{header} \r\n".encode()
+        + "\r\n".join(attr_lines).encode("utf-8", "surrogateescape"))
     (anno / "identity_CelebA.txt").write_text("\n".join(identity) + "\n")
     (anno / "list_bbox_celeba.txt").write_text(
         f"{len(names)}\nimage_id x_1 y_1 width height\n" + "\n".join(bbox) + "\n")

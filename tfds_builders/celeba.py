@@ -38,7 +38,8 @@ def parse_attribute_file(path: epath.Path) -> dict[str, np.ndarray | None]:
     Format: a count line, a line of the 40 attribute names, then "<name> v1 ... v40" with
     values -1/1. Columns are matched by name, so a reordered file still reads correctly. A
     line that cannot be parsed maps to None (counted as bad_annotation for its image), and so
-    does an image with two lines that disagree: which one is right is unknown.
+    does an image with two lines that disagree: which one is right is unknown. Lines are split
+    as bytes, so a stray non-UTF-8 byte among the values still names its image.
     """
     lines = annotation_lines(path)
     header = (lines[1] or "").split() if len(lines) > 1 else []
@@ -47,18 +48,21 @@ def parse_attribute_file(path: epath.Path) -> dict[str, np.ndarray | None]:
                              f"{header[:45]}")
     order = [header.index(name) for name in CELEBA_ATTRIBUTE_NAMES]
     out: dict[str, np.ndarray | None] = {}
-    for line in lines[2:]:
-        fields = (line or "").split()
+    for raw in path.read_bytes().splitlines()[2:]:
+        fields = raw.split()
         if not fields:
             continue
         try:
             values = np.array([int(v) for v in fields[1:]], dtype=np.int32)
-        except ValueError:
+        except ValueError:  # int() of bytes reads ASCII digits only
             values = None
         parsed = None
         if values is not None and len(values) == 40 and np.isin(values, (-1, 1)).all():
             parsed = (values[order] > 0).astype(np.int32)
-        name = fields[0]
+        try:
+            name = fields[0].decode("utf-8")
+        except UnicodeDecodeError:  # no image of the split file can have this name
+            continue
         if name in out and (out[name] is None or parsed is None
                             or not np.array_equal(out[name], parsed)):
             parsed = None
