@@ -245,6 +245,15 @@ def test_multiclass_probe():
                         probe_batch_size=64)
     out = linear_probe(data(1000, 0), data(200, 1), data(500, 2), probe)
     assert out["acc"] > 90.0 and out["test_unseen_class_frac"] == 0.0
+    # Test (or validation) labels none of which train saw, as identities on CelebA's official
+    # splits: refused rather than scored 0.
+    disjoint = data(500, 2)
+    disjoint["labels"] = np.char.add("other_", disjoint["labels"])
+    with pytest.raises(ValueError, match="none of the 500 test labels is a class of the train"):
+        linear_probe(data(1000, 0), data(200, 1), disjoint, probe)
+    choosing = dataclasses.replace(probe, epochs_grid=(5, 20))
+    with pytest.raises(ValueError, match="none of the 500 validation labels"):
+        linear_probe(data(1000, 0), disjoint, data(500, 2), choosing)
 
 
 def test_probe_choice_never_depends_on_test():

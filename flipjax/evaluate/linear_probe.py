@@ -129,6 +129,14 @@ def encode_classes(labels: np.ndarray, classes: np.ndarray) -> np.ndarray:
     return np.where(classes[idx] == labels, idx, -1)
 
 
+def disjoint_classes_message(split: str, count: int) -> str:
+    """Why a multiclass probe whose `split` holds none of train's classes is refused."""
+    return (f"multiclass probe: none of the {count} {split} labels is a class of the train "
+            "split, so every prediction would be wrong; the splits share no class (CelebA and "
+            "LFWA keep each identity in one split: probe identities within one split, or "
+            "probe attributes)")
+
+
 def predict(head: Head, x: np.ndarray, kind: str) -> np.ndarray:
     logits = head.logits(x)
     return (logits > 0).astype(np.int32) if kind == "multilabel" else logits.argmax(-1)
@@ -249,6 +257,8 @@ def select(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y: n
         classes = np.unique(train_y)
         train_y, val_y = encode_classes(train_y, classes), encode_classes(val_y, classes)
         num_outputs = len(classes)
+        if len(val_y) and (val_y < 0).all():
+            raise ValueError(disjoint_classes_message("validation", len(val_y)))
     else:
         num_outputs = train_y.shape[1]
     best, best_score, chosen = None, -math.inf, {}
@@ -311,6 +321,8 @@ def linear_probe(train: dict[str, np.ndarray], val: dict[str, np.ndarray],
         out["majority_mean_acc"] = 100.0 * float((y == majority).mean())
     else:
         y = encode_classes(y, head.classes)
+        if len(y) and (y < 0).all():
+            raise ValueError(disjoint_classes_message("test", len(y)))
         out.update(multiclass_metrics(predict(head, x, probe.kind), y))
         values, counts = np.unique(train["labels"], return_counts=True)
         majority = encode_classes(values[[counts.argmax()]], head.classes)[0]
