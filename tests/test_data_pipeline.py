@@ -261,6 +261,24 @@ def test_a_png_colour_key_is_transparent_over_white(mode, fill, key):
     np.testing.assert_array_equal(rgb[:, 4:], np.broadcast_to(right, (4, 4, 3)))
 
 
+@pytest.mark.parametrize("values,shown", [
+    (np.linspace(0, 1, 12, dtype=np.float32), np.linspace(0, 255, 12)),  # float within 0..1
+    (np.linspace(0, 200, 12, dtype=np.float32), np.linspace(0, 200, 12)),  # 8-bit values
+    (np.linspace(0, 65535, 12, dtype=np.float32), np.linspace(0, 255, 12))])  # 16-bit values
+def test_float_images_are_shown_by_their_range(values, shown):
+    """A float (mode F) TIFF within 0..1 is that range, as image editors read one; values
+    above 1 are read as 8-bit, and above 255 as 16-bit."""
+    from tfds_builders.face_crop import to_rgb
+
+    buf = io.BytesIO()
+    Image.fromarray(np.tile(values, (3, 1))).save(buf, format="TIFF")
+    decoded = Image.open(io.BytesIO(buf.getvalue()))
+    assert decoded.mode == "F"
+    rgb = np.asarray(to_rgb(decoded))
+    np.testing.assert_allclose(rgb[0, :, 0], shown, atol=0.51)
+    assert (rgb == rgb[..., :1]).all()
+
+
 def test_squash_keeps_what_a_centre_crop_cuts_off():
     """A CelebA-shaped portrait (178x218) with a red band at the top (a hat) and a blue one at
     the bottom (a necktie): "squash" (FLIP's evaluation resize) keeps both, the centre crop

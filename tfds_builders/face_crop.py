@@ -234,11 +234,14 @@ def to_rgb(img: Image.Image) -> Image.Image:
         return background
     if img.mode in _HIGH_DEPTH_MODES:
         values = np.asarray(img, dtype=np.float64)
-        # 16-bit data spans 0..65535; 32-bit integer or float data of unknown range is shown
-        # as 8-bit if it fits, else scaled like 16-bit.
+        # 16-bit data spans 0..65535; float data within 0..1 is that range, as image editors
+        # read float TIFFs; other 32-bit integer or float data of unknown range is shown as
+        # 8-bit if it fits, else scaled like 16-bit.
         keyed = values == key if isinstance(key, int | float) else None
         if img.mode.startswith("I;16") or values.max(initial=0) > 255:
             values = values / 257.0
+        elif img.mode == "F" and values.min(initial=0) >= 0 and values.max(initial=0) <= 1:
+            values = values * 255.0
         grey = np.clip(np.rint(values), 0, 255).astype(np.uint8)
         if keyed is not None:
             grey[keyed] = 255
