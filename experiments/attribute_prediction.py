@@ -6,8 +6,9 @@
 Needs `celeba` / `lfwa` built under TFDS_DIR (`python -m tfds_builders build ...`). Protocol:
 towers frozen, one linear layer (40 independent sigmoid outputs, BCE), on the image embeddings
 (`embedding`) or on FLIP's features (`layers`: class token, patch mean and max after blocks 4,
-6, 8 and the last of FLIP's 12-block class-token tower, the same fractions of another depth,
-no class token for other poolings: the report says which; one shared LayerNorm and learned
+6, 8 and the last of FLIP's 12-block class-token tower, the same fractions of another depth;
+a MAP-pooled tower's final pooled vector in the class token's place, no class token for
+mean pooling: the report says which; one shared LayerNorm and learned
 weights, as FLIP's attribute head); Adam with L2 x epochs chosen on the validation split
 (CelebA's official one; LFWA has none, so a seeded 10% of its train split, whole identities, as
 CelebA's splits keep people apart), test scored once. `flip_recipe` trains FLIP's head on the
@@ -51,12 +52,13 @@ def layer_features_text(image_cfg: ml_collections.ConfigDict) -> str:
     """What the `layers` probes read from this run's image tower (`ViT.layer_features`)."""
     depth = tower_size(image_cfg, with_patch=True)[0].depth
     blocks = probe_blocks(None, depth)
-    tok = image_cfg.pool == "tok"
-    summary = "class token, patch mean and max" if tok else (
-        f"patch mean and max (`pool={image_cfg.pool!r}`: no class token)")
-    count = (3 if tok else 2) * (len(blocks) + 1)
+    tok, pooled = image_cfg.pool == "tok", image_cfg.pool == "map"
+    summary = "class token, patch mean and max" if tok else "patch mean and max"
+    count = (3 if tok else 2) * (len(blocks) + 1) + pooled
+    extra = "" if tok else (" with the last's MAP-pooled vector" if pooled else "") + (
+        f" (`pool={image_cfg.pool!r}`: no class token)")
     return (f"{summary} of blocks {', '.join(map(str, blocks))} and the last, block "
-            f"{depth} ({count} vectors)")
+            f"{depth},{extra} ({count} vectors)")
 
 
 def validation_kind(results: dict, splits: dict) -> str:

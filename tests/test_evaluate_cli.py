@@ -259,8 +259,9 @@ def test_probe_on_flips_layer_features(saved_run, tmp_path):
     assert len(cached) == 1, cached  # the embeddings'
     features = image_features(evaluators["layers"].embedder, params, config.data, "test[:8]",
                               "attributes", layers=True)["features"]
-    # Mean and max (no class token with MAP pooling) of block 1 and of the last.
-    assert features.shape == (8, 4, config.model.image.width)
+    # Mean and max of block 1, and the MAP-pooled vector (no class token), mean and max of
+    # the last.
+    assert features.shape == (8, 5, config.model.image.width)
     assert features.dtype == np.float16
     config.evals.layers.blocks = (config.model.image.depth,)
     with pytest.raises(ValueError, match=r"config\.evals\.layers\.blocks: \(2,\) must be "

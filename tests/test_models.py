@@ -590,8 +590,9 @@ def test_decode_variant_rejects_bad_names(bad):
 @pytest.mark.parametrize("attention", ["dot", "cudnn"])
 def test_layer_features_summarise_the_chosen_blocks_outputs(monkeypatch, pool, attention):
     """FLIP's probe features: class token (with one), patch mean and patch max of the chosen
-    blocks' outputs and of the final output, the same from a scanned tower, and never
-    reading the pad token an even-length kernel adds to 17 tokens."""
+    blocks' outputs and of the final output, the MAP-pooled vector first of the final
+    output's with `pool="map"`, the same from a scanned tower, and never reading the pad
+    token an even-length kernel adds to 17 tokens."""
     monkeypatch.setitem(ATTENTION_IMPLEMENTATIONS, "cudnn", functools.partial(
         cudnn_attention, implementation="xla"))
     images = jax.random.normal(jax.random.key(1), (3, 32, 32, 3))
@@ -608,10 +609,14 @@ def test_layer_features_summarise_the_chosen_blocks_outputs(monkeypatch, pool, a
         outputs += [x] if number in (1, 3) else []
     outputs.append(model.tokens(images))
     cls = int(pool == "tok")
-    want = jnp.stack([v for t in outputs for v in ([t[:, 0]] if cls else [])
-                      + [t[:, cls:].mean(1), t[:, cls:].max(1)]], axis=1)
-    assert features.shape == (3, 3 * (2 + cls), 32)
-    np.testing.assert_allclose(features, want, atol=1e-5)
+    want = [v for t in outputs for v in ([t[:, 0]] if cls else [])
+            + [t[:, cls:].mean(1), t[:, cls:].max(1)]]
+    if pool == "map":
+        want.insert(-2, model.map_head(outputs[-1]))
+        np.testing.assert_allclose(want[-3], model(images), atol=1e-5)  # the tower's output
+    assert features.shape == (3, 2 * 2 + 3 if pool == "map" else 3 * 3, 32)
+    np.testing.assert_allclose(features, jnp.stack(want, axis=1), atol=1e-5)
+    assert model.layer_features(images, ()).shape == (3, 3, 32)  # the final output's only
 
     scanned = vit(scan=True)
     params = nnx.state(scanned, nnx.Param)

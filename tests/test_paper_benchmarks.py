@@ -64,7 +64,8 @@ def test_attribute_prediction_script(run_and_data):
     text = run_script("experiments.attribute_prediction", workdir, data_dir, root / "attr.md")
     assert "images `squash`" in text
     # The features of this run's tower (the tiny config's: 2 blocks, MAP pooling).
-    assert "patch mean and max (`pool='map'`: no class token) of blocks 1 and the last" in text
+    assert ("patch mean and max of blocks 1 and the last, block 2, with the last's MAP-pooled "
+            "vector (`pool='map'`: no class token) (5 vectors)") in text
     size = functools.partial(split_size, data_dir=data_dir)
     for method in ("probe embedding", "probe layers", "probe flip_recipe"):
         # CelebA's official splits; LFWA's validation carved from its train split.

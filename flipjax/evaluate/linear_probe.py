@@ -4,10 +4,11 @@ layer trained).
 `features="embedding"`: the image tower's L2-normalised embeddings, standardised with train
 statistics, then the linear layer. `features="layers"`: FLIP's attribute head (its
 `fflip_celeba_recognition.py`, after FaRL's): the class token, patch mean and patch max after
-`blocks` (FLIP: 4, 6, 8) and after the last block, twelve vectors, through one LayerNorm they
-share and a learned weighted sum, then the linear layer. `multilabel` fits one independent
-sigmoid output per attribute (BCE; CelebA/LFWA's 40 attributes), `multiclass` one softmax over
-the classes seen in train (e.g. `identity`).
+`blocks` (FLIP: 4, 6, 8) and after the last block, twelve vectors (a MAP-pooled tower has the
+last block's pooled vector in place of class tokens: `ViT.layer_features`), through one
+LayerNorm they share and a learned weighted sum, then the linear layer. `multilabel` fits one
+independent sigmoid output per attribute (BCE; CelebA/LFWA's 40 attributes), `multiclass` one
+softmax over the classes seen in train (e.g. `identity`).
 
 The head trains with Adam at a constant `lr` and an L2 penalty in the loss (`optimizer="adam"`,
 one run gives every epoch count of the grid), or with FLIP's recipe (`optimizer="adamw"`: AdamW

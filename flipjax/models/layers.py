@@ -476,11 +476,11 @@ class Encoder(nnx.Module):
         return jnp.pad(x, [(0, 0), (0, 1), (0, 0)]), num_tokens
 
     def block_summaries(self, x: jax.Array, summarize: Callable[[jax.Array], jax.Array]
-                        ) -> jax.Array:
-        """`summarize` of every block's output and of the final (normed) output, stacked:
-        (depth + 1, ...), index i < depth being block i + 1's. Probes on intermediate layers
-        (FLIP's attribute head) read these; each block's tokens are summarised as they are
-        made, so a scanned encoder never holds all of them."""
+                        ) -> tuple[jax.Array, jax.Array]:
+        """(`summarize` of every block's output, stacked: (depth, ...), index i being block
+        i + 1's; the final (normed) output tokens). Probes on intermediate layers (FLIP's
+        attribute head) read these; each block's tokens are summarised as they are made, so a
+        scanned encoder never holds all of them."""
         num_tokens = x.shape[1]
         x, num_keys = self._pad_for_attention(x)
 
@@ -497,8 +497,7 @@ class Encoder(nnx.Module):
                 x, summary = apply(block, x)
                 outputs.append(summary)
             per_block = jnp.stack(outputs)
-        final = summarize(self.encoder_norm(x[:, :num_tokens]))
-        return jnp.concatenate([per_block, final[None]])
+        return per_block, self.encoder_norm(x[:, :num_tokens])
 
 
 def is_static_index(position: int | jax.Array | None) -> bool:

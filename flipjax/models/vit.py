@@ -149,9 +149,10 @@ class ViT(nnx.Module):
         """FLIP's attribute-probe features (B, F, width): for the outputs of `blocks` (1-based)
         and the encoder's final output, the class token (with `pool="tok"`), the mean and the
         max of the patch tokens, in that order. FLIP reads blocks 4, 6, 8 of 12 (F = 12);
-        None means the blocks at those fractions of this tower's depth."""
-        depth = self.depth
-        blocks = probe_blocks(blocks, depth)
+        None means the blocks at those fractions of this tower's depth. With `pool="map"` the
+        final output's MAP-pooled vector stands where the class token would (F = 9 of 12
+        blocks): it is what the tower's embedding is made from, as FLIP's class token is."""
+        blocks = probe_blocks(blocks, self.depth)
         cls = int(self.pool == "tok")
 
         def summarize(tokens: jax.Array) -> jax.Array:
@@ -159,9 +160,15 @@ class ViT(nnx.Module):
             parts = [tokens[:, 0].astype(jnp.float32)] if cls else []
             return jnp.stack([*parts, patches.mean(axis=1), patches.max(axis=1)], axis=1)
 
-        summaries = self.encoder.block_summaries(self.encoder_input(images), summarize)
-        picked = summaries[jnp.asarray([b - 1 for b in blocks] + [depth])]  # (L, B, K, D)
-        return jnp.moveaxis(picked, 0, 1).reshape(images.shape[0], -1, picked.shape[-1])
+        per_block, final = self.encoder.block_summaries(self.encoder_input(images), summarize)
+        picked = per_block[jnp.asarray([b - 1 for b in blocks], jnp.int32)]  # (L, B, K, D)
+        last = summarize(final)
+        if self.pool == "map":
+            last = jnp.concatenate([self.map_head(final)[:, None].astype(jnp.float32), last],
+                                   axis=1)
+        _, b, k, d = picked.shape
+        return jnp.concatenate([jnp.moveaxis(picked, 0, 1).reshape(b, len(blocks) * k, d),
+                                last], axis=1)
 
     def encoder_input(self, images: jax.Array) -> jax.Array:
         """Patch embeddings with the class token and position embeddings, (B, N, width)."""
