@@ -331,6 +331,11 @@ def test_prompt_table_covers_celeba_and_synthetic_faces():
     for name in PROMPTS:
         pos, neg = prompts_for(name)
         assert pos and neg and not set(pos) & set(neg)
+        # One subject on both sides (Male's aside): a gendered noun on one side only would
+        # lean everyone of that gender towards it.
+        if name != "Male":
+            words = {w.strip(".,") for prompt in pos + neg for w in prompt.split()}
+            assert not words & {"man", "men", "woman", "women", "guy", "lady"}, name
     with pytest.raises(KeyError, match="prompts.py"):
         prompts_for("Has_Tail")
 

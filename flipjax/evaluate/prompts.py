@@ -4,7 +4,10 @@ names), and where a dataset's attribute names come from.
 Each attribute has positive and negative descriptions of a person; every description is put
 into every template, the prompt embeddings are L2-normalised and averaged per side (prompt
 ensembling, as in CLIP). Negatives describe the absence concretely where a natural opposite
-exists ("a woman" for Male), since "not X" is weak in contrastive text encoders.
+exists ("a woman" for Male), since "not X" is weak in contrastive text encoders. Both sides
+name the same subject ("a person"), Male's aside: "a man with a goatee" against "a person
+without a goatee" would add a man-versus-person term to every score, leaning every man
+towards the attribute.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ TEMPLATES: tuple[str, ...] = ("a photo of {}.", "a close-up photo of {}.", "a fa
 
 # name -> (positive descriptions, negative descriptions)
 PROMPTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "5_o_Clock_Shadow": (("a man with stubble", "a man with a five o'clock shadow"),
+    "5_o_Clock_Shadow": (("a person with stubble", "a person with a five o'clock shadow"),
                          ("a clean-shaven person", "a person without stubble")),
     "Arched_Eyebrows": (("a person with arched eyebrows",),
                         ("a person with straight eyebrows", "a person with flat eyebrows")),
@@ -55,7 +58,7 @@ PROMPTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
                     ("a person with a defined jawline", "a person without a double chin")),
     "Eyeglasses": (("a person wearing eyeglasses", "a person wearing glasses"),
                    ("a person without eyeglasses", "a person not wearing glasses")),
-    "Goatee": (("a man with a goatee",),
+    "Goatee": (("a person with a goatee",),
                ("a person without a goatee", "a clean-shaven person")),
     "Gray_Hair": (("a person with gray hair", "a person with grey hair"),
                   ("a person with black hair", "a person with blond hair",
@@ -69,11 +72,12 @@ PROMPTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "Mouth_Slightly_Open": (("a person with the mouth slightly open", "a person with parted "
                                                                       "lips"),
                             ("a person with the mouth closed", "a person with closed lips")),
-    "Mustache": (("a man with a mustache", "a man with a moustache"),
+    "Mustache": (("a person with a mustache", "a person with a moustache"),
                  ("a person without a mustache", "a clean-shaven person")),
     "Narrow_Eyes": (("a person with narrow eyes",), ("a person with wide open eyes",)),
     "No_Beard": (("a clean-shaven person", "a person without a beard"),
-                 ("a man with a beard", "a man with a mustache", "a man with a goatee")),
+                 ("a person with a beard", "a person with a mustache",
+                  "a person with a goatee")),
     "Oval_Face": (("a person with an oval face",),
                   ("a person with a round face", "a person with a square face")),
     "Pale_Skin": (("a person with pale skin",), ("a person with tanned skin",
@@ -83,7 +87,7 @@ PROMPTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
                           ("a person with a full hairline",)),
     "Rosy_Cheeks": (("a person with rosy cheeks", "a person with blushing cheeks"),
                     ("a person without rosy cheeks", "a person with an even complexion")),
-    "Sideburns": (("a man with sideburns",), ("a person without sideburns",)),
+    "Sideburns": (("a person with sideburns",), ("a person without sideburns",)),
     "Smiling": (("a smiling person", "a person with a smile"),
                 ("a person with a neutral expression", "a serious person, not smiling")),
     "Straight_Hair": (("a person with straight hair",),
@@ -96,7 +100,7 @@ PROMPTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "Wearing_Lipstick": (("a person wearing lipstick",), ("a person without lipstick",
                                                          "a person with natural lips")),
     "Wearing_Necklace": (("a person wearing a necklace",), ("a person without a necklace",)),
-    "Wearing_Necktie": (("a person wearing a necktie", "a man wearing a tie"),
+    "Wearing_Necktie": (("a person wearing a necktie", "a person wearing a tie"),
                         ("a person without a tie", "a person with an open collar")),
     "Young": (("a young person", "a young adult"),
               ("an old person", "an elderly person", "a middle-aged person")),
