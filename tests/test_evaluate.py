@@ -235,6 +235,15 @@ def test_flip_recipe_adamw_learns_and_decays_every_parameter():
         ProbeConfig(optimizer="sgd")
 
 
+def test_a_diverged_probe_head_is_an_error():
+    """A learning rate that drives the head to NaN (FLIP's recipe runs at lr 0.3) is named,
+    not scored as the all-negative predictor NaN logits make."""
+    probe = ProbeConfig(optimizer="adamw", l2_grid=(0.0,), epochs_grid=(3,), lr=1e38,
+                        probe_batch_size=64)
+    with pytest.raises(ValueError, match=r"diverged .* weight decay 0 by epoch 3: lower lr"):
+        linear_probe(separable(300, 0), separable(100, 1), separable(100, 2), probe)
+
+
 def test_multiclass_probe():
     def data(n, seed):
         d = separable(n, seed)

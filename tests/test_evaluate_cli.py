@@ -236,6 +236,18 @@ def test_probe_carves_validation_by_group(saved_run):
     assert out["num_train"] + out["num_val"] == 512
 
 
+def test_a_diverged_checkpoint_fails_evaluation_rather_than_scoring_a_constant(saved_run):
+    """NaN features compare false with everything: a probe or zero-shot evaluation would
+    score a diverged checkpoint as the all-negative predictor. Every evaluator refuses it."""
+    config, _, setup, tokenizer, params = saved_run
+    diverged = {**params, "img": jax.tree.map(lambda x: x * np.nan, params["img"])}
+    evaluators = make_evaluators(config, tokenizer, setup.graphdef, setup.mesh)
+    assert set(evaluators) == {"retrieval", "linear_probe", "zeroshot"}
+    for evaluator in evaluators.values():
+        with pytest.raises(ValueError, match=r"outputs for \d+ of \d+ inputs hold NaN or Inf"):
+            evaluator.run(diverged, step=None)
+
+
 def test_probe_on_flips_layer_features(saved_run, tmp_path):
     """`features="layers"` fits FLIP's head on the class token, patch mean and max of the
     chosen blocks and the last; those features (12x an embedding's size) are not cached."""

@@ -96,9 +96,18 @@ class Embedder:
         return hashlib.sha256(sums.tobytes()).hexdigest()[:12]
 
     def _run(self, fn: Callable, params: dict, rows: np.ndarray) -> np.ndarray:
+        """`fn`'s outputs for `rows`; non-finite ones (a diverged checkpoint) are a ValueError:
+        a NaN feature compares false with everything, so probes and zero-shot would score the
+        checkpoint as a constant predictor rather than fail."""
         batch = padded(rows, self.batch_size)
         array = jax.make_array_from_callback(batch.shape, self.sharding, lambda idx: batch[idx])
-        return np.asarray(fn(params, array))[: len(rows)]
+        out = np.asarray(fn(params, array))[: len(rows)]
+        finite = np.isfinite(out.reshape(len(out), -1)).all(axis=1)
+        if not finite.all():
+            raise ValueError(f"the model's outputs for {int((~finite).sum())} of {len(out)} "
+                             "inputs hold NaN or Inf; evaluation needs finite features (is "
+                             "the checkpoint diverged?)")
+        return out
 
     def images(self, params: dict, images_u8: np.ndarray) -> np.ndarray:
         return self._run(self._images, params, images_u8)

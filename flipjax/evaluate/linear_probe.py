@@ -265,6 +265,10 @@ def select(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y: n
     best, best_score, chosen = None, -math.inf, {}
     for l2 in probe.l2_grid:
         for epochs, params in fit(xs, train_y, probe, l2, num_outputs).items():
+            if not all(np.isfinite(v).all() for v in params.values()):
+                raise ValueError(f"the probe head diverged (non-finite parameters) with "
+                                 f"{'L2' if probe.optimizer == 'adam' else 'weight decay'} "
+                                 f"{l2:g} by epoch {epochs}: lower lr ({probe.lr:g})")
             head = Head(params, mean, std, classes)
             if not len(val_y):  # the grid's one head: nothing to choose
                 return head, {"chosen_l2": float(l2), "chosen_epochs": float(epochs)}
