@@ -323,9 +323,12 @@ def make_facecaption15m(root: Path, layout: str, resize_mode: str = "border",
                         reason=None if resize_mode == "no" else "unknown_original_size"))
         if layout in ("webdataset", "parquet"):
             cut_img, cut_box = scene(33)
+            # In the tar a PNG (`--encode_format png`) follows its sidecar ("json" < "png"), so
+            # the cut image is known and counted truncated (a cut JPEG, which precedes its
+            # sidecar, is an image without one and its row's image missing).
             rows.append(Row(id="shard_cut", box=json.dumps(cut_box), image=encode(cut_img),
-                            reason="truncated_image" if layout == "webdataset" else
-                            "missing_image"))
+                            ext="png", reason="truncated_image" if layout == "webdataset"
+                            else "missing_image"))
         if layout == "parquet":
             rows.append(dataclasses.replace(_good_row(36), id="row_group_kept"))
             rows.append(dataclasses.replace(_good_row(37), id="row_group_damaged",
@@ -426,10 +429,11 @@ def _write_webdataset_layout(images_dir: Path, samples: list) -> None:
         with tarfile.open(fileobj=buffer, mode="w") as tar:
             for i, (ext, data, meta) in enumerate(part):
                 key = f"{shard:05d}{i:04d}"
+                members = {ext: data, "txt": CAPTION_TEXT.encode()}
                 if meta is not None:
-                    _add_member(tar, f"{key}.json", _sidecar_bytes(meta, key))
-                _add_member(tar, f"{key}.txt", CAPTION_TEXT.encode())
-                _add_member(tar, f"{key}.{ext}", data)
+                    members["json"] = _sidecar_bytes(meta, key)
+                for name in sorted(members):  # as webdataset's TarWriter: "jpg" < "json"
+                    _add_member(tar, f"{key}.{name}", members[name])
         data = buffer.getvalue()
         if shard == 1:  # A partial download: stops in the middle of the image.
             with tarfile.open(fileobj=io.BytesIO(data)) as tar:

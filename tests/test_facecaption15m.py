@@ -446,3 +446,83 @@ def test_a_killed_worker_fails_the_build_rather_than_hanging_it() -> None:
     thread.start()
     thread.join(timeout=120)
     assert isinstance(outcome.get("error"), BrokenProcessPool), outcome
+
+
+def test_a_failing_storage_ends_the_build_in_every_layout(tmp_path: Path) -> None:
+    """A connection reset while indexing a tar or parquet shard, or reading a parquet image,
+    ends the build: counted as one unreadable shard, it would shrink the dataset silently."""
+    shard = tmp_path / "00000.tar"
+    shard.write_bytes(b"")
+
+    def no_network(self, *args, **kwargs):
+        raise ConnectionResetError("connection reset by peer")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(type(layouts.epath.Path(shard)), "open", no_network)
+        for layout in (layouts.WEBDATASET, layouts.PARQUET):
+            with pytest.raises(ConnectionResetError):
+                layouts.index_shard(str(shard), layout)
+        with pytest.raises(ConnectionResetError):
+            layouts.ImageRef(str(tmp_path / "gone.parquet"), 0, 0, column="jpg").read()
+
+
+def test_hostile_boxes_and_sidecars_are_counted_not_fatal(tmp_path: Path) -> None:
+    """Input that broke the parsers (an integer past float's range, JSON nested past Python's
+    recursion limit, an original size past int32) is a skipped record or a bad sidecar."""
+    for box in ("[1" + "0" * 400 + ", 0, 2, 2]", "[" * 100_000):
+        with pytest.raises(face_crop.Skip) as skip:
+            face_crop.parse_box(box)
+        assert skip.value.reason == face_crop.BOX_MALFORMED
+    shard = tmp_path / "00000"
+    shard.mkdir()
+    (shard / "000000001.json").write_text("[" * 100_000)
+    (shard / "000000002.json").write_text(json.dumps(
+        {"_id": "b", "status": "success", "original_width": 3_000_000_000,
+         "original_height": 10}))
+    for name in ("000000001.jpg", "000000002.jpg"):
+        Image.new("RGB", (8, 8)).save(shard / name)
+    index = layouts.index_shard(str(shard), layouts.FILES)
+    assert +index.ignored == {layouts.BAD_SIDECAR: 1}
+    assert [(i, ref.original_size) for i, ref in index.entries] == [("b", None)]
+
+
+def test_images_of_one_key_in_a_shard_keep_the_first_and_count_the_others(tmp_path: Path
+                                                                          ) -> None:
+    shard = tmp_path / "00000"
+    shard.mkdir()
+    (shard / "000000001.json").write_text(json.dumps({"_id": "a", "status": "success"}))
+    Image.new("RGB", (8, 8)).save(shard / "000000001.jpg")
+    Image.new("RGB", (8, 8)).save(shard / "000000001.png")
+    index = layouts.index_shard(str(shard), layouts.FILES)
+    assert [(i, Path(ref.path).name) for i, ref in index.entries] == [("a", "000000001.jpg")]
+    assert +index.ignored == {layouts.DUPLICATE_IMAGE: 1}
+
+
+def test_images_img2dataset_did_not_reencode_take_their_box_as_it_is(tmp_path: Path) -> None:
+    """`--disable_all_reencoding` stores the downloaded bytes and writes every size field as
+    null: the image is its original, so the box fits it even under a resizing mode; a
+    sidecar that merely lacks the original size (an old img2dataset) still cannot be placed."""
+    photo = Image.new("RGB", (120, 90), (90, 60, 30))
+    photo.paste((200, 180, 160), (40, 20, 80, 70))
+    shard = tmp_path / "00000"
+    shard.mkdir()
+    photo.save(shard / "000000001.jpg", quality=95)
+    photo.save(shard / "000000002.jpg", quality=95)
+    (shard / "000000001.json").write_text(json.dumps(
+        {"_id": "raw", "status": "success", "width": None, "height": None,
+         "original_width": None, "original_height": None}))
+    (shard / "000000002.json").write_text(json.dumps({"_id": "old", "status": "success"}))
+    refs = dict(layouts.index_shard(str(shard), layouts.FILES).entries)
+    settings = records.ImageSettings(layouts.FILES, str(tmp_path), "border",
+                                     face_crop.CropSpec(resolution=16, margin=0.0,
+                                                        min_face_size=8), flat_extensions=())
+    row = records.Row(index=0, id="raw", caption="c", laion_caption="",
+                      box=(40.0, 20.0, 80.0, 70.0))
+    _, example = records.make_example(row, refs["raw"], settings)
+    assert list(example["original_size"]) == [120, 90]
+    crop = np.asarray(Image.open(io.BytesIO(example["image"])), np.float32)
+    np.testing.assert_allclose(crop[5:11, 5:11].reshape(-1, 3).mean(0), (200, 180, 160),
+                               atol=8)  # the face, where the box says
+    with pytest.raises(face_crop.Skip) as skip:
+        records.make_example(row, refs["old"], settings)
+    assert skip.value.reason == face_crop.UNKNOWN_ORIGINAL_SIZE

@@ -78,7 +78,7 @@ _ORIENTATION_FIX = {
 }
 _ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa"})
 _HIGH_DEPTH_MODES = frozenset({"I", "F", "I;16", "I;16L", "I;16B", "I;16N"})
-_INT32_MAX = 2**31 - 1
+INT32_MAX = 2**31 - 1
 
 
 class Skip(Exception):  # noqa: N818 - a control-flow signal, not an error condition
@@ -141,14 +141,17 @@ def parse_box(value: bytes | str | Sequence[float] | None) -> Box:
     if isinstance(value, bytes | str):
         try:
             value = json.loads(value)
-        except (ValueError, UnicodeDecodeError) as e:
+        except (ValueError, UnicodeDecodeError, RecursionError) as e:
             raise Skip(BOX_MALFORMED, f"not JSON: {e}") from None
     if not isinstance(value, Sequence) or isinstance(value, str | bytes) or len(value) != 4:
         raise Skip(BOX_MALFORMED, f"expected 4 numbers, got {value!r}")
     if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in value):
         raise Skip(BOX_MALFORMED, f"non-numeric coordinate in {value!r}")
-    x1, y1, x2, y2 = (float(v) for v in value)
-    if not all(math.isfinite(v) and abs(v) <= _INT32_MAX for v in (x1, y1, x2, y2)):
+    try:
+        x1, y1, x2, y2 = (float(v) for v in value)
+    except OverflowError:  # an integer past float's range
+        raise Skip(BOX_MALFORMED, f"huge coordinate in {str(value)[:100]}") from None
+    if not all(math.isfinite(v) and abs(v) <= INT32_MAX for v in (x1, y1, x2, y2)):
         raise Skip(BOX_MALFORMED, f"non-finite or huge coordinate in {value!r}")
     if x2 <= x1 or y2 <= y1:
         raise Skip(BOX_DEGENERATE, f"zero-area or inverted box {value!r}")

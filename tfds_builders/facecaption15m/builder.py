@@ -179,7 +179,7 @@ class FaceCaption15M(FaceDatasetBuilder):
     def _build_index(self, shards: list[str], layout: str) -> dict[str, layouts.ImageRef]:
         """`_id` -> image over all img2dataset shards, for the local build.
 
-        Holds one entry per image in memory (roughly 200 bytes each); the Beam build joins
+        Holds one entry per image in memory (about 420 bytes each); the Beam build joins
         with a distributed CoGroupByKey instead.
         """
         index: dict[str, layouts.ImageRef] = {}

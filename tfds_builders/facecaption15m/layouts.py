@@ -38,6 +38,7 @@ from etils import epath
 
 from tfds_builders.face_crop import (
     CORRUPT_IMAGE,
+    INT32_MAX,
     MISSING_IMAGE,
     STORAGE_ERRORS,
     TRUNCATED_IMAGE,
@@ -98,6 +99,8 @@ class ImageRef:
 
     `original_size` is the (width, height) the parquet box refers to, as recorded by
     img2dataset; None when unknown (the flat layout stores the originals themselves).
+    `as_downloaded`: the sidecar says img2dataset stored the bytes it downloaded
+    (`--disable_all_reencoding`: no size recorded, none changed), so the box fits as it is.
     """
 
     path: str
@@ -105,6 +108,7 @@ class ImageRef:
     length: int = -1
     original_size: tuple[int, int] | None = None
     column: str | None = None
+    as_downloaded: bool = False
 
     @property
     def position(self) -> tuple[str, int, int]:
@@ -130,6 +134,8 @@ class ImageRef:
             images = _parquet_row_group(self.path, self.offset, self.column)
         except FileNotFoundError as e:
             raise Skip(MISSING_IMAGE, str(e)) from None
+        except STORAGE_ERRORS:
+            raise
         except (pa.ArrowException, OSError) as e:
             raise Skip(CORRUPT_IMAGE, f"{self.path} row group {self.offset}: {e}") from None
         if self.length >= len(images) or not images[self.length]:
@@ -297,22 +303,33 @@ def list_shards(images_dir: epath.Path, layout: str) -> list[str]:
 def _parse_sidecar(payload: bytes) -> dict | None:
     try:
         meta = json.loads(payload)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: "[[[[..."
         return None
     return meta if isinstance(meta, dict) else None
 
 
 def _original_size(meta: dict) -> tuple[int, int] | None:
     """img2dataset's recorded original size; whole floats count too (a parquet column that
-    older img2dataset versions typed float64 when its first rows were failed downloads)."""
+    older img2dataset versions typed float64 when its first rows were failed downloads).
+    A size past the int32 the records store is no image's."""
     size = []
     for value in (meta.get("original_width"), meta.get("original_height")):
         if isinstance(value, float) and value.is_integer():
             value = int(value)
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        if (not isinstance(value, int) or isinstance(value, bool)
+                or not 0 < value <= INT32_MAX):
             return None
         size.append(value)
     return size[0], size[1]
+
+
+_SIZE_KEYS = ("width", "height", "original_width", "original_height")
+
+
+def _as_downloaded(meta: dict) -> bool:
+    """Whether img2dataset stored the downloaded bytes as they were: with
+    `--disable_all_reencoding` its sidecar holds every size key, all null."""
+    return all(key in meta and meta[key] is None for key in _SIZE_KEYS)
 
 
 def _add_entry(index: ShardIndex, meta: dict | None, ref: ImageRef | None) -> None:
@@ -328,7 +345,7 @@ def _add_entry(index: ShardIndex, meta: dict | None, ref: ImageRef | None) -> No
     else:
         sample_id = str(meta["_id"]).strip()  # as `records.row_id` reads the parquet's
         index.entries.append((sample_id, dataclasses.replace(
-            ref, original_size=_original_size(meta))))
+            ref, original_size=_original_size(meta), as_downloaded=_as_downloaded(meta))))
 
 
 def index_shard(shard: str, layout: str) -> ShardIndex:
@@ -342,11 +359,13 @@ def _index_files_shard(shard: str) -> ShardIndex:
     index = ShardIndex()
     sidecars: dict[str, epath.Path] = {}
     images: dict[str, epath.Path] = {}
-    for path in epath.Path(shard).iterdir():
+    for path in sorted(epath.Path(shard).iterdir()):  # the first of two of one key is kept
         if path.suffix == ".json":
-            sidecars[path.stem] = path
+            index.ignored[DUPLICATE_IMAGE] += path.stem in sidecars
+            sidecars.setdefault(path.stem, path)
         elif path.suffix.lower() in IMAGE_EXTENSIONS:
-            images[path.stem] = path
+            index.ignored[DUPLICATE_IMAGE] += path.stem in images
+            images.setdefault(path.stem, path)
     for key in sorted(sidecars):
         image = images.get(key)
         try:
@@ -373,10 +392,15 @@ def _index_tar_shard(shard: str) -> ShardIndex:
                 folder, _, name = member.name.rpartition("/")
                 stem, _, ext = name.partition(".")
                 key = f"{folder}/{stem}" if folder else stem
+                # Two members of one key: the first is kept, the other counted.
                 if ext == "json":
-                    sidecars[key] = tar.extractfile(member).read()
+                    index.ignored[DUPLICATE_IMAGE] += key in sidecars
+                    sidecars.setdefault(key, tar.extractfile(member).read())
                 elif f".{ext.lower()}" in IMAGE_EXTENSIONS:
-                    images[key] = ImageRef(shard, member.offset_data, member.size)
+                    index.ignored[DUPLICATE_IMAGE] += key in images
+                    images.setdefault(key, ImageRef(shard, member.offset_data, member.size))
+    except STORAGE_ERRORS:
+        raise
     except (tarfile.TarError, OSError, EOFError):
         # A partially downloaded or damaged shard: keep what was readable.
         index.ignored[UNREADABLE_TAR] += 1
@@ -405,8 +429,12 @@ def _index_parquet_shard(shard: str) -> ShardIndex:
             for group in range(shard_file.metadata.num_row_groups):
                 try:
                     groups[group] = shard_file.read_row_group(group, columns=names).to_pylist()
+                except STORAGE_ERRORS:
+                    raise
                 except (pa.ArrowException, OSError):
                     index.ignored[UNREADABLE_PARQUET] += 1
+    except STORAGE_ERRORS:
+        raise
     except (pa.ArrowException, OSError):
         index.ignored[UNREADABLE_PARQUET] += 1
         return index

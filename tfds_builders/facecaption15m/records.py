@@ -228,8 +228,8 @@ def make_example(row: Row, ref: layouts.ImageRef | None,
     if ref is None:
         raise Skip(MISSING_IMAGE)
     img = face_crop.open_image(ref.read(), settings.spec.max_pixels)
-    if (ref.original_size is None and settings.layout != layouts.FLAT
-            and settings.resize_mode != "no"):
+    if (ref.original_size is None and not ref.as_downloaded
+            and settings.layout != layouts.FLAT and settings.resize_mode != "no"):
         raise Skip(UNKNOWN_ORIGINAL_SIZE)  # the stored image's size is not the box's frame
     stored_size = img.size
     original_size = ref.original_size or stored_size
