@@ -63,6 +63,31 @@ def test_sigterm_to_the_process_group_saves_current_step_and_exits(tiny_data, tm
     manager.close()
 
 
+def test_input_workers_outlive_a_sigterm(tiny_config):
+    """A SIGTERM that reaches Grain's workers (a VM shutdown signals every process) leaves the
+    batches coming: the trainer saves after the notice, and a data-bound run's buffer is
+    empty then, so it needs its workers alive."""
+    import multiprocessing
+
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():  # Grain reads its flags when it starts workers
+        flags.FLAGS.mark_as_parsed()
+    tiny_config.data.num_workers = 2
+    tokenizer = Tokenizer(tiny_config.tokenizer.path, tiny_config.tokenizer.max_len)
+    before = {p.pid for p in multiprocessing.active_children()}
+    batches = iter(make_train_dataset(tiny_config.data, tokenizer, seed=0))
+    next(batches)
+    workers = [p for p in multiprocessing.active_children() if p.pid not in before]
+    assert len(workers) == 2
+    for worker in workers:
+        os.kill(worker.pid, signal.SIGTERM)
+    time.sleep(1)
+    for _ in range(4 * tiny_config.data.prefetch_batches + 4):  # past what the buffers held
+        assert next(batches)["image"].shape[0] == tiny_config.data.global_batch_size
+    assert all(worker.is_alive() for worker in workers)
+
+
 CHILD = """
 import asyncio, os, sys
 import grain, jax.numpy as jnp, ml_collections

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import math
+import signal
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -249,8 +250,18 @@ def make_train_dataset(cfg: ml_collections.ConfigDict, tokenizer: Tokenizer,
     ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.read_threads,
                                               prefetch_buffer_size=cfg.prefetch_batches))
     if cfg.num_workers:
-        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.num_workers))
+        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.num_workers),
+                            worker_init_fn=workers_outlive_sigterm)
     return ds
+
+
+def workers_outlive_sigterm(worker_index: int, worker_count: int) -> None:
+    """Grain worker set-up: SIGTERM is ignored. It is a preemption notice for the trainer,
+    which saves before it exits, and a VM shutdown sends it to every process: a worker it
+    killed would fail the trainer's next batch before the save. Grain stops its workers
+    itself (an event, then SIGKILL)."""
+    del worker_index, worker_count
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def to_global(batch: Batch, sharding: NamedSharding) -> dict[str, jax.Array]:
