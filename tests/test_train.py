@@ -195,17 +195,21 @@ def test_a_resumed_run_evaluates_what_its_checkpointed_step_did_not(tiny_config,
                 "zeroshot_again/mean_acc"} <= set(row)
 
 
-def test_a_steps_line_is_out_before_its_evaluations_and_a_preempted_step_is_not_evaluated(
+def test_a_notice_stops_evaluations_at_their_step_and_a_trained_step_before_evaluating(
         tiny_config, tmp_path, monkeypatch):
     """Evaluations find their step's training line already written (a run killed while
-    evaluating keeps it); a notice makes the next step save and stop without evaluating (the
-    grace period is the save's), at the last step too: started again, the run evaluates it."""
+    evaluating keeps it). A notice while they run stops them and saves their step (they
+    outlast a grace period); one while a step trains makes that step save and stop without
+    evaluating (the grace period is the save's), at the last step too. Started again, the
+    run evaluates what it missed, in the lines of those steps."""
+    import flipjax.train.trainer as trainer
     from flipjax.evaluate.retrieval import RetrievalEvaluator
     from flipjax.train.preemption import PreemptedError
 
     config, workdir = tiny_config, str(tmp_path)
     config.total_steps, config.checkpoint.every_steps = 2, 2
-    config.evals = {"retrieval": {**config.evals.retrieval, "every_steps": 1}}
+    config.evals = {"retrieval": {**config.evals.retrieval, "every_steps": 1},
+                    "retrieval_again": {**config.evals.retrieval, "every_steps": 1}}
     config.model.image.depth = config.model.text.depth = 1
     logged_when_evaluated = []
     evaluate = RetrievalEvaluator.run
@@ -216,14 +220,24 @@ def test_a_steps_line_is_out_before_its_evaluations_and_a_preempted_step_is_not_
         return evaluate(self, params, step)
 
     monkeypatch.setattr(RetrievalEvaluator, "run", notice_while_evaluating)
-    with pytest.raises(PreemptedError, match="saved a checkpoint at step 2"):
+    with pytest.raises(PreemptedError, match="saved a checkpoint at step 1"):
         train_and_evaluate(config, workdir)
     losses, rows = read_losses(workdir)
-    assert len(logged_when_evaluated) == 1 and logged_when_evaluated[0] == losses[1]
-    assert "retrieval/t2i_R@1" in rows[0] and "retrieval/t2i_R@1" not in rows[1]
+    assert logged_when_evaluated == [losses[1]]
+    assert "retrieval/t2i_R@1" in rows[0] and "retrieval_again/t2i_R@1" not in rows[0]
+
+    monkeypatch.setattr(RetrievalEvaluator, "run", evaluate)
+    to_global = trainer.to_global
+    monkeypatch.setattr(trainer, "to_global", lambda *args: (
+        os.kill(os.getpid(), signal.SIGTERM), to_global(*args))[1])  # while step 2 trains
+    with pytest.raises(PreemptedError, match="saved a checkpoint at step 2"):
+        train_and_evaluate(config, workdir)
+    rows = read_losses(workdir)[1]
+    assert "retrieval_again/t2i_R@1" in rows[0]  # step 1's, evaluated on resuming
+    assert not any(k.startswith("retrieval") for k in rows[1])
     monkeypatch.undo()
     assert train_and_evaluate(config, workdir) == {}
-    assert "retrieval/t2i_R@1" in read_losses(workdir)[1][1]
+    assert {"retrieval/t2i_R@1", "retrieval_again/t2i_R@1"} <= set(read_losses(workdir)[1][1])
 
 
 def test_a_preempted_step_off_the_logging_interval_leaves_the_lines_of_an_uninterrupted_run(

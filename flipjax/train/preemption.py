@@ -61,3 +61,9 @@ class PreemptionWatch:
         if jax.process_count() > 1:
             return multihost_utils.reached_preemption_sync_point(step)
         return self._notice.is_set()
+
+    def stops_evaluations(self, step: int) -> bool:
+        """Whether a notice stops the evaluations of `step` (done after it, saved then): on
+        one process as soon as it arrives. Several processes agree on a step only as they
+        train, at the step after the one they report, so they evaluate on and stop there."""
+        return jax.process_count() == 1 and self.reached(step)

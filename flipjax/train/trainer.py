@@ -17,6 +17,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import ml_collections
+import orbax.checkpoint as ocp
 from absl import logging
 from tqdm import tqdm
 
@@ -134,8 +135,7 @@ def finish_evaluations(config: ml_collections.ConfigDict, evaluators: dict,
                  "were logged", step, rerun)
     params = functools.cache(params)
     for name in rerun:
-        # Several processes agree on a preemption step only as they train (reached(step)).
-        if preemption is not None and jax.process_count() == 1 and preemption.reached(step):
+        if preemption is not None and preemption.stops_evaluations(step):
             raise PreemptedError(step)
         try:
             for results in run_evaluators(evaluators, params(), step, {name}):
@@ -156,6 +156,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     Raises `PreemptedError` after saving a checkpoint when a preemption notice (SIGTERM)
     arrives, and FloatingPointError on a non-finite loss when `config.nonfinite == "raise"`."""
     validate(config)
+    manager = checkpoint.make_manager(workdir, config.checkpoint)
+    start = manager.latest_step() or 0
+    # Watched from here, before the data is prepared and opened and the checkpoint restored
+    # (minutes on a pod): a notice meanwhile stops the run at its first step, saved, where a
+    # resumed run's processes would otherwise agree on step 1, which it never reaches. The
+    # watch outlasts `closing(manager)`: a second SIGTERM while the last save commits must not
+    # kill the process and lose that checkpoint.
+    with PreemptionWatch(start) as preemption, contextlib.closing(manager):
+        return _train(config, workdir, manager, start, preemption)
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str,
+           manager: ocp.CheckpointManager, start: int,
+           preemption: PreemptionWatch) -> dict[str, float]:
+    """`train_and_evaluate` from the resume point `start` on (0: a fresh run)."""
     prepare(config)
     root = storage_path(workdir)
     root.mkdir(parents=True, exist_ok=True)
@@ -169,9 +184,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     # Input pipeline, and resume.
     data_iter = iter(make_train_dataset(config.data, tokenizer, seed=config.seed))
-    manager = checkpoint.make_manager(workdir, config.checkpoint)
-    start, total = manager.latest_step() or 0, config.total_steps
-    preemption = PreemptionWatch(start)  # before the restore and the resumed evaluations
+    total = config.total_steps
     if start >= total:
         # e.g. a finished job restarted by its scheduler, or a reused --workdir: nothing to
         # train, and the config.json that describes the checkpoint stays.
@@ -179,14 +192,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                         "to train (evaluate it with `python -m flipjax.evaluate --workdir=%s`; "
                         "a higher config.total_steps trains on, on a schedule stretched to it)",
                         workdir, start, total, workdir)
-        with (contextlib.closing(manager),
-              contextlib.closing(MetricWriter(workdir, start)) as writer):
+        with contextlib.closing(MetricWriter(workdir, start)) as writer:
             # Only the run's own config and tokenizer complete its results: another's (a
             # reused --workdir) would log numbers of another evaluation under this run's.
             if process0_flag(is_same_run(config, workdir)):
                 finish_evaluations(config, evaluators, writer, start, lambda: checkpoint.restore(
                     manager, start, checkpoint.abstract_with_shardings(
-                        setup.abstract_state, setup.state_shardings), None)["params"])
+                        setup.abstract_state, setup.state_shardings), None)["params"],
+                    preemption)
         return {}
     if start:
         if (root / "config.json").exists():  # a checkpoint without one: nothing to compare
@@ -239,12 +252,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             raise FloatingPointError(non_finite_message(at_step))
 
     prev_nonfinite, preempted_at = None, None
-    # closing: a URL workdir's metrics.jsonl is written out on errors too.
-    # An error (a failing evaluation, a non-finite loss) waits for a save in flight to land.
-    # The watch outlasts `closing(manager)`: a second SIGTERM while the last save commits
-    # must not kill the process and lose that checkpoint.
-    with (preemption, contextlib.closing(manager),
-          contextlib.closing(MetricWriter(workdir, start)) as writer):
+    # closing: a URL workdir's metrics.jsonl is written out on errors too. An error (a failing
+    # evaluation, a non-finite loss) waits for a save in flight to land (the caller's
+    # `closing(manager)`).
+    with contextlib.closing(MetricWriter(workdir, start)) as writer:
         if start:
             finish_evaluations(config, evaluators, writer, start, lambda: state["params"],
                                preemption)
@@ -289,6 +300,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 for results in run_evaluators(evaluators, state["params"], step, due_evals):
                     metrics.update(results)
                     writer.amend(step, results)
+                    # Evaluations outlast a preemption's grace period: a notice stops them,
+                    # and the resumed run evaluates this step (`finish_evaluations`).
+                    if preemption.stops_evaluations(step):
+                        preempted = True
+                        break
+                if preempted and not due_save:
+                    due_save = True
+                    writer.flush()
+                    checkpoint.save(manager, step, state, data_iter)
                 if due_save and jax.process_index() == 0:  # the steps Orbax keeps
                     kept = sorted({step, *manager.all_steps()})[-config.checkpoint.keep:]
                     prune_feature_cache(str(root / "features"), kept)
