@@ -160,11 +160,13 @@ def test_multilabel_metrics_known():
 
 def test_multiclass_metrics_unseen_class_always_wrong():
     classes = np.array(["ann", "bob"])
-    y = encode_classes(np.array(["ann", "ann", "ann", "bob", "cid"]), classes)
-    np.testing.assert_array_equal(y, [0, 0, 0, 1, -1])
-    m = multiclass_metrics(np.array([0, 0, 1, 1, 0]), y)
-    assert m["acc"] == pytest.approx(60.0)
-    assert m["balanced_acc"] == pytest.approx(100 * (2 / 3 + 1) / 2)
+    labels = np.array(["ann", "ann", "ann", "bob", "cid", "dan"])
+    y = encode_classes(labels, classes)
+    np.testing.assert_array_equal(y, [0, 0, 0, 1, -1, -1])
+    m = multiclass_metrics(np.array([0, 0, 1, 1, 0, 0]), y, labels)
+    assert m["acc"] == pytest.approx(50.0)
+    # Each unseen class a recall of 0: they weigh in balanced accuracy as in accuracy.
+    assert m["balanced_acc"] == pytest.approx(100 * (2 / 3 + 1 + 0 + 0) / 4)
 
 
 def separable(n, seed, d=16, a=5):

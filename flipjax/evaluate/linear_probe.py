@@ -160,13 +160,15 @@ def multilabel_metrics(pred: np.ndarray, y: np.ndarray, names: Sequence[str]
     return out
 
 
-def multiclass_metrics(pred: np.ndarray, y: np.ndarray) -> dict[str, float]:
-    """Top-1 accuracy and balanced accuracy (mean recall over the classes present in `y`); a
-    label of a class unseen in train (-1) is always wrong."""
+def multiclass_metrics(pred: np.ndarray, y: np.ndarray, labels: np.ndarray
+                       ) -> dict[str, float]:
+    """Top-1 accuracy and balanced accuracy (mean recall over the classes of `labels`, the
+    test labels `y` encodes); a class unseen in train (-1 in `y`) is always wrong, so it
+    counts in both, with recall 0."""
     correct = pred == y
-    recalls = [correct[y == c].mean() for c in np.unique(y[y >= 0])]
-    return {"acc": 100.0 * float(correct.mean()),
-            "balanced_acc": 100.0 * float(np.mean(recalls)) if recalls else 0.0}
+    _, group = np.unique(labels, return_inverse=True)
+    recalls = np.bincount(group, weights=correct) / np.bincount(group)
+    return {"acc": 100.0 * float(correct.mean()), "balanced_acc": 100.0 * float(recalls.mean())}
 
 
 def score(head: Head, x: np.ndarray, y: np.ndarray, kind: str) -> float:
@@ -325,10 +327,10 @@ def linear_probe(train: dict[str, np.ndarray], val: dict[str, np.ndarray],
         majority = (train["labels"].mean(0) >= 0.5).astype(np.int32)
         out["majority_mean_acc"] = 100.0 * float((y == majority).mean())
     else:
-        y = encode_classes(y, head.classes)
+        labels, y = y, encode_classes(y, head.classes)
         if len(y) and (y < 0).all():
             raise ValueError(disjoint_classes_message("test", len(y)))
-        out.update(multiclass_metrics(predict(head, x, probe.kind), y))
+        out.update(multiclass_metrics(predict(head, x, probe.kind), y, labels))
         values, counts = np.unique(train["labels"], return_counts=True)
         majority = encode_classes(values[[counts.argmax()]], head.classes)[0]
         out["majority_acc"] = 100.0 * float((y == majority).mean())
