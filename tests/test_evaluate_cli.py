@@ -236,6 +236,25 @@ def test_probe_carves_validation_by_group(saved_run):
     assert out["num_train"] + out["num_val"] == 512
 
 
+@pytest.mark.parametrize("splits,shared", [
+    (dict(train_split="train", val_split="validation", test_split="train[-10%:]"),
+     "train_split 'train' and test_split"),
+    (dict(train_split="train[:300]", val_split="train[299:]+validation"),
+     "train_split 'train\\[:300\\]' and val_split"),
+    (dict(val_split="test[:50%]", test_split="test[25%:]"), "val_split 'test\\[:50%\\]' and "
+                                                            "test_split")])
+def test_a_probe_whose_splits_share_records_is_refused(saved_run, splits, shared):
+    """Test records in train or validation (the official FLIP code's LFWA leak) are refused
+    when the evaluators are made, before any training; adjoining slices are fine."""
+    config, _, setup, tokenizer, _ = saved_run
+    config = ml_collections.ConfigDict(config.to_dict())
+    probe = dict(type="linear_probe", train_split="train[:300]", val_split="train[300:]",
+                 test_split="test")
+    config.evals = {"apart": probe, "probe": {**probe, **splits}}
+    with pytest.raises(ConfigError, match=rf"config\.evals\.probe: {shared} .* share records"):
+        make_evaluators(config, tokenizer, setup.graphdef, setup.mesh)
+
+
 def test_a_diverged_checkpoint_fails_evaluation_rather_than_scoring_a_constant(saved_run):
     """NaN features compare false with everything: a probe or zero-shot evaluation would
     score a diverged checkpoint as the all-negative predictor. Every evaluator refuses it."""

@@ -19,14 +19,16 @@ Hyperparameters (L2 penalty or weight decay x epochs) are chosen on the validati
 `select` never receives test data, and the test split is scored once, with the chosen head. This
 is where the official FLIP code went wrong (it kept the checkpoint with the best *test*
 accuracy, and its LFWA head trained on test images), so the separation is structural here and
-tested. A dataset with no validation split (LFWA) gets a seeded subset carved out of train,
-reported as `val_carved`, unless the grid holds one head (FLIP's recipe): nothing is chosen, so
-it trains on the whole train split (`num_val` 0).
+tested, and splits that share a record (`test_split="train[:10%]"` beside `train_split=
+"train"`) are refused. A dataset with no validation split (LFWA) gets a seeded subset carved
+out of train, reported as `val_carved`, unless the grid holds one head (FLIP's recipe):
+nothing is chosen, so it trains on the whole train split (`num_val` 0).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from collections.abc import Sequence
 
@@ -35,6 +37,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+import tensorflow_datasets as tfds
 from absl import logging
 
 from flipjax.data.pipeline import data_source
@@ -282,6 +285,26 @@ def select(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y: n
     return best, {**chosen, "val_score": 100.0 * best_score}
 
 
+def record_ranges(info: tfds.core.DatasetInfo, split: str) -> list[tuple[str, int, int]]:
+    """The records a split spec selects ("train[:10%]+test"), as (split, start, stop)."""
+    out = []
+    for part in tfds.core.ReadInstruction.from_spec(split).to_absolute(info.splits):
+        size = info.splits[part.splitname].num_examples
+        out.append((part.splitname, part.from_ or 0, size if part.to is None else part.to))
+    return out
+
+
+def check_disjoint_splits(info: tfds.core.DatasetInfo, splits: dict[str, str | None]) -> None:
+    """ValueError when two of a probe's splits ({field: spec}) share a record: a test record
+    in train or validation is the leak the official FLIP code had."""
+    ranges = {field: record_ranges(info, spec) for field, spec in splits.items() if spec}
+    for (a, ranges_a), (b, ranges_b) in itertools.combinations(ranges.items(), 2):
+        if any(name_a == name_b and max(start_a, start_b) < min(stop_a, stop_b)
+               for name_a, start_a, stop_a in ranges_a for name_b, start_b, stop_b in ranges_b):
+            raise ValueError(f"{a} {splits[a]!r} and {b} {splits[b]!r} share records; a "
+                             "probe's train, validation and test records must be apart")
+
+
 def carve_validation(n: int, fraction: float, seed: int, groups: np.ndarray | None = None
                      ) -> tuple[np.ndarray, np.ndarray]:
     """Seeded (train, val) index split of a train set, for datasets without a validation split.
@@ -361,6 +384,9 @@ class LinearProbeEvaluator:
         del tokenizer
         self.probe, self.data_cfg, self.embedder = cfg, data_cfg, embedder
         self.cache_dir = cache_dir
+        check_disjoint_splits(data_source(data_cfg, cfg.train_split).dataset_info,
+                              {"train_split": cfg.train_split, "val_split": cfg.val_split,
+                               "test_split": cfg.test_split})
 
     def features(self, params: dict, split: str, step: int | None) -> dict[str, np.ndarray]:
         return image_features(self.embedder, params, self.data_cfg, split, self.probe.label_key,
