@@ -199,6 +199,11 @@ def test_feature_cache_is_keyed_by_the_datasets_build(saved_run, tmp_path):
              for cfg in (config.data, config.data, copy)]
     assert paths[0] == paths[1] != paths[2]
     assert paths[2].name.startswith("synthetic_faces-tiny_test_attributes_step1_")
+    # A nested label key stays in the cache directory (where pruning looks) and apart from a
+    # flat key that reads alike there.
+    nested, flat = (feature_cache_path(str(tmp_path), config.data, "test", key, 1, "abc")
+                    for key in ("labels/age", "labels_age"))
+    assert nested.parent == flat.parent == tmp_path and nested != flat
 
 
 def test_feature_cache_is_keyed_by_the_weights(saved_run, tmp_path):

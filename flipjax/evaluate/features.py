@@ -185,15 +185,22 @@ def source_identity(data_cfg: ml_collections.ConfigDict, split: str) -> str:
     return f"{directory}|{stats.num_examples}|{stats.num_bytes}"
 
 
+# What a cache file holds and how it was computed (preprocessing, label encoding): a change to
+# either bumps it, so that workdirs' older files are not served as current ones.
+FEATURE_CACHE_VERSION = 2
+
+
 def feature_cache_path(cache_dir: str, data_cfg: ml_collections.ConfigDict, split: str,
                        label_key: str, step: int, fingerprint: str) -> epath.Path:
     """The cache file of a split's features at a checkpoint step; its hash covers the model
-    fingerprint and the split's `source_identity`."""
+    fingerprint, the split's `source_identity` and `FEATURE_CACHE_VERSION`. Every file lies
+    in `cache_dir` itself (a nested label key's "/" is written "_"), where pruning looks."""
     dataset = data_cfg.name + (f"-{data_cfg.builder_config}" if data_cfg.builder_config else "")
     split_name = split.replace("/", "_").replace("[", "_").replace("]", "").replace(":", "-")
-    key = hashlib.sha256(f"{fingerprint}|{source_identity(data_cfg, split)}".encode())
-    return storage_path(cache_dir) / (f"{dataset}_{split_name}_{label_key}_step{step}_"
-                                      f"{key.hexdigest()[:12]}.npz")
+    key = hashlib.sha256(f"v{FEATURE_CACHE_VERSION}|{fingerprint}|"
+                         f"{source_identity(data_cfg, split)}|{split}|{label_key}".encode())
+    return storage_path(cache_dir) / (f"{dataset}_{split_name}_{label_key.replace('/', '_')}_"
+                                      f"step{step}_{key.hexdigest()[:12]}.npz")
 
 
 _CACHE_STEP = re.compile(r"_step(\d+)_[0-9a-f]{12}\.npz$")
