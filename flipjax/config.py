@@ -34,8 +34,8 @@ from flipjax.train.sharding import (
     batch_shards,
     check_strategy,
     check_tensor_groups,
+    fails_together,
     make_mesh,
-    process0_flag,
 )
 
 LOSS_IMPLS = ("global", "sharded")
@@ -273,17 +273,9 @@ def prepare(config: ml_collections.ConfigDict) -> None:
     With several processes only process 0 does it and the others wait for its outcome: they
     share the storage (as multi-host runs must, data_dir included), where concurrent writers of
     one file would race, and tokenizers trained on each host could differ."""
-    failure = None
-    if jax.process_index() == 0:
-        try:
+    with fails_together("build the dataset or train the tokenizer"):
+        if jax.process_index() == 0:
             _build_missing(config)
-        except Exception as e:  # told to the other processes first, so that none waits forever
-            failure = e
-    if not process0_flag(failure is None) and failure is None:
-        raise RuntimeError("process 0 failed to build the dataset or train the tokenizer; "
-                           "its log has the error")
-    if failure is not None:
-        raise failure
 
 
 def _build_missing(config: ml_collections.ConfigDict) -> None:

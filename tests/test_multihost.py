@@ -185,9 +185,9 @@ def test_a_notice_before_a_resumed_runs_first_step_is_agreed_on(tmp_path):
         [[101], [101]]
 
 
-def test_a_failed_prepare_on_process_0_stops_every_process(tiny_data, tmp_path):
-    """Only process 0 builds missing data; when that fails the others learn it and exit
-    instead of waiting for it in a collective."""
+def test_a_failure_of_process_0s_writes_stops_every_process(tiny_data, tmp_path):
+    """Only process 0 builds missing data and reads and writes the run's files; when that
+    fails the others learn it and exit instead of waiting for it in a collective."""
     workdir = str(tmp_path / "run")
     procs = start_main(workdir, tiny_data, 2, free_port(), "prep", [
         "--config.data.build_if_missing=True", "--config.data.name=no_such_dataset"])
@@ -195,3 +195,13 @@ def test_a_failed_prepare_on_process_0_stops_every_process(tiny_data, tmp_path):
     log1 = open(f"{workdir}.prep1.log").read()
     assert all(code not in (0, None) for code in codes), codes
     assert "process 0 failed to build the dataset or train the tokenizer" in log1, log1[-3000:]
+
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
+        f.write("not json\n")
+    procs = start_main(workdir, tiny_data, 2, free_port(), "metrics")
+    codes = [p.wait(timeout=300) for p in procs]
+    log0, log1 = (open(f"{workdir}.metrics{i}.log").read() for i in range(2))
+    assert all(code not in (0, None) for code in codes), codes
+    assert "metrics.jsonl:1: not a metrics line" in log0, log0[-3000:]
+    assert "process 0 failed to read metrics.jsonl" in log1, log1[-3000:]

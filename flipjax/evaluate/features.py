@@ -208,14 +208,19 @@ _CACHE_STEP = re.compile(r"_step(\d+)_[0-9a-f]{12}\.npz$")
 
 def prune_feature_cache(cache_dir: str, keep_steps: Collection[int]) -> None:
     """Deletes the cached features of checkpoint steps not in `keep_steps` (those whose
-    checkpoints are gone cannot be evaluated again): a CelebA probe caches ~0.6 GB a step."""
+    checkpoints are gone cannot be evaluated again): a CelebA probe caches ~0.6 GB a step.
+    Housekeeping, done by process 0 alone: a file that will not go is left with a warning,
+    not raised, where the other processes would wait for process 0 in the next step."""
     root = storage_path(cache_dir)
-    if not root.exists():
-        return
-    for path in root.iterdir():
-        match = _CACHE_STEP.search(path.name)
-        if match and int(match.group(1)) not in keep_steps:
-            path.unlink(missing_ok=True)
+    try:
+        if not root.exists():
+            return
+        for path in root.iterdir():
+            match = _CACHE_STEP.search(path.name)
+            if match and int(match.group(1)) not in keep_steps:
+                path.unlink(missing_ok=True)
+    except OSError as e:
+        logging.warning("feature cache in %s not pruned: %s", root, e)
 
 
 def image_features(embedder: Embedder, params: dict, data_cfg: ml_collections.ConfigDict,

@@ -155,6 +155,23 @@ def process0_flag(flag: bool) -> bool:
     return bool(multihost_utils.broadcast_one_to_all(np.asarray(flag)))
 
 
+@contextlib.contextmanager
+def fails_together(what: str) -> Iterator[None]:
+    """Raises on every process when the block raised on process 0, where a run's shared files
+    are written (the data it builds, metrics.jsonl, config.json, the tokenizer copy): the
+    others would go on into a collective and wait there for process 0 until a timeout, with
+    an unrelated error. Process 0 re-raises its own error; the others say `what` failed."""
+    failure = None
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001 - told to the other processes first, then re-raised
+        failure = e
+    if not process0_flag(failure is None) and failure is None:
+        raise RuntimeError(f"process 0 failed to {what}; its log has the error")
+    if failure is not None:
+        raise failure
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 

@@ -32,7 +32,7 @@ from flipjax.train import checkpoint
 from flipjax.train.metrics import MetricWriter
 from flipjax.train.optimizer import make_schedule
 from flipjax.train.preemption import PreemptedError, PreemptionWatch
-from flipjax.train.sharding import make_mesh, process0_flag
+from flipjax.train.sharding import fails_together, make_mesh, process0_flag
 from flipjax.train.step import TrainSetup
 from flipjax.train.workdir import TOKENIZER_FILE, check_describes_run, load_workdir_config
 
@@ -192,7 +192,9 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
                         "to train (evaluate it with `python -m flipjax.evaluate --workdir=%s`; "
                         "a higher config.total_steps trains on, on a schedule stretched to it)",
                         workdir, start, total, workdir)
-        with contextlib.closing(MetricWriter(workdir, start)) as writer:
+        with fails_together("read metrics.jsonl"):
+            writer = MetricWriter(workdir, start)
+        with contextlib.closing(writer):
             # Only the run's own config and tokenizer complete its results: another's (a
             # reused --workdir) would log numbers of another evaluation under this run's.
             if process0_flag(is_same_run(config, workdir)):
@@ -216,13 +218,15 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
         # A workdir from before runs kept their tokenizer takes this one, once the checkpoint
         # has restored: a resume that fails keeps none.
         if not tokenizer_kept:
-            keep_tokenizer(config, workdir)
+            with fails_together("keep the tokenizer"):
+                keep_tokenizer(config, workdir)
         if config.model.max_temperature:  # a resume may lower the cap: it holds from here on
             state["params"]["t"] = jnp.minimum(state["params"]["t"],
                                                math.log(config.model.max_temperature))
         logging.info("resumed from step %d", start)
     else:
-        keep_tokenizer(config, workdir)
+        with fails_together("keep the tokenizer"):
+            keep_tokenizer(config, workdir)
         state = setup.init()
         if config.init_from.path:  # pretrained HF weights, on a fresh run only
             try:
@@ -234,8 +238,9 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
                                   ) from e
             state["params"] = jax.device_put(params, setup.state_shardings["params"])
     # Written once the state exists, so a resume that fails leaves the run's config as it was.
-    if jax.process_index() == 0:
-        write_bytes_whole(root / "config.json", config.to_json(indent=2).encode())
+    with fails_together("write config.json"):
+        if jax.process_index() == 0:
+            write_bytes_whole(root / "config.json", config.to_json(indent=2).encode())
 
     # The loop.
     metrics: dict[str, float] = {}
@@ -255,7 +260,9 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
     # closing: a URL workdir's metrics.jsonl is written out on errors too. An error (a failing
     # evaluation, a non-finite loss) waits for a save in flight to land (the caller's
     # `closing(manager)`).
-    with contextlib.closing(MetricWriter(workdir, start)) as writer:
+    with fails_together("read metrics.jsonl"):
+        writer = MetricWriter(workdir, start)
+    with contextlib.closing(writer):
         if start:
             finish_evaluations(config, evaluators, writer, start, lambda: state["params"],
                                preemption)
