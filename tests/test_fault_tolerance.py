@@ -211,3 +211,36 @@ def test_resume_with_another_layer_layout_fails_clearly_and_keeps_config(tiny_co
                                           r"False in .*config\.json"):
         train_and_evaluate(config, str(tmp_path))
     assert (tmp_path / "config.json").read_text() == saved
+
+
+def test_a_damaged_data_position_is_not_called_a_config_mismatch(tmp_path):
+    """The state and the data position restore on their own: a state of other shapes is a
+    ConfigError naming the fields that decide them, a damaged iterator file raises as it is."""
+    import grain
+    import jax.numpy as jnp
+
+    manager = checkpoint.make_manager(str(tmp_path), ml_collections.ConfigDict(
+        dict(keep=2, every_steps=1, async_save=False)))
+    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    saved_iter = iter(grain.MapDataset.range(10).to_iter_dataset())
+    next(saved_iter)
+    checkpoint.save(manager, 1, {"w": jnp.ones(4)}, saved_iter)
+    manager.wait_until_finished()
+
+    def abstract(size):
+        return {"w": jax.ShapeDtypeStruct((size,), jnp.float32, sharding=sharding)}
+
+    def fresh():
+        return iter(grain.MapDataset.range(10).to_iter_dataset())
+
+    resumed = fresh()
+    np.testing.assert_array_equal(checkpoint.restore(manager, 1, abstract(4), resumed)["w"], 1)
+    assert next(resumed) == 1
+    with pytest.raises(ConfigError, match="does not fit this config's train state"):
+        checkpoint.restore(manager, 1, abstract(5), fresh())
+    for state_file in (tmp_path / "checkpoints" / "1" / "iter").glob("process_*"):
+        state_file.write_text("{cut off")
+    with pytest.raises(Exception) as raised:
+        checkpoint.restore(manager, 1, abstract(4), fresh())
+    assert not isinstance(raised.value, ConfigError), raised.value
+    manager.close()

@@ -53,13 +53,12 @@ def check_same_processes(manager: ocp.CheckpointManager, step: int) -> None:
 def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any,
             data_iter: Any | None) -> Any:
     """Restores the state at `step` onto the shardings in `abstract_state`, and the iterator
-    in place when one is given."""
-    items = {"state": ocp.args.StandardRestore(abstract_state)}
-    if data_iter is not None:
-        check_same_processes(manager, step)
-        items["iter"] = grain.checkpoint.CheckpointRestore(data_iter)
+    in place when one is given. Each on its own: a state that does not fit the config is a
+    ConfigError saying which fields decide its shapes, and a damaged iterator state is not
+    mistaken for one."""
     try:
-        return manager.restore(step, args=ocp.args.Composite(**items)).state
+        state = manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state))).state
     except (ValueError, KeyError) as e:
         # Orbax names the array and both shapes, deep in its own traceback.
         raise ConfigError(
@@ -67,3 +66,8 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any,
             "train state; was the run started with other model sizes, tokenizer vocabulary, "
             "model.scan_layers or optim.mu_dtype (see the workdir's config.json)? "
             f"({type(e).__name__}: {str(e)[:300]})") from e
+    if data_iter is not None:
+        check_same_processes(manager, step)
+        manager.restore(step, args=ocp.args.Composite(
+            iter=grain.checkpoint.CheckpointRestore(data_iter)))
+    return state
