@@ -526,3 +526,25 @@ def test_images_img2dataset_did_not_reencode_take_their_box_as_it_is(tmp_path: P
     with pytest.raises(face_crop.Skip) as skip:
         records.make_example(row, refs["old"], settings)
     assert skip.value.reason == face_crop.UNKNOWN_ORIGINAL_SIZE
+
+
+def test_a_row_group_is_read_a_bounded_number_of_rows_at_a_time(tmp_path: Path,
+                                                                monkeypatch) -> None:
+    """A parquet written in one big row group (older pyarrow put up to 64M rows in one) is
+    read in slices, with the same rows, row indices and split assignment as read whole."""
+    path = tmp_path / "one_group.parquet"
+    pq.write_table(pa.table({
+        "_id": pa.array([f"id{i}" for i in range(40)]),
+        "caption": pa.array([[f"caption {i}"] for i in range(40)], pa.list_(pa.string())),
+        "box": pa.array(["[1, 2, 3, 4]"] * 40)}), path, row_group_size=40)
+    group = records.RowGroup(str(path), index=0, first_row=100, num_rows=40)
+    columns = ["_id", "caption", "box"]
+    whole = {split: list(records.read_rows(group, columns, split, SPLITS)) for split, _ in SPLITS}
+    monkeypatch.setattr(records, "ROWS_PER_READ", 7)
+    to_bytes, read = records._text_as_bytes, []
+    monkeypatch.setattr(records, "_text_as_bytes", lambda c: (read.append(len(c)), to_bytes(c))[1])
+    sliced = {split: list(records.read_rows(group, columns, split, SPLITS))
+              for split, _ in SPLITS}
+    assert sliced == whole and 0 < max(read) <= 7
+    assert sorted(i for rows in sliced.values() for i, _ in rows) == list(range(100, 140))
+    assert whole["train"][0][1]["caption"] == [b"caption " + whole["train"][0][1]["_id"][2:]]

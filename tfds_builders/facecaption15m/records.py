@@ -138,33 +138,47 @@ def id_bytes(value: object) -> bytes:
     return str(value).strip().encode("utf-8")
 
 
+# Rows per read within a row group: a parquet written in one row group (pyarrow before 15
+# wrote up to 64M rows in one) would otherwise be read whole, 4 GB of captions at a time.
+ROWS_PER_READ = 65536
+
+
 def read_rows(group: RowGroup, columns: Sequence[str], split: str,
               split_fractions: Sequence[tuple[str, float]]) -> Iterator[tuple[int, dict]]:
-    """Yields (global row index, raw cells) of the rows of `group` that belong to `split`.
+    """Yields (global row index, raw cells) of the rows of `group` that belong to `split`,
+    reading `ROWS_PER_READ` rows at a time.
 
     Text columns are read as raw bytes so that `parse_row` can reject invalid UTF-8 itself
     rather than have Arrow fail on the whole batch.
     """
+    row = group.first_row
     try:
         with epath.Path(group.path).open("rb") as f:
-            table = pq.ParquetFile(f).read_row_group(group.index, columns=list(columns))
+            for batch in pq.ParquetFile(f).iter_batches(
+                    batch_size=ROWS_PER_READ, row_groups=[group.index], columns=list(columns)):
+                cells = {name: _text_as_bytes(batch.column(name)).to_pylist()
+                         for name in columns}
+                for i in range(batch.num_rows):
+                    if split_of(id_bytes(cells[ID_COLUMN][i]), split_fractions) == split:
+                        yield row + i, {name: cells[name][i] for name in columns}
+                row += batch.num_rows
     except (pa.ArrowException, OSError) as e:
         raise SchemaError(f"{group.path}: row group {group.index} (rows {group.first_row} to "
-                          f"{group.first_row + group.num_rows - 1}) is unreadable ({e})") from None
-    cells = {}
-    for name in columns:
-        column = table.column(name)
-        if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
-            column = column.cast(pa.binary() if pa.types.is_string(column.type)
-                                 else pa.large_binary())
-        elif _is_list_of(column.type, pa.types.is_string):
-            column = column.cast(pa.list_(pa.binary()))
-        elif _is_list_of(column.type, pa.types.is_large_string):
-            column = column.cast(pa.list_(pa.large_binary()))
-        cells[name] = column.to_pylist()
-    for i in range(table.num_rows):
-        if split_of(id_bytes(cells[ID_COLUMN][i]), split_fractions) == split:
-            yield group.first_row + i, {name: cells[name][i] for name in columns}
+                          f"{group.first_row + group.num_rows - 1}) is unreadable from row "
+                          f"{row} ({e})") from None
+
+
+def _text_as_bytes(column: pa.Array) -> pa.Array:
+    """String (and list-of-string) columns as binary, others as they are."""
+    if pa.types.is_string(column.type):
+        return column.cast(pa.binary())
+    if pa.types.is_large_string(column.type):
+        return column.cast(pa.large_binary())
+    if _is_list_of(column.type, pa.types.is_string):
+        return column.cast(pa.list_(pa.binary()))
+    if _is_list_of(column.type, pa.types.is_large_string):
+        return column.cast(pa.list_(pa.large_binary()))
+    return column
 
 
 @dataclasses.dataclass(frozen=True)
