@@ -200,8 +200,9 @@ def test_a_notice_stops_evaluations_at_their_step_and_a_trained_step_before_eval
     """Evaluations find their step's training line already written (a run killed while
     evaluating keeps it). A notice while they run stops them and saves their step (they
     outlast a grace period); one while a step trains makes that step save and stop without
-    evaluating (the grace period is the save's), at the last step too. Started again, the
-    run evaluates what it missed, in the lines of those steps."""
+    evaluating (the grace period is the save's), at the last step too; one while the run sets
+    up (builds data, restores) stops it there. Started again, the run evaluates what it
+    missed, in the lines of those steps."""
     import flipjax.train.trainer as trainer
     from flipjax.evaluate.retrieval import RetrievalEvaluator
     from flipjax.train.preemption import PreemptedError
@@ -219,17 +220,29 @@ def test_a_notice_stops_evaluations_at_their_step_and_a_trained_step_before_eval
         os.kill(os.getpid(), signal.SIGTERM)
         return evaluate(self, params, step)
 
+    def notice_during(fn):
+        return lambda *args: (os.kill(os.getpid(), signal.SIGTERM), fn(*args))[1]
+
+    with monkeypatch.context() as patch:
+        patch.setattr(trainer, "prepare", notice_during(trainer.prepare))
+        with pytest.raises(PreemptedError, match="preempted: before its first step"):
+            train_and_evaluate(config, workdir)
+    assert not os.path.exists(os.path.join(workdir, "metrics.jsonl"))
+
     monkeypatch.setattr(RetrievalEvaluator, "run", notice_while_evaluating)
     with pytest.raises(PreemptedError, match="saved a checkpoint at step 1"):
         train_and_evaluate(config, workdir)
     losses, rows = read_losses(workdir)
     assert logged_when_evaluated == [losses[1]]
     assert "retrieval/t2i_R@1" in rows[0] and "retrieval_again/t2i_R@1" not in rows[0]
+    with monkeypatch.context() as patch:
+        patch.setattr(trainer.checkpoint, "restore", notice_during(trainer.checkpoint.restore))
+        with pytest.raises(PreemptedError, match="saved a checkpoint at step 1"):
+            train_and_evaluate(config, workdir)
+    assert read_losses(workdir)[1] == rows  # neither trained nor evaluated
 
     monkeypatch.setattr(RetrievalEvaluator, "run", evaluate)
-    to_global = trainer.to_global
-    monkeypatch.setattr(trainer, "to_global", lambda *args: (
-        os.kill(os.getpid(), signal.SIGTERM), to_global(*args))[1])  # while step 2 trains
+    monkeypatch.setattr(trainer, "to_global", notice_during(trainer.to_global))  # step 2
     with pytest.raises(PreemptedError, match="saved a checkpoint at step 2"):
         train_and_evaluate(config, workdir)
     rows = read_losses(workdir)[1]

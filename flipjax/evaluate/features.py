@@ -219,7 +219,7 @@ def prune_feature_cache(cache_dir: str, keep_steps: Collection[int]) -> None:
             match = _CACHE_STEP.search(path.name)
             if match and int(match.group(1)) not in keep_steps:
                 path.unlink(missing_ok=True)
-    except OSError as e:
+    except Exception as e:  # noqa: BLE001 - an object store's client raises its own types
         logging.warning("feature cache in %s not pruned: %s", root, e)
 
 

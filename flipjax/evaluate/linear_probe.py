@@ -267,13 +267,13 @@ def select(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y: n
             raise ValueError(disjoint_classes_message("validation", len(val_y)))
     else:
         num_outputs = train_y.shape[1]
-    best, best_score, chosen = None, -math.inf, {}
+    best, best_score, chosen, diverged = None, -math.inf, {}, []
     for l2 in probe.l2_grid:
         for epochs, params in fit(xs, train_y, probe, l2, num_outputs).items():
             if not all(np.isfinite(v).all() for v in params.values()):
-                raise ValueError(f"the probe head diverged (non-finite parameters) with "
-                                 f"{'L2' if probe.optimizer == 'adam' else 'weight decay'} "
-                                 f"{l2:g} by epoch {epochs}: lower lr ({probe.lr:g})")
+                diverged.append(f"{l2:g} by epoch {epochs}")
+                logging.warning("linear probe l2=%g epochs=%d diverged", l2, epochs)
+                continue
             head = Head(params, mean, std, classes)
             if not len(val_y):  # the grid's one head: nothing to choose
                 return head, {"chosen_l2": float(l2), "chosen_epochs": float(epochs)}
@@ -282,6 +282,10 @@ def select(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y: n
             if val_score > best_score:
                 best, best_score = head, val_score
                 chosen = {"chosen_l2": float(l2), "chosen_epochs": float(epochs)}
+    if best is None:  # each head diverged; one that did not is chosen among the others
+        raise ValueError(f"the probe head diverged (non-finite parameters) with "
+                         f"{'L2' if probe.optimizer == 'adam' else 'weight decay'} "
+                         f"{', '.join(diverged)}: lower lr ({probe.lr:g})")
     return best, {**chosen, "val_score": 100.0 * best_score}
 
 

@@ -56,6 +56,8 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any,
     in place when one is given. Each on its own: a state that does not fit the config is a
     ConfigError saying which fields decide its shapes, and a damaged iterator state is not
     mistaken for one."""
+    if data_iter is not None:  # before minutes of restoring the state on a pod
+        check_same_processes(manager, step)
     try:
         state = manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state))).state
@@ -67,7 +69,6 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any,
             "model.scan_layers or optim.mu_dtype (see the workdir's config.json)? "
             f"({type(e).__name__}: {str(e)[:300]})") from e
     if data_iter is not None:
-        check_same_processes(manager, step)
         manager.restore(step, args=ocp.args.Composite(
             iter=grain.checkpoint.CheckpointRestore(data_iter)))
     return state

@@ -26,8 +26,8 @@ class PreemptedError(Exception):
     """Training stopped at `step` on a preemption notice, after saving that step."""
 
     def __init__(self, step: int):
-        super().__init__(f"preempted: saved a checkpoint at step {step}; rerun the same command "
-                         "to resume")
+        saved = f"saved a checkpoint at step {step}" if step else "before its first step"
+        super().__init__(f"preempted: {saved}; rerun the same command to resume")
         self.step = step
 
 
@@ -62,8 +62,9 @@ class PreemptionWatch:
             return multihost_utils.reached_preemption_sync_point(step)
         return self._notice.is_set()
 
-    def stops_evaluations(self, step: int) -> bool:
-        """Whether a notice stops the evaluations of `step` (done after it, saved then): on
-        one process as soon as it arrives. Several processes agree on a step only as they
-        train, at the step after the one they report, so they evaluate on and stop there."""
+    def stops_now(self, step: int) -> bool:
+        """Whether a notice stops the run where it stands outside a train step (setting up,
+        evaluating `step`), `step` being saved: on one process as soon as it arrives.
+        Several processes agree on a step only as they train, at the step after the one they
+        report, so they go on to it and stop there."""
         return jax.process_count() == 1 and self.reached(step)

@@ -164,7 +164,7 @@ def fails_together(what: str) -> Iterator[None]:
     failure = None
     try:
         yield
-    except Exception as e:  # noqa: BLE001 - told to the other processes first, then re-raised
+    except BaseException as e:  # noqa: BLE001 - told to the others first (^C too), re-raised
         failure = e
     if not process0_flag(failure is None) and failure is None:
         raise RuntimeError(f"process 0 failed to {what}; its log has the error")

@@ -135,7 +135,7 @@ def finish_evaluations(config: ml_collections.ConfigDict, evaluators: dict,
                  "were logged", step, rerun)
     params = functools.cache(params)
     for name in rerun:
-        if preemption is not None and preemption.stops_evaluations(step):
+        if preemption is not None and preemption.stops_now(step):
             raise PreemptedError(step)
         try:
             for results in run_evaluators(evaluators, params(), step, {name}):
@@ -170,8 +170,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 def _train(config: ml_collections.ConfigDict, workdir: str,
            manager: ocp.CheckpointManager, start: int,
            preemption: PreemptionWatch) -> dict[str, float]:
-    """`train_and_evaluate` from the resume point `start` on (0: a fresh run)."""
+    """`train_and_evaluate` from the resume point `start` on (0: a fresh run). A notice
+    during setup (an hours-long dataset build, a restore) stops it before training."""
     prepare(config)
+    if preemption.stops_now(start):
+        raise PreemptedError(start)
     root = storage_path(workdir)
     root.mkdir(parents=True, exist_ok=True)
 
@@ -217,13 +220,15 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
         state = checkpoint.restore(manager, start, abstract, data_iter)
         # A workdir from before runs kept their tokenizer takes this one, once the checkpoint
         # has restored: a resume that fails keeps none.
-        if not tokenizer_kept:
+        if not process0_flag(tokenizer_kept):  # a collective below: every process alike
             with fails_together("keep the tokenizer"):
                 keep_tokenizer(config, workdir)
         if config.model.max_temperature:  # a resume may lower the cap: it holds from here on
             state["params"]["t"] = jnp.minimum(state["params"]["t"],
                                                math.log(config.model.max_temperature))
         logging.info("resumed from step %d", start)
+        if preemption.stops_now(start):
+            raise PreemptedError(start)
     else:
         with fails_together("keep the tokenizer"):
             keep_tokenizer(config, workdir)
@@ -304,12 +309,14 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
                 if due_save:
                     writer.flush()
                     checkpoint.save(manager, step, state, data_iter)
-                for results in run_evaluators(evaluators, state["params"], step, due_evals):
+                # Evaluations outlast a preemption's grace period: a notice stops them before
+                # the next, and the resumed run evaluates this step (`finish_evaluations`).
+                preempted = preempted or (bool(due_evals) and preemption.stops_now(step))
+                for results in run_evaluators(evaluators, state["params"], step,
+                                              set() if preempted else due_evals):
                     metrics.update(results)
                     writer.amend(step, results)
-                    # Evaluations outlast a preemption's grace period: a notice stops them,
-                    # and the resumed run evaluates this step (`finish_evaluations`).
-                    if preemption.stops_evaluations(step):
+                    if preemption.stops_now(step):
                         preempted = True
                         break
                 if preempted and not due_save:

@@ -154,7 +154,8 @@ def read_rows(group: RowGroup, columns: Sequence[str], split: str,
     row = group.first_row
     try:
         with epath.Path(group.path).open("rb") as f:
-            for batch in pq.ParquetFile(f).iter_batches(
+            # buffer_size: column chunks are read in 8 MB pieces too, not whole.
+            for batch in pq.ParquetFile(f, buffer_size=8 << 20).iter_batches(
                     batch_size=ROWS_PER_READ, row_groups=[group.index], columns=list(columns)):
                 cells = {name: _text_as_bytes(batch.column(name)).to_pylist()
                          for name in columns}
