@@ -19,7 +19,7 @@ import textwrap
 import matplotlib
 import numpy as np
 
-from experiments.attribute_prediction import FLIP_RECIPE, FLIP_RECIPE_OF
+from experiments.attribute_prediction import FLIP_RECIPE, FLIP_RECIPE_OF, layer_features_text
 from experiments.common import evaluate, fmt, load_run, markdown_table, write
 from flipjax.data.pipeline import data_source
 from flipjax.data.tokenizer import text_of
@@ -160,8 +160,8 @@ def main() -> None:
         f"({int(chosen['num_train'])} images), L2 x epochs chosen on `validation` "
         f"({int(chosen['num_val'])} images; trained towers chose l2={chosen['chosen_l2']:g}, "
         f"{int(chosen['chosen_epochs'])} epochs), scored once on `test`. Layer probe: the same "
-        "choice and test for FLIP's attribute head (class token if any, patch mean and max "
-        "after the blocks at 1/3, 1/2 and 2/3 of the depth and the last, a shared LayerNorm "
+        "choice and test for FLIP's attribute head "
+        f"({layer_features_text(run.config.model.image)}, a shared LayerNorm "
         "and learned weights, then the linear layer). FLIP-recipe probe: the same head trained "
         "with FLIP's own CelebA recipe, nothing chosen (AdamW, lr 0.3 cosine-decayed to 0, "
         "weight decay 0.05 on every parameter, 100 epochs, batch 64). Zero-shot: positive vs "
