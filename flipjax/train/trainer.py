@@ -159,10 +159,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     manager = checkpoint.make_manager(workdir, config.checkpoint)
     start = manager.latest_step() or 0
     # Watched from here, before the data is prepared and opened and the checkpoint restored
-    # (minutes on a pod): a notice meanwhile stops the run at its first step, saved, where a
-    # resumed run's processes would otherwise agree on step 1, which it never reaches. The
-    # watch outlasts `closing(manager)`: a second SIGTERM while the last save commits must not
-    # kill the process and lose that checkpoint.
+    # (minutes on a pod): a notice meanwhile stops one process there, and several at the first
+    # step they train, saved, where a resumed run's processes would otherwise agree on step 1,
+    # which it never reaches. The watch outlasts `closing(manager)`: a second SIGTERM while
+    # the last save commits must not kill the process and lose that checkpoint.
     with PreemptionWatch(start) as preemption, contextlib.closing(manager):
         return _train(config, workdir, manager, start, preemption)
 
