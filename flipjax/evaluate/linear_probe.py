@@ -282,7 +282,7 @@ def select(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y: n
             if val_score > best_score:
                 best, best_score = head, val_score
                 chosen = {"chosen_l2": float(l2), "chosen_epochs": float(epochs)}
-    if best is None:  # each head diverged; one that did not is chosen among the others
+    if best is None:  # every head diverged (one that did is passed over while others did not)
         raise ValueError(f"the probe head diverged (non-finite parameters) with "
                          f"{'L2' if probe.optimizer == 'adam' else 'weight decay'} "
                          f"{', '.join(diverged)}: lower lr ({probe.lr:g})")
