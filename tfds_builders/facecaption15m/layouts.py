@@ -25,6 +25,7 @@ Nothing here imports TensorFlow Datasets; the functions run in pool workers and 
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import functools
 import itertools
@@ -348,6 +349,20 @@ def _add_entry(index: ShardIndex, meta: dict | None, ref: ImageRef | None) -> No
             ref, original_size=_original_size(meta), as_downloaded=_as_downloaded(meta))))
 
 
+@contextlib.contextmanager
+def counted_as(index: ShardIndex, reason: str, *errors: type[BaseException]
+               ) -> Iterator[None]:
+    """Around reading a damaged shard's part: `errors` count once as `reason` and the index
+    keeps what was read; a failing storage (`STORAGE_ERRORS`, OSErrors too) still ends the
+    build, as it does for single files."""
+    try:
+        yield
+    except STORAGE_ERRORS:
+        raise
+    except errors:
+        index.ignored[reason] += 1
+
+
 def index_shard(shard: str, layout: str) -> ShardIndex:
     """Reads the sidecars of one img2dataset shard; never raises on bad content."""
     index = {FILES: _index_files_shard, WEBDATASET: _index_tar_shard,
@@ -383,27 +398,23 @@ def _index_tar_shard(shard: str) -> ShardIndex:
     index = ShardIndex()
     sidecars: dict[str, bytes] = {}
     images: dict[str, ImageRef] = {}
-    try:
-        with epath.Path(shard).open("rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                # WebDataset convention: the key is the path up to the first dot of the name.
-                folder, _, name = member.name.rpartition("/")
-                stem, _, ext = name.partition(".")
-                key = f"{folder}/{stem}" if folder else stem
-                # Two members of one key: the first is kept, the other counted.
-                if ext == "json":
-                    index.ignored[DUPLICATE_IMAGE] += key in sidecars
-                    sidecars.setdefault(key, tar.extractfile(member).read())
-                elif f".{ext.lower()}" in IMAGE_EXTENSIONS:
-                    index.ignored[DUPLICATE_IMAGE] += key in images
-                    images.setdefault(key, ImageRef(shard, member.offset_data, member.size))
-    except STORAGE_ERRORS:
-        raise
-    except (tarfile.TarError, OSError, EOFError):
-        # A partially downloaded or damaged shard: keep what was readable.
-        index.ignored[UNREADABLE_TAR] += 1
+    # A partially downloaded or damaged shard: what was readable is kept.
+    with (counted_as(index, UNREADABLE_TAR, tarfile.TarError, OSError, EOFError),
+          epath.Path(shard).open("rb") as f, tarfile.open(fileobj=f, mode="r:") as tar):
+        for member in tar:
+            if not member.isfile():
+                continue
+            # WebDataset convention: the key is the path up to the first dot of the name.
+            folder, _, name = member.name.rpartition("/")
+            stem, _, ext = name.partition(".")
+            key = f"{folder}/{stem}" if folder else stem
+            # Two members of one key: the first is kept, the other counted.
+            if ext == "json":
+                index.ignored[DUPLICATE_IMAGE] += key in sidecars
+                sidecars.setdefault(key, tar.extractfile(member).read())
+            elif f".{ext.lower()}" in IMAGE_EXTENSIONS:
+                index.ignored[DUPLICATE_IMAGE] += key in images
+                images.setdefault(key, ImageRef(shard, member.offset_data, member.size))
     for key in sorted(sidecars):
         _add_entry(index, _parse_sidecar(sidecars[key]), images.get(key))
     index.ignored[IMAGE_WITHOUT_SIDECAR] += len(images.keys() - sidecars.keys())
@@ -418,26 +429,17 @@ def _index_parquet_shard(shard: str) -> ShardIndex:
     used (each image is later read from its own row group)."""
     index = ShardIndex()
     groups: dict[int, list[dict]] = {}
-    try:
-        with epath.Path(shard).open("rb") as f:
-            shard_file = pq.ParquetFile(f)
-            columns = shard_file.schema_arrow.names
-            column = _image_column(columns)
-            if column is None:  # a partial download, or not img2dataset's
-                raise pa.ArrowInvalid(f"{shard} has no image column {PARQUET_IMAGE_COLUMNS}")
-            names = [n for n in _PARQUET_META_COLUMNS if n in columns]
-            for group in range(shard_file.metadata.num_row_groups):
-                try:
-                    groups[group] = shard_file.read_row_group(group, columns=names).to_pylist()
-                except STORAGE_ERRORS:
-                    raise
-                except (pa.ArrowException, OSError):
-                    index.ignored[UNREADABLE_PARQUET] += 1
-    except STORAGE_ERRORS:
-        raise
-    except (pa.ArrowException, OSError):
-        index.ignored[UNREADABLE_PARQUET] += 1
-        return index
+    with (counted_as(index, UNREADABLE_PARQUET, pa.ArrowException, OSError),
+          epath.Path(shard).open("rb") as f):
+        shard_file = pq.ParquetFile(f)
+        columns = shard_file.schema_arrow.names
+        column = _image_column(columns)
+        if column is None:  # a partial download, or not img2dataset's
+            raise pa.ArrowInvalid(f"{shard} has no image column {PARQUET_IMAGE_COLUMNS}")
+        names = [n for n in _PARQUET_META_COLUMNS if n in columns]
+        for group in range(shard_file.metadata.num_row_groups):
+            with counted_as(index, UNREADABLE_PARQUET, pa.ArrowException, OSError):
+                groups[group] = shard_file.read_row_group(group, columns=names).to_pylist()
     for group, metas in groups.items():
         for row, meta in enumerate(metas):
             _add_entry(index, meta, ImageRef(shard, offset=group, length=row, column=column))
