@@ -112,6 +112,13 @@ def is_kept_tokenizer(config: ml_collections.ConfigDict, workdir: str) -> bool |
     return same_tokenizer(kept.read_bytes(), storage_path(config.tokenizer.path).read_bytes())
 
 
+def open_metrics(workdir: str, start: int) -> MetricWriter:
+    """The run's MetricWriter from step `start` on; process 0 reads metrics.jsonl, and a line
+    it cannot read stops every process."""
+    with fails_together("read metrics.jsonl"):
+        return MetricWriter(workdir, start)
+
+
 def non_finite_message(step: int) -> str:
     return (f"non-finite loss or gradient at step {step}; that update was not applied, so the "
             "parameters and checkpoints are finite. Lower the learning rate or resume from the "
@@ -195,9 +202,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
                         "to train (evaluate it with `python -m flipjax.evaluate --workdir=%s`; "
                         "a higher config.total_steps trains on, on a schedule stretched to it)",
                         workdir, start, total, workdir)
-        with fails_together("read metrics.jsonl"):
-            writer = MetricWriter(workdir, start)
-        with contextlib.closing(writer):
+        with contextlib.closing(open_metrics(workdir, start)) as writer:
             # Only the run's own config and tokenizer complete its results: another's (a
             # reused --workdir) would log numbers of another evaluation under this run's.
             if process0_flag(is_same_run(config, workdir)):
@@ -261,13 +266,16 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
         if config.nonfinite == "raise" and int(nonfinite_steps) > known_nonfinite:
             raise FloatingPointError(non_finite_message(at_step))
 
+    def save_step(step: int) -> None:
+        """Saves `state` and the data position at `step`, its metrics line written out first."""
+        writer.flush()
+        checkpoint.save(manager, step, state, data_iter)
+
     prev_nonfinite, preempted_at = None, None
     # closing: a URL workdir's metrics.jsonl is written out on errors too. An error (a failing
     # evaluation, a non-finite loss) waits for a save in flight to land (the caller's
     # `closing(manager)`).
-    with fails_together("read metrics.jsonl"):
-        writer = MetricWriter(workdir, start)
-    with contextlib.closing(writer):
+    with contextlib.closing(open_metrics(workdir, start)) as writer:
         if start:
             finish_evaluations(config, evaluators, writer, start, lambda: state["params"],
                                preemption)
@@ -307,8 +315,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
                 if scheduled_log:
                     writer.write(step, metrics)
                 if due_save:
-                    writer.flush()
-                    checkpoint.save(manager, step, state, data_iter)
+                    save_step(step)
                 # Evaluations outlast a preemption's grace period: a notice stops them before
                 # the next, and the resumed run evaluates this step (`finish_evaluations`).
                 preempted = preempted or (bool(due_evals) and preemption.stops_now(step))
@@ -321,8 +328,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
                         break
                 if preempted and not due_save:
                     due_save = True
-                    writer.flush()
-                    checkpoint.save(manager, step, state, data_iter)
+                    save_step(step)
                 if due_save and jax.process_index() == 0:  # the steps Orbax keeps
                     kept = sorted({step, *manager.all_steps()})[-config.checkpoint.keep:]
                     prune_feature_cache(str(root / "features"), kept)
