@@ -77,7 +77,8 @@ def test_input_workers_outlive_a_sigterm(tiny_config):
     tokenizer = Tokenizer(tiny_config.tokenizer.path, tiny_config.tokenizer.max_len)
     before = {p.pid for p in multiprocessing.active_children()}
     batches = iter(make_train_dataset(tiny_config.data, tokenizer, seed=0))
-    next(batches)
+    for _ in range(tiny_config.data.num_workers):  # batches come round-robin: each worker has
+        next(batches)  # started, its set-up done (a worker still starting dies of SIGTERM)
     workers = [p for p in multiprocessing.active_children() if p.pid not in before]
     assert len(workers) == 2
     for worker in workers:
