@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Issue 6's GPU checks prepared for a lent GPU machine (which reaches no network and has a
-# small time budget), so the next session with a GPU spends its minutes measuring.
+# small time budget), so the next session with a GPU spends its minutes measuring. Session 25
+# ran it on an H200 (experiments/results/throughput_h200.md): `run` took 461 s, `input` 69 s.
 #
 #   bash experiments/gpu_session.sh fetch   # here, with PyPI: wheels -> .whl/, data -> .devdata/
 #   bash experiments/gpu_session.sh run     # on the GPU machine: B/16 bf16 throughput + profile
@@ -18,7 +19,8 @@
 #
 # The machines lent so far (sessions 7 and 13) had Python 3.12 with jax and optax installed
 # and lacked flipjax's other dependencies: `fetch` downloads those as Python-$PYVER wheels
-# (--no-deps: the ones the machine has are kept) and builds the 800-image
+# (--no-deps: the ones the machine has are kept) and, with the project's .venv when there is
+# one (it needs flipjax's dependencies), builds the 800-image
 # `facecaption15m/flat` fixture that `input` reads (experiments/conversion_benchmark.py).
 # Environment: PYVER (default 3.12), BATCHES (default "512 768"), PEAK_GFLOPS (default 989000,
 # H100/H200 dense bf16), JAX_PLATFORMS (default cuda,cpu).
@@ -31,7 +33,7 @@ DATA=.devdata/tfds_n800_s0_w2
 # another version there.
 WHEELS=(grain==0.2.18 array_record==0.8.6 zstandard flax==0.12.12 ml_collections
         tensorflow_datasets==4.9.10 tensorflow_metadata immutabledict toml portpicker
-        tensorboardX)
+        tensorboardX dm-tree)
 PLATFORMS=(--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64
            --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64)
 
@@ -47,7 +49,8 @@ case "${1:-}" in
     python3 -m pip download -q --no-deps --python-version "${PYVER:-3.12}" \
       --implementation cp "${PLATFORMS[@]}" --only-binary=:all: -d .whl "${WHEELS[@]}"
     python3 -m pip wheel -q --no-deps -w .whl promise  # sdist only: built here
-    python3 -m experiments.conversion_benchmark --num_images=800 --workers=2 \
+    python="$( [[ -x .venv/bin/python ]] && echo .venv/bin/python || echo python3 )"
+    "$python" -m experiments.conversion_benchmark --num_images=800 --workers=2 \
       --workdir=.devdata --output=/tmp/gpu_session_conversion.md
     du -sh .whl "$DATA"
     ;;

@@ -35,6 +35,7 @@ import math
 import os
 import re
 import sys
+from typing import TypeVar
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -46,6 +47,7 @@ from experiments import throughput  # noqa: E402
 flags.DEFINE_string("profile_dir", "/tmp/flipjax_profile", "Where the trace goes.")
 flags.DEFINE_integer("top", 25, "Kernels listed.")
 FLAGS = flags.FLAGS
+T = TypeVar("T")
 
 CATEGORIES = (("attention", ("sdpa", "flash", "fmha", "cudnn::fusion")),
               ("matmul", ("gemm", "nvjet", "xmma", "cutlass", "cublas", "matmul", "dot")),
@@ -112,6 +114,14 @@ def matmul_flops(computations: dict[str, list[tuple[str, ...]]]) -> dict[str, tu
     return {name: total(name) for name in callees if total(name)[0]}
 
 
+def by_kernel_name(per_instruction: dict[str, T]) -> dict[str, T]:
+    """`per_instruction` also keyed by the names kernels have in a GPU trace: XLA:GPU names the
+    kernel of HLO instruction `input_add_reduce_fusion.25` `input_add_reduce_fusion_25`
+    (XLA:CPU keeps the HLO name)."""
+    return {name.replace(".", "_"): value for name, value in per_instruction.items()
+            } | per_instruction
+
+
 def device_events(trace_path: str, kernel_names: set[str]) -> list[dict]:
     """Complete events on device timelines (any process named like a GPU/TPU); on a CPU-only
     run, those named after an HLO instruction of the step (`kernel_names`): the host's Python
@@ -157,9 +167,10 @@ def main(argv: list[str]) -> None:
     with open(hlo_path, "w") as f:
         f.write(hlo_text)
     computations = hlo_computations(hlo_text)
-    output_shapes = {name: shape for body in computations.values() for name, shape, *_ in body}
+    output_shapes = by_kernel_name(
+        {name: shape for body in computations.values() for name, shape, *_ in body})
     kernel_names = set(output_shapes)
-    flops = matmul_flops(computations)
+    flops = by_kernel_name(matmul_flops(computations))
     run(2)  # warm-up
     with jax.profiler.trace(FLAGS.profile_dir, create_perfetto_trace=True):
         run(FLAGS.steps)
