@@ -89,6 +89,53 @@ def test_input_workers_outlive_a_sigterm(tiny_config):
     assert all(worker.is_alive() for worker in workers)
 
 
+
+TRAINER_WITH_WORKERS = """
+import json, multiprocessing, sys, time
+from absl import flags
+from configs.demo import get_config
+from flipjax.data.pipeline import make_train_dataset
+from flipjax.data.tokenizer import Tokenizer
+
+flags.FLAGS.mark_as_parsed()  # Grain reads its flags when it starts workers
+config = get_config("tiny")
+config.data.data_dir, config.tokenizer.path = sys.argv[1], sys.argv[2]
+config.data.num_workers = 2
+tokenizer = Tokenizer(config.tokenizer.path, config.tokenizer.max_len)
+batches = iter(make_train_dataset(config.data, tokenizer, seed=0))
+for _ in range(config.data.num_workers):
+    next(batches)
+print(json.dumps([p.pid for p in multiprocessing.active_children()]), flush=True)
+time.sleep(3600)
+"""
+
+
+def running(pid: int) -> bool:
+    """Whether `pid` is a process that has not exited (a zombie has)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_input_workers_exit_when_the_trainer_is_killed(tiny_data):
+    """A trainer killed outright (SIGKILL, the OOM killer) cannot stop Grain's workers, which
+    ignore SIGTERM: they used to stay blocked on their full queues, holding memory, forever."""
+    proc = subprocess.Popen([sys.executable, "-c", TRAINER_WITH_WORKERS, *tiny_data], cwd=REPO,
+                            stdout=subprocess.PIPE, text=True)
+    workers = json.loads(proc.stdout.readline())
+    assert len(workers) == 2 and all(map(running, workers))
+    proc.kill()
+    proc.wait()
+    deadline = time.time() + 30
+    while any(map(running, workers)) and time.time() < deadline:
+        time.sleep(0.1)
+    orphans = list(filter(running, workers))
+    for pid in orphans:
+        os.kill(pid, signal.SIGKILL)
+    assert not orphans
+
 CHILD = """
 import asyncio, os, sys
 import grain, jax.numpy as jnp, ml_collections

@@ -15,7 +15,10 @@ from __future__ import annotations
 
 import io
 import math
+import multiprocessing
+import os
 import signal
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -251,17 +254,28 @@ def make_train_dataset(cfg: ml_collections.ConfigDict, tokenizer: Tokenizer,
                                               prefetch_buffer_size=cfg.prefetch_batches))
     if cfg.num_workers:
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.num_workers),
-                            worker_init_fn=workers_outlive_sigterm)
+                            worker_init_fn=worker_lives_with_trainer)
     return ds
 
 
-def workers_outlive_sigterm(worker_index: int, worker_count: int) -> None:
-    """Grain worker set-up: SIGTERM is ignored. It is a preemption notice for the trainer,
-    which saves before it exits, and a VM shutdown sends it to every process: a worker it
-    killed would fail the trainer's next batch before the save. Grain stops its workers
-    itself (an event, then SIGKILL)."""
+def worker_lives_with_trainer(worker_index: int, worker_count: int) -> None:
+    """Grain worker set-up: the worker ignores SIGTERM and exits when the trainer does.
+
+    SIGTERM is a preemption notice for the trainer, which saves before it exits, and a VM
+    shutdown sends it to every process: a worker it killed would fail the trainer's next
+    batch before the save. Grain stops its workers itself (an event, then SIGKILL), but only
+    from a living trainer: one killed outright (SIGKILL, the OOM killer) left its workers
+    blocked on a full queue for good, each holding its decoded batches, so a daemon thread
+    waits on the trainer (multiprocessing's parent sentinel) and ends the worker with it."""
     del worker_index, worker_count
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    trainer = multiprocessing.parent_process()
+
+    def exit_with_trainer() -> None:
+        trainer.join()
+        os._exit(0)
+
+    threading.Thread(target=exit_with_trainer, name="exit_with_trainer", daemon=True).start()
 
 
 def to_global(batch: Batch, sharding: NamedSharding) -> dict[str, jax.Array]:
