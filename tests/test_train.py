@@ -4,6 +4,7 @@ resumes to the same per-step losses as an uninterrupted one."""
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -62,9 +63,9 @@ def test_evals_run_at_their_own_interval(tiny_config, tmp_path):
     assert [r["step"] for r in rows if "retrieval/i2t_R@1" in r] == [3, 6, 7]
 
 
-def test_resume_with_another_batch_size_fails_clearly(tiny_config, tmp_path):
+def test_resume_with_another_batch_size_or_build_fails_clearly(tiny_config, tmp_path):
     """The iterator's checkpoint counts batches: resumed with twice the batch it would skip
-    half an epoch of records without a word."""
+    half an epoch of records without a word, and on a rebuilt dataset other records."""
     tiny_config.total_steps, tiny_config.checkpoint.every_steps = 2, 2
     tiny_config.evals = {}
     tiny_config.model.image.depth = tiny_config.model.text.depth = 1
@@ -78,7 +79,25 @@ def test_resume_with_another_batch_size_fails_clearly(tiny_config, tmp_path):
     tiny_config.data.global_batch_size, tiny_config.data.num_workers = batch, 2
     with pytest.raises(ConfigError, match=r"config\.data\.num_workers: 2 differs from 0"):
         train_and_evaluate(tiny_config, str(tmp_path))
+    # The same build elsewhere resumes; a rebuilt one (here: other bytes in the train split)
+    # is refused, naming the field that points at it.
+    tiny_config.data.num_workers = 0
+    moved = shutil.copytree(tiny_config.data.data_dir, tmp_path / "moved_data")
+    tiny_config.data.data_dir = str(moved)
+    (info_path,) = moved.glob("synthetic_faces/tiny/*/dataset_info.json")
+    info = json.loads(info_path.read_text())
+    (train_info,) = (split for split in info["splits"] if split["name"] == "train")
+    train_info["numBytes"] = str(int(train_info["numBytes"]) + 1)
+    info_path.write_text(json.dumps(info))
+    with pytest.raises(ConfigError, match=r"^config\.data\.data_dir: .*moved_data' holds "
+                                          r"synthetic_faces/tiny .*another build"):
+        train_and_evaluate(tiny_config, str(tmp_path))
+    train_info["numBytes"] = str(int(train_info["numBytes"]) - 1)
+    info_path.write_text(json.dumps(info))
+    tiny_config.total_steps = 3
+    train_and_evaluate(tiny_config, str(tmp_path))
     manager = checkpoint.make_manager(str(tmp_path), tiny_config.checkpoint)
+    assert manager.latest_step() == 3
     checkpoint.check_same_processes(manager, 2)
     iter_dir = tmp_path / "checkpoints" / "2" / "iter"
     (iter_dir / "process_0-of-1.json").rename(iter_dir / "process_0-of-2.json")

@@ -185,6 +185,22 @@ def data_source(cfg: ml_collections.ConfigDict, split: str, field: str | None = 
     return source
 
 
+def split_build(cfg: ml_collections.ConfigDict, split: str) -> dict[str, Any]:
+    """What identifies the build that a split spec ("train[:90%]") reads: the dataset, its
+    version, and for each split the spec draws on its records per shard and its bytes. A
+    rebuild (more images downloaded, other crops) changes it; the same build copied
+    elsewhere does not. JSON-ready."""
+    source = data_source(cfg, split)
+    info = source.dataset_info
+    parts = sorted({part.splitname for part in
+                    tfds.core.ReadInstruction.from_spec(split).to_absolute(info.splits)})
+    return {"dataset": dataset_name(cfg.name, cfg.builder_config),
+            "version": str(info.version), "split": split, "records": len(source),
+            "builds": {name: {"shard_lengths": [int(n) for n in info.splits[name].shard_lengths],
+                              "num_bytes": int(info.splits[name].num_bytes)}
+                       for name in parts}}
+
+
 class ProcessSlice(grain.MapDataset):
     """Process `index`'s contiguous share of every global batch, no batch spanning two epochs.
 

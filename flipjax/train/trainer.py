@@ -22,7 +22,7 @@ from absl import logging
 from tqdm import tqdm
 
 from flipjax.config import ConfigError, check, prepare, validate
-from flipjax.data.pipeline import make_train_dataset, to_global
+from flipjax.data.pipeline import make_train_dataset, split_build, to_global
 from flipjax.data.tokenizer import Tokenizer, same_tokenizer
 from flipjax.evaluate import make_evaluators, missing_evaluations, run_evaluators
 from flipjax.evaluate.features import prune_feature_cache
@@ -34,7 +34,12 @@ from flipjax.train.optimizer import make_schedule
 from flipjax.train.preemption import PreemptedError, PreemptionWatch
 from flipjax.train.sharding import fails_together, make_mesh, process0_flag
 from flipjax.train.step import TrainSetup
-from flipjax.train.workdir import TOKENIZER_FILE, check_describes_run, load_workdir_config
+from flipjax.train.workdir import (
+    TOKENIZER_FILE,
+    TRAIN_DATA_FILE,
+    check_describes_run,
+    load_workdir_config,
+)
 
 # The fields a resume must keep for the checkpointed data position to hold, and why: it counts
 # global batches over the seeded shuffle of one split, in one Grain state per worker process.
@@ -59,6 +64,30 @@ def check_same_data_position(config: ml_collections.ConfigDict,
                     for cfg in (saved, config))
         check(old == new, field, f"{new!r} differs from {old!r} in {workdir}/config.json: "
               f"{why}. Resume with the saved value, or use a new workdir")
+
+
+def check_same_train_build(config: ml_collections.ConfigDict, build: dict,
+                           workdir: str) -> None:
+    """Raises ConfigError when `config.data.data_dir` holds another build of the train split
+    (`build`, `split_build`'s) than the one the run's checkpoints counted batches in
+    (WORKDIR/train_data.json): Grain's saved position would skip or repeat records of a
+    rebuilt dataset without a word. A workdir from before runs kept the file has nothing to
+    compare."""
+    path = storage_path(workdir) / TRAIN_DATA_FILE
+    if not path.exists():
+        return
+    saved = json.loads(path.read_text())
+
+    def described(b: dict) -> str:
+        parts = ", ".join(f"{name}: {sum(part['shard_lengths'])} records in "
+                          f"{len(part['shard_lengths'])} shard(s), {part['num_bytes']} bytes"
+                          for name, part in b["builds"].items())
+        return f"{b['dataset']} {b['version']} {b['split']!r} ({parts})"
+
+    check(saved == build, "data.data_dir",
+          f"{config.data.data_dir!r} holds {described(build)}, another build than the run "
+          f"trained on, {described(saved)} ({path}): the checkpoint's data position counts "
+          "batches of those records. Point data.data_dir at that build, or use a new workdir")
 
 
 def warn_if_schedule_changes(config: ml_collections.ConfigDict,
@@ -194,6 +223,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
 
     # Input pipeline, and resume.
     data_iter = iter(make_train_dataset(config.data, tokenizer, seed=config.seed))
+    train_build = split_build(config.data, config.data.train_split)
     total = config.total_steps
     if start >= total:
         # e.g. a finished job restarted by its scheduler, or a reused --workdir: nothing to
@@ -219,6 +249,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
             # and the config.json written below would then misdescribe the earlier steps.
             check_describes_run(config, workdir)
             warn_if_schedule_changes(config, saved, start)
+        check_same_train_build(config, train_build, workdir)
         tokenizer_kept = check_kept_tokenizer(config, workdir)
         abstract = checkpoint.abstract_with_shardings(setup.abstract_state,
                                                       setup.state_shardings)
@@ -248,9 +279,11 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
                                   ) from e
             state["params"] = jax.device_put(params, setup.state_shardings["params"])
     # Written once the state exists, so a resume that fails leaves the run's config as it was.
-    with fails_together("write config.json"):
+    with fails_together("write config.json and train_data.json"):
         if jax.process_index() == 0:
             write_bytes_whole(root / "config.json", config.to_json(indent=2).encode())
+            write_bytes_whole(root / TRAIN_DATA_FILE,
+                              json.dumps(train_build, indent=2).encode())
 
     # The loop.
     metrics: dict[str, float] = {}

@@ -23,6 +23,9 @@ from flipjax.train.step import TrainSetup
 
 # The run's SentencePiece model, copied into the workdir when training starts.
 TOKENIZER_FILE = "tokenizer.model"
+# The build of the train split that the checkpoints' data position counts in
+# (`flipjax.data.pipeline.split_build`).
+TRAIN_DATA_FILE = "train_data.json"
 
 
 def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
