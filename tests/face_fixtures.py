@@ -111,6 +111,9 @@ def img2dataset_resize(img: Image.Image, mode: str, size: int) -> Image.Image:
         canvas = Image.new("RGB", (size, size), (255, 255, 255))
         canvas.paste(resized, ((size - resized.width) // 2, (size - resized.height) // 2))
         return canvas
+    if mode == "keep_ratio_largest":  # the longer side to `size`, no padding
+        scale = size / max(width, height)
+        return img.resize((round(width * scale), round(height * scale)), Image.Resampling.BOX)
     if mode == "center_crop":
         scale = size / min(width, height)
         resized = img.resize((round(width * scale), round(height * scale)), Image.Resampling.BOX)

@@ -36,7 +36,7 @@ SPLITS = (("train", 0.5), ("validation", 0.25), ("test", 0.25))
 RESOLUTION = 64
 MARGIN = 0.2
 LAYOUTS = [("flat", "border"), ("files", "border"), ("webdataset", "center_crop"),
-           ("parquet", "border"), ("files", "no")]
+           ("parquet", "border"), ("files", "no"), ("files", "keep_ratio_largest")]
 
 
 def config(name: str, **overrides) -> FaceCaption15MConfig:
@@ -308,6 +308,8 @@ def test_map_box_follows_img2dataset_geometry() -> None:
     assert layouts.map_box(box, (400, 200), (256, 256), "center_crop") == (0, 64, 128, 192)
     assert layouts.map_box(box, (400, 200), (200, 100), "keep_ratio") == (50, 25, 100, 75)
     assert layouts.map_box(box, (400, 200), (256, 256), "fixed") == (64, 64, 128, 192)
+    # keep_ratio_largest: 400x200 -> 256x128, both axes scaled by 0.64, nothing cut or padded.
+    assert layouts.map_box(box, (400, 200), (256, 128), "keep_ratio_largest") == (64, 32, 128, 96)
 
 
 def test_large_jpeg_is_cropped_from_a_reduced_decode() -> None:
