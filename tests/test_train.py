@@ -217,11 +217,12 @@ def test_a_resumed_run_evaluates_what_its_checkpointed_step_did_not(tiny_config,
 def test_a_notice_stops_evaluations_at_their_step_and_a_trained_step_before_evaluating(
         tiny_config, tmp_path, monkeypatch):
     """Evaluations find their step's training line already written (a run killed while
-    evaluating keeps it). A notice while they run stops them and saves their step (they
-    outlast a grace period); one while a step trains makes that step save and stop without
-    evaluating (the grace period is the save's), at the last step too; one while the run sets
-    up (builds data, restores) stops it there. Started again, the run evaluates what it
-    missed, in the lines of those steps."""
+    evaluating keeps it). A notice while one runs stops it at its next batch and saves its
+    step (one evaluator can outlast a grace period), also when a resumed run evaluates what
+    it missed; one while a step trains makes that step save and stop without evaluating
+    (the grace period is the save's), at the last step too; one while the run sets up
+    (builds data, restores) stops it there. Started again, the run evaluates what it missed,
+    in the lines of those steps."""
     import flipjax.train.trainer as trainer
     from flipjax.evaluate.retrieval import RetrievalEvaluator
     from flipjax.train.preemption import PreemptedError
@@ -234,8 +235,13 @@ def test_a_notice_stops_evaluations_at_their_step_and_a_trained_step_before_eval
     logged_when_evaluated = []
     evaluate = RetrievalEvaluator.run
 
-    def notice_while_evaluating(self, params, step=None):
+    def notice_while_the_second_evaluates(self, params, step=None):
         logged_when_evaluated.append(read_losses(workdir)[0].get(step))
+        if len(logged_when_evaluated) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return evaluate(self, params, step)
+
+    def notice_while_evaluating(self, params, step=None):
         os.kill(os.getpid(), signal.SIGTERM)
         return evaluate(self, params, step)
 
@@ -248,17 +254,21 @@ def test_a_notice_stops_evaluations_at_their_step_and_a_trained_step_before_eval
             train_and_evaluate(config, workdir)
     assert not os.path.exists(os.path.join(workdir, "metrics.jsonl"))
 
-    monkeypatch.setattr(RetrievalEvaluator, "run", notice_while_evaluating)
+    monkeypatch.setattr(RetrievalEvaluator, "run", notice_while_the_second_evaluates)
     with pytest.raises(PreemptedError, match="saved a checkpoint at step 1"):
         train_and_evaluate(config, workdir)
     losses, rows = read_losses(workdir)
-    assert logged_when_evaluated == [losses[1]]
+    assert logged_when_evaluated == [losses[1], losses[1]]
     assert "retrieval/t2i_R@1" in rows[0] and "retrieval_again/t2i_R@1" not in rows[0]
     with monkeypatch.context() as patch:
         patch.setattr(trainer.checkpoint, "restore", notice_during(trainer.checkpoint.restore))
         with pytest.raises(PreemptedError, match="saved a checkpoint at step 1"):
             train_and_evaluate(config, workdir)
     assert read_losses(workdir)[1] == rows  # neither trained nor evaluated
+    monkeypatch.setattr(RetrievalEvaluator, "run", notice_while_evaluating)
+    with pytest.raises(PreemptedError, match="saved a checkpoint at step 1"):
+        train_and_evaluate(config, workdir)  # stops the evaluation it resumed with
+    assert read_losses(workdir)[1] == rows
 
     monkeypatch.setattr(RetrievalEvaluator, "run", evaluate)
     monkeypatch.setattr(trainer, "to_global", notice_during(trainer.to_global))  # step 2

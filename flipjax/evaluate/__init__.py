@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import ml_collections
@@ -84,11 +84,13 @@ def evaluator_config(name: str, eval_cfg: ml_collections.ConfigDict) -> Any:
 
 
 def make_evaluators(config: ml_collections.ConfigDict, tokenizer: Tokenizer,
-                    graphdef: nnx.GraphDef, mesh: Mesh, cache_dir: str | None = None) -> dict:
+                    graphdef: nnx.GraphDef, mesh: Mesh, cache_dir: str | None = None,
+                    interrupted: Callable[[], bool] = lambda: False) -> dict:
     """{name: evaluator}; each evaluator has `.run(params, step=None) -> {metric: value}`.
 
     With `cache_dir` (e.g. WORKDIR/features) image features are cached on disk per checkpoint
-    step, which `run` then needs to be given.
+    step, which `run` then needs to be given. `run` raises `EvaluationInterruptedError` at the
+    next batch it embeds once `interrupted()` is true (a training run's preemption notice).
 
     Each evaluator's fields are checked against those of its type (`evaluator_config`), and
     every split it reads is opened and checked for records and the features it needs: a typo
@@ -105,7 +107,8 @@ def make_evaluators(config: ml_collections.ConfigDict, tokenizer: Tokenizer,
                         {f"{prefix}.{key_field}": key for key_field, key in keys.items()})
         embedder = Embedder(graphdef, mesh, data_cfg,
                             eval_cfg.get("batch_size") or EVAL_BATCH_SIZE,
-                            fingerprint=model_fingerprint(config.model, data_cfg))
+                            fingerprint=model_fingerprint(config.model, data_cfg),
+                            interrupted=interrupted)
         try:
             out[name] = evaluator_cls(fields, data_cfg, tokenizer, embedder, cache_dir=cache_dir)
         except ValueError as e:

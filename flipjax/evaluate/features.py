@@ -53,12 +53,23 @@ def padded(rows: np.ndarray, batch_size: int) -> np.ndarray:
     return np.concatenate([rows, np.repeat(rows[-1:], batch_size - len(rows), axis=0)])
 
 
+class EvaluationInterruptedError(Exception):
+    """An evaluation stopped between batches by its `interrupted` check (a preemption notice):
+    it has no results, and the run that resumes from its step evaluates it again."""
+
+
 class Embedder:
-    """Jitted, sharded image and text embedding for a model's params."""
+    """Jitted, sharded image and text embedding for a model's params.
+
+    `interrupted` is asked before every batch; when it says so the batch raises
+    EvaluationInterruptedError. A training run passes its preemption notice, since one evaluator
+    (a probe's embedding of CelebA, say) can outlast the grace period of a notice that
+    arrives while it runs, and the step must be saved inside it."""
 
     def __init__(self, graphdef: nnx.GraphDef, mesh: jax.sharding.Mesh,
-                 data_cfg: ml_collections.ConfigDict, batch_size: int, fingerprint: str = ""):
-        self.fingerprint = fingerprint
+                 data_cfg: ml_collections.ConfigDict, batch_size: int, fingerprint: str = "",
+                 interrupted: Callable[[], bool] = lambda: False):
+        self.fingerprint, self.interrupted = fingerprint, interrupted
         shards = batch_shards(mesh)
         if batch_size % shards:
             raise ValueError(f"eval batch size {batch_size} is not divisible by the "
@@ -99,6 +110,8 @@ class Embedder:
         """`fn`'s outputs for `rows`; non-finite ones (a diverged checkpoint) are a ValueError:
         a NaN feature compares false with everything, so probes and zero-shot would score the
         checkpoint as a constant predictor rather than fail."""
+        if self.interrupted():
+            raise EvaluationInterruptedError("a preemption notice arrived while evaluating")
         batch = padded(rows, self.batch_size)
         array = jax.make_array_from_callback(batch.shape, self.sharding, lambda idx: batch[idx])
         out = np.asarray(fn(params, array))[: len(rows)]

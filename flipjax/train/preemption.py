@@ -62,6 +62,11 @@ class PreemptionWatch:
             return multihost_utils.reached_preemption_sync_point(step)
         return self._notice.is_set()
 
+    def interrupts(self) -> bool:
+        """Whether a notice stops work inside an evaluation (between an evaluator's batches):
+        on one process as soon as it arrives; several processes go on, as for `stops_now`."""
+        return jax.process_count() == 1 and self._notice.is_set()
+
     def stops_now(self, step: int) -> bool:
         """Whether a notice stops the run where it stands outside a train step (setting up,
         evaluating `step`), `step` being saved: on one process as soon as it arrives.

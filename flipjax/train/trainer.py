@@ -25,7 +25,7 @@ from flipjax.config import ConfigError, check, prepare, validate
 from flipjax.data.pipeline import make_train_dataset, split_build, to_global
 from flipjax.data.tokenizer import Tokenizer, same_tokenizer
 from flipjax.evaluate import make_evaluators, missing_evaluations, run_evaluators
-from flipjax.evaluate.features import prune_feature_cache
+from flipjax.evaluate.features import EvaluationInterruptedError, prune_feature_cache
 from flipjax.export.hf_import import load_into_params
 from flipjax.storage import storage_path, write_bytes_whole
 from flipjax.train import checkpoint
@@ -161,7 +161,8 @@ def finish_evaluations(config: ml_collections.ConfigDict, evaluators: dict,
     lacks (the run stopped while evaluating, after saving), adding each one's results to that
     line as it finishes. On one process, best effort: one failing again is logged and left to
     `python -m flipjax.evaluate`, so that it cannot keep the run from training on; and a
-    preemption notice stops before the next one (raising PreemptedError: `step` is saved)."""
+    preemption notice stops them at the next batch one embeds (raising PreemptedError: `step`
+    is saved)."""
     missing = missing_evaluations(config.evals, step, config.total_steps,
                                   writer.logged_at_resume())
     rerun = [name for name in sorted(config.evals) if process0_flag(name in missing)]
@@ -176,6 +177,8 @@ def finish_evaluations(config: ml_collections.ConfigDict, evaluators: dict,
         try:
             for results in run_evaluators(evaluators, params(), step, {name}):
                 writer.amend(step, results)
+        except EvaluationInterruptedError:
+            raise PreemptedError(step) from None
         except Exception:  # noqa: BLE001 - whatever it was, training must not wait on it
             if jax.process_count() > 1:
                 # Where it failed on some processes only, the others would wait in its
@@ -219,7 +222,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
     tokenizer = Tokenizer(config.tokenizer.path, config.tokenizer.max_len)
     setup = TrainSetup(config, tokenizer.vocab_size, mesh)
     evaluators = make_evaluators(config, tokenizer, setup.graphdef, mesh,
-                                 cache_dir=str(root / "features"))
+                                 cache_dir=str(root / "features"),
+                                 interrupted=preemption.interrupts)
 
     # Input pipeline, and resume.
     data_iter = iter(make_train_dataset(config.data, tokenizer, seed=config.seed))
@@ -349,16 +353,19 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
                     writer.write(step, metrics)
                 if due_save:
                     save_step(step)
-                # Evaluations outlast a preemption's grace period: a notice stops them before
-                # the next, and the resumed run evaluates this step (`finish_evaluations`).
+                # Evaluations outlast a preemption's grace period: a notice stops them at the
+                # next batch, and the resumed run evaluates this step (`finish_evaluations`).
                 preempted = preempted or (bool(due_evals) and preemption.stops_now(step))
-                for results in run_evaluators(evaluators, state["params"], step,
-                                              set() if preempted else due_evals):
-                    metrics.update(results)
-                    writer.amend(step, results)
-                    if preemption.stops_now(step):
-                        preempted = True
-                        break
+                try:
+                    for results in run_evaluators(evaluators, state["params"], step,
+                                                  set() if preempted else due_evals):
+                        metrics.update(results)
+                        writer.amend(step, results)
+                        if preemption.stops_now(step):
+                            preempted = True
+                            break
+                except EvaluationInterruptedError:
+                    preempted = True
                 if preempted and not due_save:
                     due_save = True
                     save_step(step)
