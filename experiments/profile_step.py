@@ -17,9 +17,11 @@ prints their speed, grouped by matmul shape. XLA:CPU traces its kernels only wit
 
 XLA runs independent kernels on the CPU's cores at once, so kernel times sum to more than the
 step, and a kernel that shares the cores looks slower than it is alone. A dot that XLA:CPU runs
-asynchronously (Eigen) is timed from its start event to its "end: " event. On a GPU, kernels
-are named by the libraries that run them (cuBLAS, cuDNN), so no FLOPs are read there; XLA's own
-kernels (fusions, transposes) keep their HLO names, listed with their output shapes. The trace
+asynchronously (Eigen) is timed from its start event to its "end: " event. On a GPU, the
+matmuls and attention are named by the libraries that run them (cuBLAS, cuDNN), so no FLOPs
+are read for them; XLA's own kernels (fusions, transposes) are named after an HLO
+instruction with "." and "-" written "_" (one kernel XLA shares among identical fusions
+counts them all under one name), listed with that instruction's output shapes. The trace
 (`perfetto_trace.json.gz` under `--profile_dir`) opens in ui.perfetto.dev, and the compiled
 step's HLO (`train_step.hlo.txt` beside it) says what each named kernel computes.
 """
@@ -116,10 +118,10 @@ def matmul_flops(computations: dict[str, list[tuple[str, ...]]]) -> dict[str, tu
 
 def by_kernel_name(per_instruction: dict[str, T]) -> dict[str, T]:
     """`per_instruction` also keyed by the names kernels have in a GPU trace: XLA:GPU names the
-    kernel of HLO instruction `input_add_reduce_fusion.25` `input_add_reduce_fusion_25`
-    (XLA:CPU keeps the HLO name)."""
-    return {name.replace(".", "_"): value for name, value in per_instruction.items()
-            } | per_instruction
+    kernel of HLO instruction `input_add_reduce_fusion.25` `input_add_reduce_fusion_25`, its
+    other characters outside [A-Za-z0-9_] also "_" (XLA:CPU keeps the HLO name)."""
+    return {re.sub(r"[^A-Za-z0-9_]", "_", name): value
+            for name, value in per_instruction.items()} | per_instruction
 
 
 def device_events(trace_path: str, kernel_names: set[str]) -> list[dict]:

@@ -286,6 +286,8 @@ def worker_lives_with_trainer(worker_index: int, worker_count: int) -> None:
     del worker_index, worker_count
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     trainer = multiprocessing.parent_process()
+    if trainer is None:  # not a worker process: nothing to follow
+        return
 
     def exit_with_trainer() -> None:
         trainer.join()

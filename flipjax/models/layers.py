@@ -309,10 +309,11 @@ class Mlp(nnx.Module):
     (`experiments/gpu_layouts.py`'s deviceless compile), B/16 in bf16 at batch 512 needs
     35.6 instead of 44.1 GiB of scratch, and its memory-bound kernels move 36 GB less per step
     (tanh GELU; cuBLASLt then computes bias + GELU in fc1's epilogue, so 27 GB less in all;
-    exact GELU: 18 GB less). On an H200 the step compiled with 35.7 GiB and trained at 40.7-41.1%
-    MFU (`experiments/results/throughput_h200.md`, with two other changes since the last
-    timing, so not this one's share). On the development CPU, S/16 at batch 8: 0.87 instead
-    of 1.14 GiB, and steps 2-4% shorter (`experiments/results/gpu_layouts.md`)."""
+    exact GELU: 18 GB less). On an H200 the step compiled with 35.7 GiB and trained at
+    38.3% MFU (40.7-41.1% with XLA's dot merger off; `experiments/results/throughput_h200.md`,
+    with two other changes since the last timing, so not this one's share). On the
+    development CPU, S/16 at batch 8: 0.87 instead of 1.14 GiB, and steps 2-4% shorter
+    (`experiments/results/gpu_layouts.md`)."""
 
     def __init__(self, width: int, mlp_dim: int, *, gelu: str, platform: str, dtype,
                  rngs: nnx.Rngs):

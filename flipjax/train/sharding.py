@@ -155,6 +155,15 @@ def process0_flag(flag: bool) -> bool:
     return bool(multihost_utils.broadcast_one_to_all(np.asarray(flag)))
 
 
+def every_process(flag: bool) -> bool:
+    """Whether `flag` holds on every process: for a check that one process can fail alone (on
+    its own copy of the data), which must stop all of them rather than leave the others
+    waiting in a collective."""
+    if jax.process_count() == 1:
+        return flag
+    return bool(np.all(multihost_utils.process_allgather(np.int32(flag))))
+
+
 @contextlib.contextmanager
 def fails_together(what: str) -> Iterator[None]:
     """Raises on every process when the block raised on process 0, where a run's shared files

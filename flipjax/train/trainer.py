@@ -32,7 +32,7 @@ from flipjax.train import checkpoint
 from flipjax.train.metrics import MetricWriter
 from flipjax.train.optimizer import make_schedule
 from flipjax.train.preemption import PreemptedError, PreemptionWatch
-from flipjax.train.sharding import fails_together, make_mesh, process0_flag
+from flipjax.train.sharding import every_process, fails_together, make_mesh, process0_flag
 from flipjax.train.step import TrainSetup
 from flipjax.train.workdir import (
     TOKENIZER_FILE,
@@ -84,10 +84,13 @@ def check_same_train_build(config: ml_collections.ConfigDict, build: dict,
                           for name, part in b["builds"].items())
         return f"{b['dataset']} {b['version']} {b['split']!r} ({parts})"
 
+    same_everywhere = every_process(saved == build)  # hosts may each have their own copy
     check(saved == build, "data.data_dir",
           f"{config.data.data_dir!r} holds {described(build)}, another build than the run "
           f"trained on, {described(saved)} ({path}): the checkpoint's data position counts "
           "batches of those records. Point data.data_dir at that build, or use a new workdir")
+    check(same_everywhere, "data.data_dir", "another process's holds another build of the "
+          "train split than the run trained on (that process's error says which)")
 
 
 def warn_if_schedule_changes(config: ml_collections.ConfigDict,
