@@ -174,11 +174,12 @@ def test_a_resumed_run_evaluates_what_its_checkpointed_step_did_not(tiny_config,
     config.model.image.depth = config.model.text.depth = 1
     runs = []
 
-    def recorded(name, run, before=lambda: None):
+    def recorded(name, run, after=lambda: None):
         def record_and_run(self, params, step=None):
             runs.append((name, step))
-            before()
-            return run(self, params, step)
+            results = run(self, params, step)
+            after()
+            return results
         return record_and_run
 
     def stops_at_step_2(error, match, logged_key, missing_prefix):
@@ -197,7 +198,7 @@ def test_a_resumed_run_evaluates_what_its_checkpointed_step_did_not(tiny_config,
     monkeypatch.setattr(ZeroShotAttributesEvaluator, "run", zeroshot_fails)
     stops_at_step_2(RuntimeError, "zero-shot failed", "retrieval/t2i_R@1", "zeroshot")
 
-    # The notice arrives while it evaluates.
+    # The notice arrives as it finishes (one during its batches stops it there, tested below).
     monkeypatch.setattr(ZeroShotAttributesEvaluator, "run", recorded(
         "zeroshot", zeroshot_run, lambda: os.kill(os.getpid(), signal.SIGTERM)))
     stops_at_step_2(PreemptedError, "saved a checkpoint at step 2", "zeroshot/mean_acc",
